@@ -1,0 +1,3 @@
+"""corsa: knowledge editing with CoRSA-trained LoRA adapters."""
+
+__version__ = "0.1.0"

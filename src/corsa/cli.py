@@ -1,0 +1,155 @@
+"""The `corsa` command: argument parsing only; each subcommand calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any
+
+from corsa.errors import InputError
+
+
+def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Config fields the user set; anything left unset keeps the method's paper default."""
+    out: dict[str, Any] = {}
+    for flag, field in (("epochs", "epochs"), ("seed", "seed"), ("lr", "lr"), ("lam", "lam"), ("rho", "rho"),
+                        ("beta", "beta"), ("batch_size", "batch_size"), ("micro_batch_size", "micro_batch_size")):
+        if getattr(args, flag, None) is not None:
+            out[field] = getattr(args, flag)
+    if args.bf16:
+        out["bf16"] = True
+    if args.no_early_stop:
+        out["stop_when_learned"] = False
+    if not hasattr(args, "method"):  # `corsa demo` runs both methods with their defaults
+        return out
+    if args.method == "corsa":
+        if args.no_sam:
+            out["use_sam"] = False
+        if args.no_dpo:
+            out["use_dpo"] = False
+            out["pcgrad"] = None  # PCGrad has no second objective to resolve against; recorded in the manifest
+        if args.no_pcgrad:
+            out["pcgrad"] = None
+        elif args.pcgrad and not args.no_dpo:
+            out["pcgrad"] = args.pcgrad
+    elif args.no_sam or args.no_dpo or args.no_pcgrad or args.pcgrad:
+        raise InputError("--no-sam, --no-dpo, --no-pcgrad and --pcgrad switch parts of CoRSA off; "
+                         f"they do not apply to --method {args.method}", field="--method")
+    return out
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="smollm2-135m (default), gemma-3-270m, a local folder or a hub id")
+    p.add_argument("--epochs", type=int, help="upper bound on epochs (training stops once all edits are learned)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--lr", type=float, help="learning rate (paper: 2e-4)")
+    p.add_argument("--batch-size", type=int, help="effective batch size (paper: 16)")
+    p.add_argument("--micro-batch-size", type=int, help="split each batch to save memory; same result")
+    p.add_argument("--no-early-stop", action="store_true", help="train all --epochs even once every edit is learned")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with native bf16)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="corsa", choices=["corsa", "lora"],
+                   help="corsa (default) or lora, the paper's LoRA-SFT baseline")
+    p.add_argument("--lambda", dest="lam", type=float, help="weight of the DPO term (paper: 1.0)")
+    p.add_argument("--rho", type=float, help="SAM radius (paper: 0.05)")
+    p.add_argument("--beta", type=float, help="DPO temperature (paper: 0.1)")
+    p.add_argument("--no-sam", action="store_true", help="ablation: plain step instead of SAM")
+    p.add_argument("--no-dpo", action="store_true", help="ablation: SFT only (PCGrad then has nothing to resolve)")
+    p.add_argument("--no-pcgrad", action="store_true", help="ablation: add the SFT and DPO gradients unchanged")
+    p.add_argument("--pcgrad", choices=["paper", "official"], help="PCGrad variant (default: paper, Algorithm 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corsa", description="Keep a language model's knowledge up to date "
+                                     "with CoRSA-trained LoRA adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("edit", help="train an adapter that makes the model give new answers")
+    p.add_argument("edits", help="edit requests: JSONL (see README), or a benchmark file/folder with --format")
+    p.add_argument("--out", required=True, help="output folder (PEFT adapter + edit_manifest.json)")
+    p.add_argument("--format", default="jsonl", choices=["jsonl", "counterfact", "zsre", "mquake"])
+    p.add_argument("--split", default="edit", help="benchmark split for --format counterfact (edit, train, val)")
+    p.add_argument("--limit", type=int, help="use only the first N edit requests")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    _add_method_flags(p)
+    _add_training_flags(p)
+
+    p = sub.add_parser("ask", help="print the model's greedy answer to a prompt")
+    p.add_argument("prompt")
+    p.add_argument("--adapter", help="a run folder written by `corsa edit` (or any PEFT adapter folder)")
+    p.add_argument("--model", default=None, help="base model (default: the adapter's, else smollm2-135m)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int)
+
+    p = sub.add_parser("demo", help="edit the embedded fact set with LoRA and CoRSA and compare")
+    p.add_argument("--out", default="runs/demo")
+    _add_training_flags(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args, argv)
+    except InputError as exc:
+        print(f"corsa: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # invalid configurations from the typed configs
+        print(f"corsa: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("corsa: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    # Imports are deferred so that `corsa --help` and input errors answer without loading torch.
+    from corsa.editing import set_threads
+
+    set_threads(getattr(args, "threads", None))
+    command = "corsa " + shlex.join(argv)
+    if args.command == "edit":
+        from corsa.artifacts import check_writable
+        from corsa.editing import edit
+        from corsa.requests import read_edits
+
+        overrides = _method_overrides(args)
+        check_writable(args.out, args.overwrite)
+        requests = read_edits(args.edits, args.format, split=args.split)
+        if args.limit:
+            requests = requests[: args.limit]
+        out, result = edit(requests, args.out, method=args.method, model=args.model, overwrite=args.overwrite,
+                           progress=not args.quiet, command=command, **overrides)
+        last = result.curves[-1] if result.curves else {}
+        print(f"wrote {out} ({len(requests)} edits, {result.info['steps']} steps, "
+              f"final loss {last.get('loss', float('nan')):.4f}, learned {last.get('learned', 0):.0%})")
+        return 0
+    if args.command == "ask":
+        from corsa import models
+        from corsa.editing import load_edited
+        from corsa.prompts import Formatter
+        from corsa.scoring import generate
+
+        if args.adapter:
+            model, formatter = load_edited(args.adapter, args.model)
+        else:
+            model, tok, _ = models.load_model(args.model)
+            formatter = Formatter(tok)
+        print(generate(model, formatter, [args.prompt], max_new_tokens=args.max_new_tokens)[0])
+        return 0
+    if args.command == "demo":
+        from corsa.demo import run_demo
+
+        run_demo(args.out, model=args.model, progress=not args.quiet, **_method_overrides(args))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation of edited models: prompt-level metrics, and (later) benchmark runners."""

