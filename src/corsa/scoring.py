@@ -54,6 +54,81 @@ def make_batch(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Ans
     return AnswerBatch(ids, mask, torch.tensor(rows), torch.tensor(positions), torch.tensor(targets), len(pairs))
 
 
+@dataclass
+class SharedBatch:
+    """Several answers per prompt, with each prompt run through the model once.
+
+    CoRSA scores y+ and y- after the same prompt, and the prompt (with a chat template's system turn) is most of
+    every sequence. So prompts go through the decoder once, their key/value cache is indexed out to every answer
+    row, and only the short answers are run per row: the same numbers as `AnswerBatch`, for far fewer tokens.
+    """
+
+    prompt_ids: torch.Tensor  # [P, Tp] left-padded, so every prompt ends at the last column
+    prompt_mask: torch.Tensor  # [P, Tp]
+    answer_ids: torch.Tensor  # [R, Ta] right-padded
+    answer_mask: torch.Tensor  # [R, Ta]
+    owner: torch.Tensor  # [R] prompt of each answer row
+    rows: torch.Tensor  # [N] answer row of each answer token
+    offsets: torch.Tensor  # [N] index of the token within its answer
+    targets: torch.Tensor  # [N]
+    n_rows: int
+
+    def to(self, device: torch.device | str) -> SharedBatch:
+        names = ("prompt_ids", "prompt_mask", "answer_ids", "answer_mask", "owner", "rows", "offsets", "targets")
+        return SharedBatch(**{n: getattr(self, n).to(device) for n in names}, n_rows=self.n_rows)
+
+    @property
+    def tokens_per_row(self) -> torch.Tensor:
+        return torch.bincount(self.rows, minlength=self.n_rows)
+
+
+def make_shared_batch(prompts: Sequence[list[int]], answers: Sequence[tuple[int, list[int]]],
+                      pad_id: int) -> SharedBatch:
+    """`answers` holds (prompt index, answer ids) pairs; rows keep that order."""
+    tp = max(len(p) for p in prompts)
+    prompt_ids = torch.full((len(prompts), tp), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), tp), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, tp - len(p):] = torch.tensor(p)
+        prompt_mask[i, tp - len(p):] = 1
+    ta = max(len(a) for _, a in answers)
+    answer_ids = torch.full((len(answers), ta), pad_id, dtype=torch.long)
+    answer_mask = torch.zeros((len(answers), ta), dtype=torch.long)
+    rows, offsets, targets = [], [], []
+    for r, (_, a) in enumerate(answers):
+        answer_ids[r, : len(a)] = torch.tensor(a)
+        answer_mask[r, : len(a)] = 1
+        rows += [r] * len(a)
+        offsets += range(len(a))
+        targets += a
+    owner = torch.tensor([o for o, _ in answers])
+    return SharedBatch(prompt_ids, prompt_mask, answer_ids, answer_mask, owner, torch.tensor(rows),
+                       torch.tensor(offsets), torch.tensor(targets), len(answers))
+
+
+def shared_answer_logits(model: torch.nn.Module, batch: SharedBatch) -> torch.Tensor:
+    """Logits [N, V] at the answer positions, computing each prompt once."""
+    lm = causal_lm(model)
+    decoder = lm.get_decoder()
+    prompt_pos = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = decoder(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=prompt_pos,
+                  use_cache=True)
+    cache = out.past_key_values
+    cache.batch_select_indices(batch.owner)  # one copy of each prompt's keys/values per answer row
+    prompt_len = batch.prompt_mask.sum(-1)[batch.owner]
+    answer_pos = prompt_len[:, None] + torch.arange(batch.answer_ids.shape[1], device=prompt_len.device)
+    mask = torch.cat([batch.prompt_mask[batch.owner], batch.answer_mask], dim=1)
+    hidden = decoder(input_ids=batch.answer_ids, attention_mask=mask, position_ids=answer_pos,
+                     past_key_values=cache, use_cache=True).last_hidden_state
+    # Answer token k is predicted by the hidden state before it: the prompt's last one for k = 0.
+    hidden = torch.cat([out.last_hidden_state[batch.owner, -1:], hidden], dim=1)
+    logits = lm.get_output_embeddings()(hidden[batch.rows, batch.offsets])
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers causal LM under a PEFT wrapper (LoRA layers are injected in place, so they stay active)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -70,15 +145,18 @@ def answer_token_logits(model: torch.nn.Module, batch: AnswerBatch) -> torch.Ten
     return logits
 
 
-def token_logprobs(model: torch.nn.Module, batch: AnswerBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model: torch.nn.Module, batch: AnswerBatch | SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each answer token [N], whether it is the argmax [N]); log-softmax in fp32 even under autocast."""
-    logits = answer_token_logits(model, batch).float()
+    if isinstance(batch, SharedBatch):
+        logits = shared_answer_logits(model, batch).float()
+    else:
+        logits = answer_token_logits(model, batch).float()
     logp = F.log_softmax(logits, dim=-1).gather(1, batch.targets[:, None]).squeeze(1)
     hit = logits.argmax(dim=-1) == batch.targets
     return logp, hit
 
 
-def sum_by_row(values: torch.Tensor, batch: AnswerBatch) -> torch.Tensor:
+def sum_by_row(values: torch.Tensor, batch: AnswerBatch | SharedBatch) -> torch.Tensor:
     return torch.zeros(batch.n_rows, dtype=values.dtype, device=values.device).index_add(0, batch.rows, values)
 
 
