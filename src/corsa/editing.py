@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import datetime as dt
 import time
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from corsa import artifacts, models
+from corsa.errors import InputError
 from corsa.methods import EditResult, make_editor
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest, check_lengths
@@ -101,11 +103,20 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
 
 
 def load_edited(run_dir: str | Path, model: str | None = None) -> tuple[torch.nn.Module, Formatter]:
-    """A base model with the adapter of a run folder loaded, ready to answer."""
+    """A base model with the adapter of a run folder (or any PEFT adapter folder) loaded, ready to answer."""
     from peft import PeftModel
 
-    manifest = artifacts.read_manifest(run_dir)
-    base, tok, _ = models.load_model(model or manifest["model"]["name"])
+    run_dir = Path(run_dir)
+    style = "auto"
+    if (run_dir / artifacts.MANIFEST).exists():
+        manifest = artifacts.read_manifest(run_dir)
+        model = model or manifest["model"]["name"]
+        style = manifest.get("prompt_style", "auto")
+    elif (run_dir / "adapter_config.json").exists():
+        model = model or json.loads((run_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    else:
+        raise InputError(f"{run_dir} holds no adapter (no adapter_config.json)", field="--adapter")
+    base, tok, _ = models.load_model(model)
     edited = PeftModel.from_pretrained(base, str(run_dir))
     edited.eval()
-    return edited, Formatter(tok, manifest.get("prompt_style", "auto"))
+    return edited, Formatter(tok, style)

@@ -1,0 +1,130 @@
+"""The command line: one-line errors with exit code 2 and nothing written; a full edit on a tiny local model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from corsa.cli import main
+from conftest import REPO, make_model, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama saved as a local Hugging Face folder: exercises the local-folder model path too."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = make_tokenizer()
+    tok.model_max_length = 64
+    make_model(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def edits_file(tmp_path, *objs):
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("line,field", [
+    ('{"prompt": "q?", "target_new": "a", "extra": 1}', "extra"),
+    ('{"prompt": "q?"}', "target_new"),
+    ('{"prompt": "q?", "target_new": "a", "target_old": "A"}', "target_new"),
+    ('{"prompt": "q?", "target_new": ', None),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, line, field):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok?", "target_new": "b"}\n' + line + "\n")
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "edit", path, "--out", out)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"corsa: error: {path}:2: ")
+    if field:
+        assert f"field '{field}'" in err
+    assert not out.exists() and os.listdir(tmp_path) == ["bad.jsonl"]
+
+
+def test_existing_out_is_refused_without_overwrite(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    code, _, err = run_cli(capsys, "edit", edits_file(tmp_path, {"prompt": "q?", "target_new": "a"}), "--out",
+                           tmp_path / "run")
+    assert code == 2 and "--overwrite" in err
+
+
+def test_ablation_flags_do_not_apply_to_lora(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "edit", edits_file(tmp_path, {"prompt": "q?", "target_new": "a"}), "--out",
+                           tmp_path / "run", "--method", "lora", "--no-sam")
+    assert code == 2 and "do not apply" in err
+
+
+def test_prompt_longer_than_context(tmp_path, capsys, tiny_dir):
+    path = edits_file(tmp_path, {"prompt": "q?", "target_new": "a"}, {"prompt": "x" * 200, "target_new": "b"})
+    code, _, err = run_cli(capsys, "edit", path, "--out", tmp_path / "run", "--model", tiny_dir)
+    assert code == 2 and f"{path}:2: field 'prompt'" in err and "context (64)" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_traceback_from_the_console_script(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"prompt": "caf\xe9", "target_new": "x"}\n')
+    proc = subprocess.run([sys.executable, "-m", "corsa.cli", "edit", str(path), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr and "UTF-8" in proc.stderr
+
+
+def test_edit_on_a_local_tiny_model_writes_a_peft_adapter_and_manifest(tmp_path, capsys, tiny_dir):
+    path = edits_file(tmp_path, {"id": "a", "prompt": "sky?", "target_new": "green", "target_old": "blue"},
+                      {"id": "b", "prompt": "2+2?", "target_new": "five"})
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "edit", path, "--out", out, "--model", tiny_dir, "--epochs", "2", "--quiet",
+                                "--lr", "1e-2", "--seed", "3")
+    assert code == 0, err
+    assert {"adapter_config.json", "adapter_model.safetensors", "edit_manifest.json"} <= set(os.listdir(out))
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".run")]  # no temp folder left behind
+    manifest = json.loads((out / "edit_manifest.json").read_text())
+    assert manifest["method"] == "corsa" and manifest["seed"] == 3 and manifest["config"]["lr"] == 1e-2
+    assert manifest["prompt_style"] == "qa" and len(manifest["curves"]) == 2
+    assert {"loss", "logp_new", "logp_old", "margin"} <= set(manifest["curves"][0])
+    assert list(manifest["mined_old_answers"]) == ["b"]  # the base model's own answer became y-
+    assert manifest["edits"][1]["old_mined"] is True
+    assert {"load_s", "mining_s", "train_s", "save_s"} <= set(manifest["timings"])
+    assert "torch" in manifest["versions"]
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    edited = PeftModel.from_pretrained(base, out)  # plain PEFT, no corsa code
+    assert any("lora_B" in n for n, _ in edited.named_parameters())
+
+    code, _, err = run_cli(capsys, "edit", path, "--out", out, "--model", tiny_dir, "--epochs", "1", "--quiet")
+    assert code == 2  # exists
+    code, _, err = run_cli(capsys, "edit", path, "--out", out, "--model", tiny_dir, "--epochs", "1", "--quiet",
+                           "--overwrite", "--method", "lora")
+    assert code == 0 and json.loads((out / "edit_manifest.json").read_text())["method"] == "lora"
+    code, answer, _ = run_cli(capsys, "ask", "sky?", "--adapter", out, "--max-new-tokens", "4")
+    assert code == 0 and answer.endswith("\n")
+
+
+def test_interrupted_edit_leaves_nothing(tmp_path, capsys, tiny_dir, monkeypatch):
+    from corsa.methods.corsa import CorsaTrainer
+
+    def boom(self, progress=True):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CorsaTrainer, "train", boom)
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "edit", edits_file(tmp_path, {"prompt": "q?", "target_new": "a"}), "--out", out,
+                           "--model", tiny_dir, "--quiet")
+    assert code == 130 and not out.exists() and os.listdir(tmp_path) == ["facts.jsonl"]
