@@ -110,8 +110,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     # Imports are deferred so that `corsa --help` and input errors answer without loading torch.
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
     from corsa.editing import set_threads
 
+    # Deprecation chatter from inside transformers/peft and per-load weight bars are noise to a CLI user.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    hf_logging.disable_progress_bar()
     set_threads(getattr(args, "threads", None))
     command = "corsa " + shlex.join(argv)
     if args.command == "edit":
