@@ -122,7 +122,12 @@ def shared_answer_logits(model: torch.nn.Module, batch: SharedBatch) -> torch.Te
                      past_key_values=cache, use_cache=True).last_hidden_state
     # Answer token k is predicted by the hidden state before it: the prompt's last one for k = 0.
     hidden = torch.cat([out.last_hidden_state[batch.owner, -1:], hidden], dim=1)
-    logits = lm.get_output_embeddings()(hidden[batch.rows, batch.offsets])
+    return output_logits(lm, hidden[batch.rows, batch.offsets])
+
+
+def output_logits(lm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The output layer on selected hidden states, with the final soft-capping of models that have one."""
+    logits = lm.get_output_embeddings()(hidden)
     cap = getattr(lm.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -138,11 +143,7 @@ def answer_token_logits(model: torch.nn.Module, batch: AnswerBatch) -> torch.Ten
     """Logits [N, V] at the answer positions only."""
     lm = causal_lm(model)
     hidden = lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    logits = lm.get_output_embeddings()(hidden[batch.rows, batch.positions])
-    cap = getattr(lm.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return output_logits(lm, hidden[batch.rows, batch.positions])
 
 
 def token_logprobs(model: torch.nn.Module, batch: AnswerBatch | SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -312,6 +312,8 @@ class CorsaEditor:
         if not hasattr(model, "peft_config"):
             model = attach_lora(model, cfg)
         pairs = build_pairs(formatter, requests)
+        timings["setup_s"] = time.perf_counter() - t
+        t = time.perf_counter()
         if cfg.use_dpo:
             cache_reference(model, formatter, requests, pairs, cfg.bf16)
         timings["reference_s"] = time.perf_counter() - t
