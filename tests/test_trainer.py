@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 
 import pytest
@@ -248,3 +249,10 @@ def test_shared_prompt_batch_scores_like_the_plain_batch(chat):
     a, hit_a = token_logprobs(model, full)
     b, hit_b = token_logprobs(model, shared)
     assert torch.allclose(a, b, atol=1e-5) and torch.equal(hit_a, hit_b)
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(tiny_model, tokenizer):
+    result, _, _ = run(tiny_model, tokenizer, epochs=2, bf16=True)
+    assert all(math.isfinite(r["loss"]) for r in result.curves)
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    assert result.curves[-1]["logp_new"] > result.curves[0]["logp_new"]
