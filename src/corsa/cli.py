@@ -89,6 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="edit the embedded fact set with LoRA and CoRSA and compare")
     p.add_argument("--out", default="runs/demo")
     _add_training_flags(p)
+
+    bench = sub.add_parser("bench", help="benchmarks: compare methods on real data").add_subparsers(
+        dest="bench_command", required=True)
+    for name, text in (("single", "one adapter per method on N edits at once (paper section 4.2)"),
+                       ("ablation", "CoRSA with each component removed (paper Table 9), or a --lambda sweep")):
+        p = bench.add_parser(name, help=text)
+        p.add_argument("--bench", required=True, choices=["counterfact", "zsre", "mquake"])
+        p.add_argument("--data", required=True, help="benchmarks folder (e.g. ../shared/benchmarks) or a file")
+        p.add_argument("--out", required=True, help="run folder; a rerun skips finished methods")
+        p.add_argument("--n", type=int, default=200, help="edits in the seeded subset (MQuAKE: whole cases)")
+        p.add_argument("--split", default="edit", help="CounterFact split: edit (report), val (tune), train")
+        p.add_argument("--mmlu-n", default="10", help="MMLU questions per subject, 'all' or 0 to skip")
+        p.add_argument("--sample-runs", type=int, default=0, help="also evaluate with sampling at T=0.7, K runs")
+        p.add_argument("--max-new-tokens", type=int, default=32)
+        if name == "single":
+            p.add_argument("--methods", default="lora,corsa",
+                           help="comma-separated: lora, corsa, corsa-no-sam, corsa-no-dpo, corsa-no-pcgrad, "
+                                "corsa-official-pcgrad, corsa-lambda<value>")
+        else:
+            p.add_argument("--lambda", dest="lambdas", help="comma-separated λ values: run corsa-lambda<λ> each")
+        _add_training_flags(p)
     return parser
 
 
@@ -154,6 +175,24 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from corsa.demo import run_demo
 
         run_demo(args.out, model=args.model, progress=not args.quiet, **_method_overrides(args))
+        return 0
+    if args.command == "bench":
+        from corsa.evaluate.metrics import EvalConfig
+        from corsa.evaluate.runner import ABLATION, BenchConfig, run_bench
+
+        if args.bench_command == "single":
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        elif args.lambdas:
+            methods = [f"corsa-lambda{float(v)}" for v in args.lambdas.split(",")]
+        else:
+            methods = list(ABLATION)
+        mmlu = None if args.mmlu_n == "all" else int(args.mmlu_n)
+        seed = args.seed if args.seed is not None else 0  # picks the subset; also seeds training when given
+        cfg = BenchConfig(bench=args.bench, data=args.data, n=args.n, split=args.split, seed=seed,
+                          methods=tuple(methods), model=args.model, mmlu_n=mmlu, overrides=_method_overrides(args),
+                          eval=EvalConfig(max_new_tokens=args.max_new_tokens, sample_runs=args.sample_runs,
+                                          seed=seed, autocast=args.bf16))
+        run_bench(cfg, args.out, progress=not args.quiet, command=command)
         return 0
     raise AssertionError(args.command)
 

@@ -9,16 +9,16 @@ from typing import Any
 
 from corsa import artifacts, models
 from corsa.editing import edit
-from corsa.evaluate.metrics import METRICS, evaluate
+from corsa.evaluate.metrics import evaluate
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest, read_jsonl
 
 LABELS = {
-    "edit_success": "edit success (new answer on the edit prompt)",
-    "paraphrase_success": "paraphrase success (new answer on rephrasings)",
-    "neighborhood_kept": "neighborhood kept (other facts still right)",
-    "old_on_prompt": "old answer still produced (edit prompt)",
-    "old_on_paraphrase": "old answer still produced (rephrasings)",
+    "gen.reliability": "edit success (new answer on the edit prompt)",
+    "gen.generality": "paraphrase success (new answer on rephrasings)",
+    "gen.locality": "neighborhood kept (other facts still right)",
+    "gen.old_on_prompt": "old answer still produced (edit prompt)",
+    "gen.retention": "old answer still produced (rephrasings)",
 }
 
 
@@ -31,7 +31,7 @@ def format_table(columns: dict[str, dict[str, Any]]) -> str:
     names = list(columns)
     width = max(len(v) for v in LABELS.values())
     lines = [f"{'':{width}}  " + "  ".join(f"{n:>12}" for n in names)]
-    for key in METRICS:
+    for key in LABELS:
         cells = []
         for n in names:
             value, count = columns[n]["summary"][key], columns[n]["counts"][key]
@@ -53,7 +53,7 @@ def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = ("lora
         t = time.perf_counter()
         run_dir, result = edit(requests, out / method, method=method, model=model, overwrite=True,
                                progress=progress, command=f"corsa demo ({method})", **overrides)
-        columns[method] = evaluate(result.model, formatter, result.requests)
+        columns[method] = evaluate(result.model, formatter, result.requests, reference=columns["base"])
         runs[method] = {"adapter": str(run_dir), "wall_time_s": time.perf_counter() - t,
                         "steps": result.info["steps"], "epochs_run": result.info["epochs_run"]}
         print(f"{method}: {result.info['steps']} steps in {runs[method]['wall_time_s']:.0f} s -> {run_dir}")

@@ -43,11 +43,12 @@ class Formatter:
             return [int(i) for i in ids]
         return list(self.tokenizer(QA_TEMPLATE.format(question=prompt), add_special_tokens=True)["input_ids"])
 
-    def answer_ids(self, answer: str) -> list[int]:
+    def answer_ids(self, answer: str, stop: bool = True) -> list[int]:
+        """Answer tokens, closed by the end token unless stop=False (EasyEdit scores targets without it)."""
         # In QA style the answer follows "A:" after a space, as a model reading the prompt would write it.
         text = answer if self.style == "chat" else " " + answer
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return ids + [self.stop_id]
+        return ids + [self.stop_id] if stop else ids
 
     def prompt_length(self, prompt: str) -> int:
         return len(self.prompt_ids(prompt))

@@ -163,9 +163,10 @@ def sum_by_row(values: torch.Tensor, batch: AnswerBatch | SharedBatch) -> torch.
 
 @dataclass(frozen=True)
 class AnswerScore:
-    logprob: float  # log p(answer | prompt), summed over answer tokens (end token included)
+    logprob: float  # log p(answer | prompt), summed over the scored answer tokens
     n_tokens: int
     n_correct: int  # answer tokens that are the argmax under teacher forcing (EasyEdit's token accuracy)
+    argmax: tuple[int, ...] = ()  # the model's argmax token at each answer position (EasyEdit's locality)
 
     @property
     def token_accuracy(self) -> float:
@@ -179,17 +180,23 @@ class AnswerScore:
 
 @torch.no_grad()
 def score_answers(model: torch.nn.Module, formatter: Formatter, pairs: Sequence[tuple[str, str]],
-                  batch_size: int = 16, autocast: bool = False) -> list[AnswerScore]:
+                  batch_size: int = 16, autocast: bool = False, stop: bool = True) -> list[AnswerScore]:
+    """Teacher-forced scores of each (prompt, answer); stop=False leaves the end token out of the answer."""
     device = next(model.parameters()).device
     out: list[AnswerScore] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        batch = make_batch([(formatter.prompt_ids(p), formatter.answer_ids(a)) for p, a in chunk],
+        batch = make_batch([(formatter.prompt_ids(p), formatter.answer_ids(a, stop)) for p, a in chunk],
                            formatter.tokenizer.pad_token_id).to(device)
         with autocast_context(device, autocast):
-            logp, hit = token_logprobs(model, batch)
-        sums, hits, counts = sum_by_row(logp, batch), sum_by_row(hit.long(), batch), batch.tokens_per_row
-        out += [AnswerScore(float(s), int(c), int(h)) for s, c, h in zip(sums, counts, hits)]
+            logits = answer_token_logits(model, batch).float()
+        logp = F.log_softmax(logits, dim=-1).gather(1, batch.targets[:, None]).squeeze(1)
+        top = logits.argmax(dim=-1)
+        sums, hits = sum_by_row(logp, batch), sum_by_row((top == batch.targets).long(), batch)
+        counts = batch.tokens_per_row.tolist()
+        tops = torch.split(top.cpu(), counts)  # rows are contiguous in make_batch
+        out += [AnswerScore(float(s), int(c), int(h), tuple(t.tolist()))
+                for s, c, h, t in zip(sums, counts, hits, tops)]
     return out
 
 

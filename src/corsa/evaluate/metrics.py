@@ -1,73 +1,148 @@
-"""Generation-based prompt-level metrics, as the released CoRSA evaluation computes them.
+"""Prompt-level editing metrics in both families the field uses, computed on the same edited model.
 
-An answer counts as correct when it contains the target, case-insensitively (reference-implementations.md 1.4);
-we decode greedily so a number is reproducible. Every prompt of every request is generated in one batched pass.
+* Generation (`gen.*`): the model answers (greedy, so a number is reproducible) and the answer counts as correct
+  when it contains the target, case-insensitively: the released CoRSA evaluation's test (reference doc 1.4),
+  which is also what a user sees. Optional sampling (`sample.*`, temperature 0.7 as the released code) repeats
+  reliability and generality over several seeded runs.
+* Teacher-forced (`tf.*`): EasyEdit's token accuracy (reference doc 2.2): feed prompt + target and count the
+  target tokens that are the argmax; partial credit, no end token. Its locality is agreement with the pre-edit
+  model's argmax tokens on the neighborhood answer, not correctness.
+
+docs/METRICS.md defines each metric; the tables headline the generation family (see there for why).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import mean, pstdev
 from typing import Any
 
 import torch
 
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
-from corsa.scoring import contains, generate
+from corsa.scoring import contains, generate, score_answers
 
-# Metric name -> what it measures; the order is the order of tables.
-METRICS = {
-    "edit_success": "the edit prompt's answer contains target_new",
-    "paraphrase_success": "a paraphrase's answer contains target_new (Generality)",
-    "neighborhood_kept": "a neighborhood prompt's answer contains its true answer (Locality, correctness)",
-    "old_on_prompt": "the edit prompt's answer still contains target_old",
-    "old_on_paraphrase": "a paraphrase's answer still contains target_old (outdated-knowledge retention)",
+# name -> what it measures. Order = table order.
+METRICS: dict[str, str] = {
+    "gen.reliability": "edit prompt answered with target_new (edit success)",
+    "gen.generality": "paraphrase answered with target_new",
+    "gen.locality": "neighborhood prompt answered with its true answer (correctness)",
+    "gen.locality_agreement": "neighborhood answer identical to the pre-edit model's",
+    "gen.retention": "paraphrase still answered with target_old (outdated-knowledge retention)",
+    "gen.old_on_prompt": "edit prompt still answered with target_old",
+    "tf.reliability": "token accuracy of target_new after the edit prompt (EasyEdit rewrite_acc)",
+    "tf.generality": "token accuracy of target_new after a paraphrase (EasyEdit rephrase_acc)",
+    "tf.locality": "argmax tokens on the neighborhood answer equal to the pre-edit model's (EasyEdit locality)",
+    "tf.locality_correct": "token accuracy of the neighborhood's true answer",
+    "tf.retention": "token accuracy of target_old after a paraphrase",
+    "tf.new_over_old": "log p(target_new) > log p(target_old) after a paraphrase",
 }
+HEADLINE = ["gen.reliability", "gen.generality", "gen.locality", "gen.retention", "tf.reliability",
+            "tf.generality", "tf.locality"]
 
 
 @dataclass(frozen=True)
-class Probe:
-    case: int
-    kind: str  # "prompt" | "paraphrase" | "neighborhood"
-    prompt: str
-    expected: str  # what a correct answer contains
-    old: str | None  # the outdated answer, for retention
+class EvalConfig:
+    max_new_tokens: int = 32  # answers here are an entity or a sentence; 32 tokens hold either
+    sample_runs: int = 0  # 0: greedy only. The released code samples once at temperature 0.7
+    temperature: float = 0.7
+    seed: int = 0
+    batch_size: int = 16
+    autocast: bool = False
 
 
-def probes(requests: list[EditRequest]) -> list[Probe]:
-    out = []
-    for i, r in enumerate(requests):
-        out.append(Probe(i, "prompt", r.prompt, r.target_new, r.target_old))
-        out += [Probe(i, "paraphrase", p, r.target_new, r.target_old) for p in r.paraphrases]
-        out += [Probe(i, "neighborhood", n.prompt, n.answer, None) for n in r.neighborhood]
-    return out
+def _rate(values: Sequence[bool | float]) -> float | None:
+    return float(mean(values)) if values else None
 
 
 def evaluate(model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest], *,
-             max_new_tokens: int = 32, autocast: bool = False) -> dict[str, Any]:
-    """Per-case answers and the aggregate rates of METRICS (None where a request set has no such prompts)."""
-    ps = probes(requests)
-    answers = generate(model, formatter, [p.prompt for p in ps], max_new_tokens=max_new_tokens, autocast=autocast)
-    cases: list[dict[str, Any]] = [{"id": r.id, "prompt": r.prompt, "target_new": r.target_new,
-                                    "target_old": r.target_old, "answers": {"prompt": None, "paraphrase": [],
-                                                                           "neighborhood": []}}
-                                   for r in requests]
-    hits: dict[str, list[bool]] = {k: [] for k in METRICS}
-    for p, a in zip(ps, answers):
-        case = cases[p.case]
-        if p.kind == "prompt":
-            case["answers"]["prompt"] = a
-            hits["edit_success"].append(contains(a, p.expected))
-            if p.old:
-                hits["old_on_prompt"].append(contains(a, p.old))
-        elif p.kind == "paraphrase":
-            case["answers"]["paraphrase"].append(a)
-            hits["paraphrase_success"].append(contains(a, p.expected))
-            if p.old:
-                hits["old_on_paraphrase"].append(contains(a, p.old))
-        else:
-            case["answers"]["neighborhood"].append(a)
-            hits["neighborhood_kept"].append(contains(a, p.expected))
-    summary = {k: (sum(v) / len(v) if v else None) for k, v in hits.items()}
-    counts = {k: len(v) for k, v in hits.items()}
+             reference: dict[str, Any] | None = None, config: EvalConfig = EvalConfig()) -> dict[str, Any]:
+    """Per-case records and aggregate rates of METRICS.
+
+    `reference` is this function's output for the unedited model on the same requests: agreement metrics
+    compare against it. Without one (evaluating the unedited model itself) agreement is 1 by definition.
+    """
+    c = config
+    prompts: list[str] = []
+    for r in requests:
+        prompts += [r.prompt, *r.paraphrases, *(n.prompt for n in r.neighborhood)]
+    answers = iter(generate(model, formatter, prompts, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
+                            autocast=c.autocast))
+
+    tf_pairs: list[tuple[str, str]] = []
+    for r in requests:
+        tf_pairs.append((r.prompt, r.target_new))
+        tf_pairs += [(p, r.target_new) for p in r.paraphrases]
+        tf_pairs += [(n.prompt, n.answer) for n in r.neighborhood]
+        if r.target_old:
+            tf_pairs += [(p, r.target_old) for p in r.paraphrases]
+    scores = iter(score_answers(model, formatter, tf_pairs, batch_size=c.batch_size, autocast=c.autocast,
+                                stop=False))
+
+    cases: list[dict[str, Any]] = []
+    for i, r in enumerate(requests):
+        ref = reference["cases"][i] if reference else None
+        prompt_answer = next(answers)
+        para_answers = [next(answers) for _ in r.paraphrases]
+        nb_answers = [next(answers) for _ in r.neighborhood]
+        s_prompt = next(scores)
+        s_para = [next(scores) for _ in r.paraphrases]
+        s_nb = [next(scores) for _ in r.neighborhood]
+        s_old = [next(scores) for _ in r.paraphrases] if r.target_old else []
+        case: dict[str, Any] = {
+            "id": r.id, "prompt": r.prompt, "target_new": r.target_new, "target_old": r.target_old,
+            "answers": {"prompt": prompt_answer, "paraphrases": para_answers, "neighborhood": nb_answers},
+            "tf_argmax_neighborhood": [list(s.argmax) for s in s_nb],
+            "gen.reliability": contains(prompt_answer, r.target_new),
+            "gen.generality": [contains(a, r.target_new) for a in para_answers],
+            "gen.locality": [contains(a, n.answer) for a, n in zip(nb_answers, r.neighborhood)],
+            "gen.locality_agreement": [a == (ref["answers"]["neighborhood"][k] if ref else a)
+                                       for k, a in enumerate(nb_answers)],
+            "gen.retention": [contains(a, r.target_old) for a in para_answers] if r.target_old else [],
+            "gen.old_on_prompt": contains(prompt_answer, r.target_old) if r.target_old else None,
+            "tf.reliability": s_prompt.token_accuracy,
+            "tf.generality": [s.token_accuracy for s in s_para],
+            "tf.locality": [_agreement(s.argmax, ref["tf_argmax_neighborhood"][k] if ref else s.argmax)
+                            for k, s in enumerate(s_nb)],
+            "tf.locality_correct": [s.token_accuracy for s in s_nb],
+            "tf.retention": [s.token_accuracy for s in s_old],
+            "tf.new_over_old": [n.logprob > o.logprob for n, o in zip(s_para, s_old)],
+        }
+        cases.append(case)
+
+    summary, counts = {}, {}
+    for name in METRICS:
+        values: list[Any] = []
+        for case in cases:
+            v = case[name]
+            values += v if isinstance(v, list) else ([] if v is None else [v])
+        summary[name], counts[name] = _rate(values), len(values)
+
+    if c.sample_runs:
+        summary.update(_sampled(model, formatter, requests, c))
     return {"summary": summary, "counts": counts, "cases": cases}
+
+
+def _agreement(post: Sequence[int], pre: Sequence[int]) -> float:
+    return float(mean(a == b for a, b in zip(post, pre))) if post else 1.0
+
+
+def _sampled(model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest],
+             c: EvalConfig) -> dict[str, float]:
+    """Reliability and generality under sampling, mean and std over seeded runs (the released protocol)."""
+    rel, gen = [], []
+    for run in range(c.sample_runs):
+        prompts = [r.prompt for r in requests] + [p for r in requests for p in r.paraphrases]
+        targets = [r.target_new for r in requests] + [r.target_new for r in requests for _ in r.paraphrases]
+        answers = generate(model, formatter, prompts, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
+                           temperature=c.temperature, seed=c.seed + run, autocast=c.autocast)
+        hits = [contains(a, t) for a, t in zip(answers, targets)]
+        rel.append(mean(hits[: len(requests)]))
+        if len(hits) > len(requests):
+            gen.append(mean(hits[len(requests):]))
+    out = {"sample.reliability": float(mean(rel)), "sample.reliability_std": float(pstdev(rel))}
+    if gen:
+        out.update({"sample.generality": float(mean(gen)), "sample.generality_std": float(pstdev(gen))})
+    return out

@@ -1,0 +1,261 @@
+"""`corsa bench single|ablation`: train one adapter per method on N benchmark edits at once, evaluate, report.
+
+Layout of a run folder:
+  base/results.json         the unedited model on the same cases (reference for agreement metrics), with MMLU
+  <method>/adapter/         the adapter and its edit_manifest.json
+  <method>/results.json     every metric, per case and aggregated, with config, seed, case ids and timings
+  table.md, plot.png        made from the results.json files, so the table always matches the JSON
+A rerun skips every method whose results.json exists, so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from corsa import artifacts, models
+from corsa.editing import edit
+from corsa.errors import InputError
+from corsa.evaluate.metrics import HEADLINE, METRICS, EvalConfig, evaluate
+from corsa.prompts import Formatter
+from corsa.requests import EditRequest, load_benchmark_with_report
+from corsa.scoring import contains, generate
+
+# Named variants: the paper's ablations (Table 9) and the PCGrad variant of the released code.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora": ("lora", {}),
+    "corsa": ("corsa", {}),
+    "corsa-no-sam": ("corsa", {"use_sam": False}),
+    "corsa-no-dpo": ("corsa", {"use_dpo": False, "pcgrad": None}),
+    "corsa-no-pcgrad": ("corsa", {"pcgrad": None}),
+    "corsa-official-pcgrad": ("corsa", {"pcgrad": "official"}),
+}
+ABLATION = ["corsa", "corsa-no-sam", "corsa-no-dpo", "corsa-no-pcgrad", "lora"]
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """A method name, a named variant, or corsa-lambda<value> for the sensitivity sweep (paper Figure 5)."""
+    if spec in VARIANTS:
+        return VARIANTS[spec]
+    if spec.startswith("corsa-lambda"):
+        try:
+            return "corsa", {"lam": float(spec[len("corsa-lambda"):])}
+        except ValueError:
+            pass
+    raise InputError(f"unknown method '{spec}' (known: {', '.join(VARIANTS)}, corsa-lambda<value>)",
+                     field="--methods")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    bench: str
+    data: str
+    n: int = 200
+    split: str = "edit"  # CounterFact: tune on val, report on edit (the evaluation cases are never tuned on)
+    seed: int = 0
+    methods: tuple[str, ...] = ("lora", "corsa")
+    model: str | None = None
+    mmlu_n: int | None = 10  # questions per subject; None = all 14,042
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    overrides: dict[str, Any] = field(default_factory=dict)  # training settings applied to every method
+
+
+def select_cases(requests: list[EditRequest], n: int, seed: int, bench: str) -> list[EditRequest]:
+    """A seeded subset of n edits. MQuAKE cases are kept whole (their multi-hop questions need every rewrite)."""
+    rng = random.Random(seed)
+    if bench != "mquake":
+        if n >= len(requests):
+            return list(requests)
+        return [requests[i] for i in sorted(rng.sample(range(len(requests)), n))]
+    by_case: dict[Any, list[EditRequest]] = {}
+    for r in requests:
+        by_case.setdefault(r.meta["case_id"], []).append(r)
+    order = list(by_case)
+    rng.shuffle(order)
+    picked: list[EditRequest] = []
+    for case in order:
+        if len(picked) >= n:
+            break
+        picked += by_case[case]
+    return picked
+
+
+def multihop(model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest],
+             config: EvalConfig) -> dict[str, Any]:
+    """MQuAKE: per case, a multi-hop question counts when any of its 3 phrasings names the new answer or an
+    alias (the MQuAKE protocol); each post-edit single hop counts when its answer or an alias is named."""
+    cases = {r.meta["case_id"]: r.meta for r in requests if "questions" in r.meta}
+    prompts, owners = [], []
+    for cid, meta in cases.items():
+        for q in meta["questions"]:
+            prompts.append(q)
+            owners.append(("multi", cid, [meta["new_answer"], *meta["new_answer_alias"]]))
+        for hop in meta["new_single_hops"]:
+            prompts.append(hop["question"])
+            owners.append(("single", cid, [hop["answer"], *hop.get("answer_alias", [])]))
+    answers = generate(model, formatter, prompts, max_new_tokens=config.max_new_tokens,
+                       batch_size=config.batch_size, autocast=config.autocast)
+    multi: dict[Any, bool] = {}
+    single: list[bool] = []
+    for (kind, cid, golds), a in zip(owners, answers):
+        hit = any(contains(a, g) for g in golds if g)
+        if kind == "multi":
+            multi[cid] = multi.get(cid, False) or hit
+        else:
+            single.append(hit)
+    return {"gen.multihop": sum(multi.values()) / len(multi) if multi else None,
+            "gen.singlehop": sum(single) / len(single) if single else None,
+            "n_cases": len(multi), "answers": dict(zip(prompts, answers))}
+
+
+def _evaluate_all(model: torch.nn.Module, formatter: Formatter, tokenizer: Any, requests: list[EditRequest],
+                  cfg: BenchConfig, reference: dict[str, Any] | None) -> dict[str, Any]:
+    t = time.perf_counter()
+    out: dict[str, Any] = evaluate(model, formatter, requests, reference=reference, config=cfg.eval)
+    if cfg.bench == "mquake":
+        hops = multihop(model, formatter, requests, cfg.eval)
+        out["summary"].update({k: hops[k] for k in ("gen.multihop", "gen.singlehop")})
+        out["multihop_answers"] = hops["answers"]
+    out["timings"] = {"eval_s": time.perf_counter() - t}
+    if cfg.mmlu_n != 0:
+        from corsa.evaluate.mmlu import MMLUConfig, evaluate_mmlu
+
+        t = time.perf_counter()
+        mmlu = evaluate_mmlu(model, tokenizer, cfg.data, MMLUConfig(n_per_subject=cfg.mmlu_n, seed=cfg.seed))
+        out["mmlu"] = {k: v for k, v in mmlu.items() if k != "predictions"}
+        out["summary"]["mmlu"] = mmlu["accuracy"]
+        out["timings"]["mmlu_s"] = time.perf_counter() - t
+    return out
+
+
+def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, command: str | None = None) -> Path:
+    out = Path(out)
+    methods = [(spec, *parse_method(spec)) for spec in cfg.methods]  # fail on a typo before any work
+    requests, skipped = load_benchmark_with_report(cfg.bench, cfg.data, cfg.split)
+    chosen = select_cases(requests, cfg.n, cfg.seed, cfg.bench)
+    header = {"bench": cfg.bench, "data": str(cfg.data), "split": cfg.split, "n": len(chosen), "seed": cfg.seed,
+              "skipped_in_file": skipped, "case_ids": [r.id for r in chosen], "command": command,
+              "model": cfg.model or models.DEFAULT_MODEL, "eval_config": dataclasses.asdict(cfg.eval),
+              "mmlu_n_per_subject": cfg.mmlu_n}
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{cfg.bench}/{cfg.split}: {len(chosen)} edits (seed {cfg.seed}); methods: {', '.join(cfg.methods)}")
+
+    base_file = out / "base" / "results.json"
+    if base_file.exists():
+        base = json.loads(base_file.read_text())
+        if base["case_ids"] != header["case_ids"]:
+            raise InputError(f"{out} holds results for other cases; use a new --out", field="--out")
+    else:
+        model, tok, _ = models.load_model(cfg.model)
+        t = time.perf_counter()
+        base = {**header, "method": "base", **_evaluate_all(model, Formatter(tok), tok, chosen, cfg, None)}
+        base["wall_time_s"] = time.perf_counter() - t
+        artifacts.write_json(base_file, _stamp(base))
+        print(f"base: {_brief(base['summary'])}")
+        del model
+
+    for spec, method, overrides in methods:
+        res_file = out / spec / "results.json"
+        if res_file.exists():
+            print(f"{spec}: done earlier, skipped")
+            continue
+        t = time.perf_counter()
+        adapter, result = edit(chosen, out / spec / "adapter", method=method, model=cfg.model, overwrite=True,
+                               progress=progress, command=command, **{**cfg.overrides, **overrides})
+        edit_s = time.perf_counter() - t
+        tok = models.load_tokenizer(models.resolve(cfg.model))
+        ev = _evaluate_all(result.model, Formatter(tok), tok, result.requests, cfg, base)
+        manifest = artifacts.read_manifest(adapter)
+        record = {**header, "method": spec, "config": manifest["config"], "train": {
+            "steps": manifest["steps"], "epochs_run": manifest["epochs_run"], "timings": manifest["timings"],
+            "final": manifest["curves"][-1] if manifest["curves"] else {}}, **ev}
+        record["timings"]["edit_s"] = edit_s
+        record["wall_time_s"] = time.perf_counter() - t
+        artifacts.write_json(res_file, _stamp(record))
+        print(f"{spec}: {_brief(record['summary'])} ({record['wall_time_s']:.0f} s)")
+        del result
+
+    write_report(out)
+    return out
+
+
+def _stamp(record: dict[str, Any]) -> dict[str, Any]:
+    record["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    record["versions"] = artifacts.library_versions()
+    return record
+
+
+def _brief(summary: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k in HEADLINE[:4] and v is not None)
+
+
+def load_results(out: str | Path) -> list[dict[str, Any]]:
+    """base first, then methods in the order they were run."""
+    found = [json.loads(p.read_text()) for p in Path(out).glob("*/results.json")]
+    return sorted(found, key=lambda r: (r["method"] != "base", r["date"]))
+
+
+def columns(results: Sequence[dict[str, Any]]) -> list[str]:
+    keys = [k for k in [*METRICS, "gen.multihop", "gen.singlehop", "sample.reliability", "sample.generality",
+                        "mmlu"] if any(r["summary"].get(k) is not None for r in results)]
+    return keys
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    keys = columns(results)
+    lines = ["| method | " + " | ".join(keys) + " | edit time (s) |", "|---" * (len(keys) + 2) + "|"]
+    for r in results:
+        cells = [("-" if r["summary"].get(k) is None else f"{100 * r['summary'][k]:.1f}") for k in keys]
+        edit_s = r.get("timings", {}).get("edit_s")
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {'-' if edit_s is None else f'{edit_s:.0f}'} |")
+    first = results[0]
+    lines.append("")
+    lines.append(f"{first['bench']} `{first['split']}`, n = {first['n']}, seed {first['seed']}, model "
+                 f"{first['model']}; values in %. Command: `{first.get('command')}`")
+    return "\n".join(lines)
+
+
+def write_report(out: str | Path) -> None:
+    out = Path(out)
+    results = load_results(out)
+    if not results:
+        return
+    artifacts.write_text(out / "table.md", format_table(results) + "\n")
+    plot(results, out / "plot.png")
+    print(f"\n{format_table(results)}\n\nwrote {out / 'table.md'} and {out / 'plot.png'}")
+
+
+def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ["gen.reliability", "gen.generality", "gen.locality", "gen.retention", "tf.generality",
+                        "tf.locality", "gen.multihop", "mmlu"] if any(r["summary"].get(k) is not None
+                                                                  for r in results)]
+    width = 0.8 / len(results)
+    fig, ax = plt.subplots(figsize=(1.3 * len(keys) + 2, 4))
+    for i, r in enumerate(results):
+        values = [100 * (r["summary"].get(k) or 0.0) for k in keys]
+        ax.bar([x + i * width for x in range(len(keys))], values, width, label=r["method"])
+    ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(keys))], keys, rotation=20, ha="right")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    first = results[0]
+    ax.set_title(f"{first['bench']} ({first['split']}, n={first['n']}, {first['model']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,70 @@
+"""`corsa bench` on a tiny local model and synthetic benchmark files: every metric, table = JSON, resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from corsa.cli import main
+from corsa.evaluate.metrics import METRICS
+from corsa.evaluate.runner import format_table, load_results, parse_method, select_cases
+from corsa.errors import InputError
+from corsa.requests import EditRequest
+from conftest import make_model, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tok = make_tokenizer()
+    make_model(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def counterfact(folder, n=6):
+    recs = [{"case_id": i, "prompt": f"p{i} lives in", "target_new": f"x{i}", "subject": f"p{i}",
+             "ground_truth": f"y{i}", "rephrase_prompt": f"p{i} resides in", "locality_prompt": f"q{i} lives in",
+             "locality_ground_truth": f"z{i}"} for i in range(n)]
+    (folder / "counterfact").mkdir()
+    (folder / "counterfact" / "easyedit-counterfact-edit.json").write_text(json.dumps(recs))
+
+
+def test_single_bench_writes_every_metric_and_a_matching_table(tmp_path, tiny_dir, capsys):
+    counterfact(tmp_path)
+    out = tmp_path / "res"
+    argv = ["bench", "single", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(out), "--n", "4",
+            "--methods", "lora,corsa", "--model", str(tiny_dir), "--epochs", "1", "--mmlu-n", "0", "--quiet",
+            "--max-new-tokens", "4", "--sample-runs", "2"]
+    assert main(argv) == 0
+    results = load_results(out)
+    assert [r["method"] for r in results] == ["base", "lora", "corsa"]
+    for r in results:
+        assert set(METRICS) <= set(r["summary"]) and r["n"] == 4 and len(r["case_ids"]) == 4
+        assert {"sample.reliability", "sample.generality"} <= set(r["summary"])
+        assert len(r["cases"]) == 4
+    assert results[0]["summary"]["gen.locality_agreement"] == 1.0  # the base model agrees with itself
+    assert results[2]["config"]["use_sam"] and not results[1]["config"]["use_sam"]
+    table = (out / "table.md").read_text()
+    assert table.strip() == format_table(results)
+    corsa_row = next(line for line in table.splitlines() if line.startswith("| corsa |"))
+    assert f"{100 * results[2]['summary']['gen.reliability']:.1f}" in corsa_row
+    assert (out / "plot.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(argv) == 0  # rerun: everything done, nothing retrained
+    assert capsys.readouterr().out.count("done earlier, skipped") == 2
+
+
+def test_method_specs():
+    assert parse_method("corsa-no-dpo") == ("corsa", {"use_dpo": False, "pcgrad": None})
+    assert parse_method("corsa-lambda0.5") == ("corsa", {"lam": 0.5})
+    with pytest.raises(InputError):
+        parse_method("corsa-lambdax")
+
+
+def test_mquake_subset_keeps_cases_whole():
+    reqs = [EditRequest(f"q{c}-{k}", "a", meta={"case_id": c}) for c in range(5) for k in range(3)]
+    chosen = select_cases(reqs, 4, 0, "mquake")
+    assert len(chosen) == 6 and len({r.meta["case_id"] for r in chosen}) == 2
+    assert select_cases(reqs, 4, 0, "zsre") == select_cases(reqs, 4, 0, "zsre")
