@@ -224,3 +224,20 @@ def test_real_mmlu_counts():
     assert len(load_mmlu(DATA, None, 0)) == 14042
     assert [q.id for q in load_mmlu(DATA / "mmlu", 10, 0)] == [q.id for q in subset]
     assert all(len(load_shots(DATA, s)) == 5 for s in subjects(DATA))
+
+
+def test_shared_prefix_path_scores_like_full_prompts(tmp_path, tiny_model, tokenizer, monkeypatch):
+    """Running each subject's header and shots once gives the same predictions as full prompts."""
+    import corsa.evaluate.mmlu as mmlu
+
+    data = write_mmlu(tmp_path)
+    config = MMLUConfig(n_per_subject=None, batch_size=3)
+    calls = []
+    real = mmlu.shared_letter_logits
+    monkeypatch.setattr(mmlu, "shared_letter_logits", lambda *a: calls.append(1) or real(*a))
+    shared = evaluate_mmlu(tiny_model, tokenizer, data, config)
+    assert calls  # the shared path ran
+    monkeypatch.setattr(mmlu, "shared_prefix", lambda *a: None)
+    full = evaluate_mmlu(tiny_model, tokenizer, data, config)
+    assert shared["predictions"] == full["predictions"]
+    assert shared["gold_logprob"] == pytest.approx(full["gold_logprob"], abs=1e-4)
