@@ -246,9 +246,9 @@ def test_shared_prompt_batch_scores_like_the_plain_batch(chat):
     shared = make_shared_batch([fmt.prompt_ids(q) for q in prompts],
                                [(i, fmt.answer_ids(a)) for i, pair in enumerate(answers) for a in pair],
                                tok.pad_token_id)
-    a, hit_a = token_logprobs(model, full)
-    b, hit_b = token_logprobs(model, shared)
-    assert torch.allclose(a, b, atol=1e-5) and torch.equal(hit_a, hit_b)
+    a, top_a = token_logprobs(model, full)
+    b, top_b = token_logprobs(model, shared)
+    assert torch.allclose(a, b, atol=1e-5) and torch.equal(top_a, top_b)
 
 
 def test_bf16_autocast_trains_with_fp32_master_weights(tiny_model, tokenizer):

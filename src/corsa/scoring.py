@@ -82,15 +82,18 @@ class SharedBatch:
         return torch.bincount(self.rows, minlength=self.n_rows)
 
 
+def left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) with every sequence ending in the last column: where generation and next-token scoring read."""
+    width = max(len(x) for x in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(x)) + list(x) for x in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs], dtype=torch.long)
+    return ids, mask
+
+
 def make_shared_batch(prompts: Sequence[list[int]], answers: Sequence[tuple[int, list[int]]],
                       pad_id: int) -> SharedBatch:
     """`answers` holds (prompt index, answer ids) pairs; rows keep that order."""
-    tp = max(len(p) for p in prompts)
-    prompt_ids = torch.full((len(prompts), tp), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompts), tp), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        prompt_ids[i, tp - len(p):] = torch.tensor(p)
-        prompt_mask[i, tp - len(p):] = 1
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     ta = max(len(a) for _, a in answers)
     answer_ids = torch.full((len(answers), ta), pad_id, dtype=torch.long)
     answer_mask = torch.zeros((len(answers), ta), dtype=torch.long)
@@ -147,14 +150,13 @@ def answer_token_logits(model: torch.nn.Module, batch: AnswerBatch) -> torch.Ten
 
 
 def token_logprobs(model: torch.nn.Module, batch: AnswerBatch | SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p of each answer token [N], whether it is the argmax [N]); log-softmax in fp32 even under autocast."""
+    """(log p of each answer token [N], the model's argmax token there [N]); log-softmax in fp32 under autocast."""
     if isinstance(batch, SharedBatch):
         logits = shared_answer_logits(model, batch).float()
     else:
         logits = answer_token_logits(model, batch).float()
     logp = F.log_softmax(logits, dim=-1).gather(1, batch.targets[:, None]).squeeze(1)
-    hit = logits.argmax(dim=-1) == batch.targets
-    return logp, hit
+    return logp, logits.argmax(dim=-1)
 
 
 def sum_by_row(values: torch.Tensor, batch: AnswerBatch | SharedBatch) -> torch.Tensor:
@@ -189,9 +191,7 @@ def score_answers(model: torch.nn.Module, formatter: Formatter, pairs: Sequence[
         batch = make_batch([(formatter.prompt_ids(p), formatter.answer_ids(a, stop)) for p, a in chunk],
                            formatter.tokenizer.pad_token_id).to(device)
         with autocast_context(device, autocast):
-            logits = answer_token_logits(model, batch).float()
-        logp = F.log_softmax(logits, dim=-1).gather(1, batch.targets[:, None]).squeeze(1)
-        top = logits.argmax(dim=-1)
+            logp, top = token_logprobs(model, batch)
         sums, hits = sum_by_row(logp, batch), sum_by_row((top == batch.targets).long(), batch)
         counts = batch.tokens_per_row.tolist()
         tops = torch.split(top.cpu(), counts)  # rows are contiguous in make_batch
@@ -217,11 +217,8 @@ def generate(model: torch.nn.Module, formatter: Formatter, prompts: Sequence[str
     if temperature > 0:
         torch.manual_seed(seed)
     for start in range(0, len(prompts), batch_size):
-        encoded = [formatter.prompt_ids(p) for p in prompts[start : start + batch_size]]
-        width = max(len(e) for e in encoded)
-        # Left padding, so every row's next token is generated at the same position.
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+        ids, mask = left_pad([formatter.prompt_ids(p) for p in prompts[start : start + batch_size]], pad)
+        ids, mask, width = ids.to(device), mask.to(device), ids.shape[1]
         sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {
             "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         with autocast_context(device, autocast):

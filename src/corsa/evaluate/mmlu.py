@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from corsa.errors import InputError
 from corsa.models import context_length
-from corsa.scoring import causal_lm, make_shared_batch, output_logits, shared_answer_logits
+from corsa.scoring import causal_lm, left_pad, make_shared_batch, output_logits, shared_answer_logits
 
 LETTERS = "ABCD"
 HEADER = "The following are multiple choice questions (with answers).\n\n"  # the released script: no subject
@@ -157,10 +157,8 @@ def encode_prompt(tokenizer: Any, q: MMLUQuestion, shots: list[MMLUQuestion], li
 def letter_logits(model: torch.nn.Module, prompts: list[list[int]], letters: list[int], pad_id: int) -> torch.Tensor:
     """Logits [B, 4] of the letters as the next token after each prompt, from one left-padded batch."""
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
     # Left padding puts every prompt's last token in the last column, so one column is all we score.
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
     # Positions count real tokens only, so a padded row is scored as if alone (matters beyond RoPE models).
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     lm = causal_lm(model)

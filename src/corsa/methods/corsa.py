@@ -166,7 +166,8 @@ class CorsaTrainer:
             part = idx[start : start + cfg.micro_batch_size]
             batch, dpo_idx = self._micro_batch(part)
             with autocast_context(self.device, cfg.bf16):
-                tok_logp, hit = token_logprobs(self.model, batch)
+                tok_logp, top = token_logprobs(self.model, batch)
+            hit = top == batch.targets
             seq_logp = sum_by_row(tok_logp, batch)
             is_new = batch.rows < len(part)
             sft = losses.sft_loss(tok_logp[is_new], n_tokens)
