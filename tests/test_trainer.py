@@ -231,24 +231,42 @@ def test_chat_template_formatting(chat_tokenizer, tokenizer):
     assert tokenizer.decode(qa.answer_ids("rome")[:-1]) == " rome"
 
 
-@pytest.mark.parametrize("chat", [False, True])
-def test_shared_prompt_batch_scores_like_the_plain_batch(chat):
-    """Running each prompt once and sharing its cache gives the same log-probs as full sequences."""
+@pytest.mark.parametrize("chat,prompts,prefix", [
+    (False, ["capital of fr?", "sky colour, please?", "2+2?"], "Q: "),
+    (True, ["capital of fr?", "sky colour, please?", "2+2?"], "<user>"),  # the chat template's turn opener
+    (True, ["capital of france?", "capital of fr?", "capital of de?"], "<user>capital of "),
+])
+def test_shared_prompt_batch_scores_like_the_plain_batch(chat, prompts, prefix):
+    """Running the common prefix and each prompt once and sharing their caches gives the same log-probs as full
+    sequences, with and without gradients."""
     from conftest import make_model, make_tokenizer
     from corsa.scoring import make_batch, make_shared_batch, token_logprobs
 
     tok = make_tokenizer(chat)
     model, fmt = make_model(len(tok)), Formatter(tok)
-    prompts = ["capital of fr?", "sky colour, please?", "2+2?"]
     answers = [("rome", "paris"), ("green", "blue"), ("five", "four")]
     full = make_batch([(fmt.prompt_ids(q), fmt.answer_ids(a)) for q, pair in zip(prompts, answers) for a in pair],
                       tok.pad_token_id)
-    shared = make_shared_batch([fmt.prompt_ids(q) for q in prompts],
-                               [(i, fmt.answer_ids(a)) for i, pair in enumerate(answers) for a in pair],
+    ids = [fmt.prompt_ids(q) for q in prompts]
+    shared = make_shared_batch(ids, [(i, fmt.answer_ids(a)) for i, pair in enumerate(answers) for a in pair],
                                tok.pad_token_id)
+    assert tok.decode(shared.prefix_ids) == prefix  # computed once for the whole batch
     a, top_a = token_logprobs(model, full)
     b, top_b = token_logprobs(model, shared)
     assert torch.allclose(a, b, atol=1e-5) and torch.equal(top_a, top_b)
+    params = list(model.parameters())
+    ga = torch.autograd.grad(a.sum(), params, allow_unused=True)
+    gb = torch.autograd.grad(b.sum(), params, allow_unused=True)
+    assert all((x is None and y is None) or torch.allclose(x, y, rtol=1e-4, atol=1e-4) for x, y in zip(ga, gb))
+
+
+def test_common_prefix_leaves_every_sequence_a_token():
+    from corsa.scoring import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4]]) == 2
+    assert common_prefix_length([[1, 2], [1, 2, 3]]) == 1  # [1, 2] keeps its last token
+    assert common_prefix_length([[5, 2], [1, 2]]) == 0
+    assert common_prefix_length([[1, 2, 3]]) == 0
 
 
 def test_bf16_autocast_trains_with_fp32_master_weights(tiny_model, tokenizer):

@@ -56,14 +56,17 @@ def make_batch(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Ans
 
 @dataclass
 class SharedBatch:
-    """Several answers per prompt, with each prompt run through the model once.
+    """Several answers per prompt, with every token that answers share run through the model once.
 
-    CoRSA scores y+ and y- after the same prompt, and the prompt (with a chat template's system turn) is most of
-    every sequence. So prompts go through the decoder once, their key/value cache is indexed out to every answer
-    row, and only the short answers are run per row: the same numbers as `AnswerBatch`, for far fewer tokens.
+    Two levels of sharing. Every prompt of a batch starts with the same tokens when a chat template adds a system
+    turn (27 of SmolLM2's ~37 prompt tokens): that common prefix runs once, as a batch of one. Each prompt's own
+    tokens then run once, however many answers follow (CoRSA scores y+ and y- after the same prompt). Their
+    key/value caches are indexed out to every answer row, and only the short answers run per row: the same
+    numbers as `AnswerBatch`, for a fraction of the tokens.
     """
 
-    prompt_ids: torch.Tensor  # [P, Tp] left-padded, so every prompt ends at the last column
+    prefix_ids: torch.Tensor  # [C] tokens every prompt starts with (C may be 0)
+    prompt_ids: torch.Tensor  # [P, Tp] the rest of each prompt, left-padded so every prompt ends at the last column
     prompt_mask: torch.Tensor  # [P, Tp]
     answer_ids: torch.Tensor  # [R, Ta] right-padded
     answer_mask: torch.Tensor  # [R, Ta]
@@ -74,12 +77,24 @@ class SharedBatch:
     n_rows: int
 
     def to(self, device: torch.device | str) -> SharedBatch:
-        names = ("prompt_ids", "prompt_mask", "answer_ids", "answer_mask", "owner", "rows", "offsets", "targets")
+        names = ("prefix_ids", "prompt_ids", "prompt_mask", "answer_ids", "answer_mask", "owner", "rows", "offsets",
+                 "targets")
         return SharedBatch(**{n: getattr(self, n).to(device) for n in names}, n_rows=self.n_rows)
 
     @property
     def tokens_per_row(self) -> torch.Tensor:
         return torch.bincount(self.rows, minlength=self.n_rows)
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all sequences share, leaving each at least one token of its own (whose hidden
+    state predicts what follows it). 0 for a single sequence: there is nothing to share."""
+    if len(seqs) < 2:
+        return 0
+    first, n = seqs[0], min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        n = next((i for i in range(n) if s[i] != first[i]), n)
+    return max(n, 0)
 
 
 def left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +108,8 @@ def left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 def make_shared_batch(prompts: Sequence[list[int]], answers: Sequence[tuple[int, list[int]]],
                       pad_id: int) -> SharedBatch:
     """`answers` holds (prompt index, answer ids) pairs; rows keep that order."""
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    c = common_prefix_length(prompts)
+    prompt_ids, prompt_mask = left_pad([p[c:] for p in prompts], pad_id)
     ta = max(len(a) for _, a in answers)
     answer_ids = torch.full((len(answers), ta), pad_id, dtype=torch.long)
     answer_mask = torch.zeros((len(answers), ta), dtype=torch.long)
@@ -105,22 +121,29 @@ def make_shared_batch(prompts: Sequence[list[int]], answers: Sequence[tuple[int,
         offsets += range(len(a))
         targets += a
     owner = torch.tensor([o for o, _ in answers])
-    return SharedBatch(prompt_ids, prompt_mask, answer_ids, answer_mask, owner, torch.tensor(rows),
+    prefix = torch.tensor(list(prompts[0][:c]), dtype=torch.long)
+    return SharedBatch(prefix, prompt_ids, prompt_mask, answer_ids, answer_mask, owner, torch.tensor(rows),
                        torch.tensor(offsets), torch.tensor(targets), len(answers))
 
 
 def shared_answer_logits(model: torch.nn.Module, batch: SharedBatch) -> torch.Tensor:
-    """Logits [N, V] at the answer positions, computing each prompt once."""
+    """Logits [N, V] at the answer positions: the common prefix once, each prompt once, then the answers."""
     lm = causal_lm(model)
     decoder = lm.get_decoder()
-    prompt_pos = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = decoder(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=prompt_pos,
-                  use_cache=True)
+    n_prompts, c = batch.prompt_ids.shape[0], batch.prefix_ids.numel()
+    cache = None
+    if c:
+        cache = decoder(input_ids=batch.prefix_ids[None], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(n_prompts)
+    prompt_mask = torch.cat([batch.prompt_mask.new_ones(n_prompts, c), batch.prompt_mask], dim=1)
+    prompt_pos = c + (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = decoder(input_ids=batch.prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos,
+                  past_key_values=cache, use_cache=True)
     cache = out.past_key_values
     cache.batch_select_indices(batch.owner)  # one copy of each prompt's keys/values per answer row
-    prompt_len = batch.prompt_mask.sum(-1)[batch.owner]
+    prompt_len = prompt_mask.sum(-1)[batch.owner]
     answer_pos = prompt_len[:, None] + torch.arange(batch.answer_ids.shape[1], device=prompt_len.device)
-    mask = torch.cat([batch.prompt_mask[batch.owner], batch.answer_mask], dim=1)
+    mask = torch.cat([prompt_mask[batch.owner], batch.answer_mask], dim=1)
     hidden = decoder(input_ids=batch.answer_ids, attention_mask=mask, position_ids=answer_pos,
                      past_key_values=cache, use_cache=True).last_hidden_state
     # Answer token k is predicted by the hidden state before it: the prompt's last one for k = 0.
@@ -188,13 +211,14 @@ def score_answers(model: torch.nn.Module, formatter: Formatter, pairs: Sequence[
     out: list[AnswerScore] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        batch = make_batch([(formatter.prompt_ids(p), formatter.answer_ids(a, stop)) for p, a in chunk],
-                           formatter.tokenizer.pad_token_id).to(device)
+        batch = make_shared_batch([formatter.prompt_ids(p) for p, _ in chunk],
+                                  [(k, formatter.answer_ids(a, stop)) for k, (_, a) in enumerate(chunk)],
+                                  formatter.tokenizer.pad_token_id).to(device)
         with autocast_context(device, autocast):
             logp, top = token_logprobs(model, batch)
         sums, hits = sum_by_row(logp, batch), sum_by_row((top == batch.targets).long(), batch)
         counts = batch.tokens_per_row.tolist()
-        tops = torch.split(top.cpu(), counts)  # rows are contiguous in make_batch
+        tops = torch.split(top.cpu(), counts)  # rows are contiguous
         out += [AnswerScore(float(s), int(c), int(h), tuple(t.tolist()))
                 for s, c, h, t in zip(sums, counts, hits, tops)]
     return out

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from corsa.errors import InputError
 from corsa.models import context_length
-from corsa.scoring import causal_lm, left_pad, make_shared_batch, output_logits, shared_answer_logits
+from corsa.scoring import (causal_lm, common_prefix_length, left_pad, make_shared_batch, output_logits,
+                           shared_answer_logits)
 
 LETTERS = "ABCD"
 HEADER = "The following are multiple choice questions (with answers).\n\n"  # the released script: no subject
@@ -174,12 +175,8 @@ def shared_prefix(encoded: list[EncodedPrompt]) -> list[int] | None:
     MMLU several times faster. The prefix is cut from the prompts' own tokenization (tokenizing the prefix text
     alone can merge differently at its end), so the scores are exactly those of the full prompts.
     """
-    if len(encoded) < 2:
-        return None
-    first, n = encoded[0].ids, min(len(e.ids) for e in encoded) - 1  # every prompt keeps >= 1 token of its own
-    for e in encoded[1:]:
-        n = next((i for i in range(n) if e.ids[i] != first[i]), n)
-    return first[:n] if n > 0 else None
+    n = common_prefix_length([e.ids for e in encoded])
+    return encoded[0].ids[:n] if n > 0 else None
 
 
 @torch.no_grad()

@@ -23,8 +23,8 @@ from corsa.methods.base import EditResult
 from corsa.optim import losses, pcgrad, sam
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
-from corsa.scoring import (AnswerBatch, SharedBatch, autocast_context, make_batch, make_shared_batch, score_answers,
-                           sum_by_row, token_logprobs)
+from corsa.scoring import (SharedBatch, autocast_context, make_shared_batch, score_answers, sum_by_row,
+                           token_logprobs)
 
 # Every attention and MLP projection of Llama/Gemma/Qwen-style blocks (paper A.2; the released default.json).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -135,15 +135,13 @@ class CorsaTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     # --- gradients --------------------------------------------------------------------------------------
-    def _micro_batch(self, idx: list[int]) -> tuple[AnswerBatch | SharedBatch, list[int]]:
+    def _micro_batch(self, idx: list[int]) -> tuple[SharedBatch, list[int]]:
         """y+ rows for every pair, then y- rows for the pairs that have one, in one batch (one forward).
 
-        With DPO each prompt has two answers, so the prompt is run once and shared by both (SharedBatch).
+        Each prompt is run once and shared by its answers, and the prompts' common prefix (a chat template's
+        system turn) once for the whole batch (SharedBatch).
         """
         dpo_idx = [i for i in idx if self.cfg.use_dpo and self.pairs[i].old is not None]
-        if not dpo_idx:
-            seqs = [(self.pairs[i].prompt, self.pairs[i].new) for i in idx]
-            return make_batch(seqs, self.pad_id).to(self.device), dpo_idx
         answers = [(k, self.pairs[i].new) for k, i in enumerate(idx)]
         answers += [(idx.index(i), self.pairs[i].old) for i in dpo_idx]  # type: ignore[misc]
         batch = make_shared_batch([self.pairs[i].prompt for i in idx], answers, self.pad_id)
