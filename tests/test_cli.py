@@ -128,3 +128,26 @@ def test_interrupted_edit_leaves_nothing(tmp_path, capsys, tiny_dir, monkeypatch
     code, _, err = run_cli(capsys, "edit", edits_file(tmp_path, {"prompt": "q?", "target_new": "a"}), "--out", out,
                            "--model", tiny_dir, "--quiet")
     assert code == 130 and not out.exists() and os.listdir(tmp_path) == ["facts.jsonl"]
+
+
+def test_prompt_style_is_chosen_recorded_and_reused(tmp_path, capsys, tiny_dir):
+    """--prompt-style qa on a model with a chat template trains and answers in Q/A form; 'chat' without a
+    template is a one-line error."""
+    chat_dir = tmp_path / "tiny-chat"
+    tok = make_tokenizer(chat=True)
+    make_model(len(tok)).save_pretrained(chat_dir)
+    tok.save_pretrained(chat_dir)
+    path = edits_file(tmp_path, {"prompt": "sky?", "target_new": "green", "target_old": "blue"})
+    for style, expected in (("auto", "chat"), ("qa", "qa")):
+        out = tmp_path / f"run-{style}"
+        code, _, err = run_cli(capsys, "edit", path, "--out", out, "--model", chat_dir, "--epochs", "1", "--quiet",
+                               "--prompt-style", style)
+        assert code == 0, err
+        assert json.loads((out / "edit_manifest.json").read_text())["prompt_style"] == expected
+    from corsa.editing import load_edited
+
+    assert load_edited(tmp_path / "run-qa")[1].style == "qa"  # `corsa ask --adapter` asks in the trained form
+    code, _, err = run_cli(capsys, "edit", path, "--out", tmp_path / "x", "--model", tiny_dir, "--prompt-style",
+                           "chat")
+    assert code == 2 and "chat template" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

@@ -49,6 +49,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-early-stop", action="store_true", help="train all --epochs even once every edit is learned")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with native bf16)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "qa"],
+                   help="auto: the chat template when the model has one, else the paper's 'Q: ...\\nA:' prompt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -153,7 +155,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         if args.limit:
             requests = requests[: args.limit]
         out, result = edit(requests, args.out, method=args.method, model=args.model, overwrite=args.overwrite,
-                           progress=not args.quiet, command=command, **overrides)
+                           progress=not args.quiet, command=command, prompt_style=args.prompt_style,
+                           **overrides)
         last = result.curves[-1] if result.curves else {}
         print(f"wrote {out} ({len(requests)} edits, {result.info['steps']} steps, "
               f"final loss {last.get('loss', float('nan')):.4f}, learned {last.get('learned', 0):.0%})")
@@ -174,7 +177,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "demo":
         from corsa.demo import run_demo
 
-        run_demo(args.out, model=args.model, progress=not args.quiet, **_method_overrides(args))
+        run_demo(args.out, model=args.model, progress=not args.quiet, prompt_style=args.prompt_style,
+                 **_method_overrides(args))
         return 0
     if args.command == "bench":
         from corsa.evaluate.metrics import EvalConfig
@@ -189,7 +193,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         mmlu = None if args.mmlu_n == "all" else int(args.mmlu_n)
         seed = args.seed if args.seed is not None else 0  # picks the subset; also seeds training when given
         cfg = BenchConfig(bench=args.bench, data=args.data, n=args.n, split=args.split, seed=seed,
-                          methods=tuple(methods), model=args.model, mmlu_n=mmlu, overrides=_method_overrides(args),
+                          methods=tuple(methods), model=args.model, prompt_style=args.prompt_style, mmlu_n=mmlu,
+                          overrides=_method_overrides(args),
                           eval=EvalConfig(max_new_tokens=args.max_new_tokens, sample_runs=args.sample_runs,
                                           seed=seed, autocast=args.bf16))
         run_bench(cfg, args.out, progress=not args.quiet, command=command)

@@ -10,7 +10,7 @@ from typing import Any
 from corsa import artifacts, models
 from corsa.editing import edit
 from corsa.evaluate.metrics import evaluate
-from corsa.prompts import Formatter
+from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, read_jsonl
 
 LABELS = {
@@ -41,18 +41,19 @@ def format_table(columns: dict[str, dict[str, Any]]) -> str:
 
 
 def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = ("lora", "corsa"), model: str | None = None,
-             progress: bool = True, **overrides: Any) -> dict[str, Any]:
+             progress: bool = True, prompt_style: PromptStyle = "auto", **overrides: Any) -> dict[str, Any]:
     out = Path(out)
     requests = demo_edits()
     print(f"corsa demo: {len(requests)} counterfactual edits, model {model or models.DEFAULT_MODEL}")
     base, tok, _ = models.load_model(model)
-    formatter = Formatter(tok)
+    formatter = Formatter(tok, prompt_style)
     columns = {"base": evaluate(base, formatter, requests)}
     runs: dict[str, Any] = {}
     for method in methods:
         t = time.perf_counter()
         run_dir, result = edit(requests, out / method, method=method, model=model, overwrite=True,
-                               progress=progress, command=f"corsa demo ({method})", **overrides)
+                               progress=progress, command=f"corsa demo ({method})", prompt_style=prompt_style,
+                               **overrides)
         columns[method] = evaluate(result.model, formatter, result.requests, reference=columns["base"])
         runs[method] = {"adapter": str(run_dir), "wall_time_s": time.perf_counter() - t,
                         "steps": result.info["steps"], "epochs_run": result.info["epochs_run"]}

@@ -15,7 +15,7 @@ import torch
 from corsa import artifacts, models
 from corsa.errors import InputError
 from corsa.methods import EditResult, make_editor
-from corsa.prompts import Formatter
+from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, check_lengths
 from corsa.scoring import contains, generate
 
@@ -53,7 +53,7 @@ def set_threads(threads: int | None) -> None:
 
 def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa", model: str | None = None,
          overwrite: bool = False, progress: bool = True, command: str | None = None,
-         **overrides: Any) -> tuple[Path, EditResult]:
+         prompt_style: PromptStyle = "auto", **overrides: Any) -> tuple[Path, EditResult]:
     """Train an adapter on `requests` and write it to `out` (PEFT adapter + edit_manifest.json), atomically."""
     artifacts.check_writable(out, overwrite)
     editor = make_editor(method, **overrides)  # a bad config fails here, before the model is loaded
@@ -62,7 +62,7 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
 
     t = time.perf_counter()
     base, tok, path = models.load_model(model)
-    formatter = Formatter(tok)
+    formatter = Formatter(tok, prompt_style)
     timings["load_s"] = time.perf_counter() - t
     check_lengths(requests, formatter.prompt_length, models.context_length(base, tok))
 

@@ -26,7 +26,7 @@ from corsa import artifacts, models
 from corsa.editing import edit
 from corsa.errors import InputError
 from corsa.evaluate.metrics import HEADLINE, METRICS, EvalConfig, evaluate
-from corsa.prompts import Formatter
+from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark_with_report
 from corsa.scoring import contains, generate
 
@@ -64,6 +64,7 @@ class BenchConfig:
     seed: int = 0
     methods: tuple[str, ...] = ("lora", "corsa")
     model: str | None = None
+    prompt_style: PromptStyle = "auto"  # chat template when the model has one, else the paper's Q/A prompt
     mmlu_n: int | None = 10  # questions per subject; None = all 14,042
     eval: EvalConfig = field(default_factory=EvalConfig)
     overrides: dict[str, Any] = field(default_factory=dict)  # training settings applied to every method
@@ -144,7 +145,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
     chosen = select_cases(requests, cfg.n, cfg.seed, cfg.bench)
     header = {"bench": cfg.bench, "data": str(cfg.data), "split": cfg.split, "n": len(chosen), "seed": cfg.seed,
               "skipped_in_file": skipped, "case_ids": [r.id for r in chosen], "command": command,
-              "model": cfg.model or models.DEFAULT_MODEL, "eval_config": dataclasses.asdict(cfg.eval),
+              "model": cfg.model or models.DEFAULT_MODEL, "prompt_style": cfg.prompt_style,
+              "eval_config": dataclasses.asdict(cfg.eval),
               "mmlu_n_per_subject": cfg.mmlu_n}
     out.mkdir(parents=True, exist_ok=True)
     print(f"{cfg.bench}/{cfg.split}: {len(chosen)} edits (seed {cfg.seed}); methods: {', '.join(cfg.methods)}")
@@ -157,7 +159,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
     else:
         model, tok, _ = models.load_model(cfg.model)
         t = time.perf_counter()
-        base = {**header, "method": "base", **_evaluate_all(model, Formatter(tok), tok, chosen, cfg, None)}
+        formatter = Formatter(tok, cfg.prompt_style)
+        base = {**header, "method": "base", **_evaluate_all(model, formatter, tok, chosen, cfg, None)}
         base["wall_time_s"] = time.perf_counter() - t
         artifacts.write_json(base_file, _stamp(base))
         print(f"base: {_brief(base['summary'])}")
@@ -170,10 +173,11 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
             continue
         t = time.perf_counter()
         adapter, result = edit(chosen, out / spec / "adapter", method=method, model=cfg.model, overwrite=True,
-                               progress=progress, command=command, **{**cfg.overrides, **overrides})
+                               progress=progress, command=command, prompt_style=cfg.prompt_style,
+                               **{**cfg.overrides, **overrides})
         edit_s = time.perf_counter() - t
         tok = models.load_tokenizer(models.resolve(cfg.model))
-        ev = _evaluate_all(result.model, Formatter(tok), tok, result.requests, cfg, base)
+        ev = _evaluate_all(result.model, Formatter(tok, cfg.prompt_style), tok, result.requests, cfg, base)
         manifest = artifacts.read_manifest(adapter)
         record = {**header, "method": spec, "config": manifest["config"], "train": {
             "steps": manifest["steps"], "epochs_run": manifest["epochs_run"], "timings": manifest["timings"],
