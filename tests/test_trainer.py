@@ -274,3 +274,15 @@ def test_bf16_autocast_trains_with_fp32_master_weights(tiny_model, tokenizer):
     assert all(math.isfinite(r["loss"]) for r in result.curves)
     assert all(p.dtype == torch.float32 for p in result.model.parameters())
     assert result.curves[-1]["logp_new"] > result.curves[0]["logp_new"]
+
+
+@pytest.mark.parametrize("schedule,warmup,expected", [
+    ("constant", 0, [1.0] * 6),
+    ("constant", 2, [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    # linear decay to 0 over epochs x steps-per-epoch = 3 x 2 steps, after 2 warm-up steps (HF's schedule)
+    ("linear", 2, [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),
+])
+def test_learning_rate_schedule(tiny_model, tokenizer, schedule, warmup, expected):
+    result, _, _ = run(tiny_model, tokenizer, batch_size=2, micro_batch_size=2, lr_schedule=schedule,
+                       warmup_steps=warmup)
+    assert [r["lr"] / FAST["lr"] for r in result.curves] == pytest.approx(expected)

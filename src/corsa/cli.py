@@ -14,7 +14,8 @@ def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Config fields the user set; anything left unset keeps the method's paper default."""
     out: dict[str, Any] = {}
     for flag, field in (("epochs", "epochs"), ("seed", "seed"), ("lr", "lr"), ("lam", "lam"), ("rho", "rho"),
-                        ("beta", "beta"), ("batch_size", "batch_size"), ("micro_batch_size", "micro_batch_size")):
+                        ("beta", "beta"), ("batch_size", "batch_size"), ("micro_batch_size", "micro_batch_size"),
+                        ("warmup_steps", "warmup_steps"), ("lr_schedule", "lr_schedule")):
         if getattr(args, flag, None) is not None:
             out[field] = getattr(args, flag)
     if args.bf16:
@@ -44,6 +45,9 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="upper bound on epochs (training stops once all edits are learned)")
     p.add_argument("--seed", type=int)
     p.add_argument("--lr", type=float, help="learning rate (paper: 2e-4)")
+    p.add_argument("--lr-schedule", choices=["constant", "linear"],
+                   help="constant (default) or linear decay to 0 over --epochs (the released code's HF default)")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0; the released code uses 5)")
     p.add_argument("--batch-size", type=int, help="effective batch size (paper: 16)")
     p.add_argument("--micro-batch-size", type=int, help="split each batch to save memory; same result")
     p.add_argument("--no-early-stop", action="store_true", help="train all --epochs even once every edit is learned")

@@ -55,6 +55,9 @@ class CorsaConfig:
     epochs: int = 20  # an upper bound when stop_when_learned is on
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    # The paper does not name a schedule; the released code inherits the HF Trainer's linear decay to 0 (over the
+    # --epochs cap here) with 5 warmup steps. Constant keeps an early-stopped run's last steps as strong as its first.
+    lr_schedule: Literal["constant", "linear"] = "constant"
     max_grad_norm: float | None = 1.0  # the HF Trainer default the released code inherits
     # Stop once every edit's new answer has been the teacher-forced argmax for `patience` epochs in a row
     # (greedy decoding then reproduces it exactly); min_epochs guards generality against stopping too early.
@@ -75,6 +78,10 @@ class CorsaConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.batch_size % self.micro_batch_size:
             raise ValueError("batch_size must be a multiple of micro_batch_size")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'linear', not {self.lr_schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
         if self.lr <= 0 or self.rho < 0 or self.beta <= 0 or self.lam < 0:
             raise ValueError("lr and beta must be > 0, rho and lam >= 0")
 
@@ -233,9 +240,13 @@ class CorsaTrainer:
         return record
 
     def _lr_at(self, step: int) -> float:
-        if self.cfg.warmup_steps and step < self.cfg.warmup_steps:
-            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
-        return self.cfg.lr
+        cfg = self.cfg
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "linear":
+            total = cfg.epochs * math.ceil(len(self.pairs) / cfg.batch_size)
+            return cfg.lr * max(0.0, (total - step) / max(1, total - cfg.warmup_steps))
+        return cfg.lr
 
     def train(self, progress: bool = True) -> list[dict[str, float]]:
         cfg, n = self.cfg, len(self.pairs)
