@@ -8,6 +8,7 @@ Training and evaluation share these functions, so a metric always scores exactly
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -133,22 +134,28 @@ def shared_answer_logits(model: torch.nn.Module, batch: SharedBatch) -> torch.Te
     n_prompts, c = batch.prompt_ids.shape[0], batch.prefix_ids.numel()
     cache = None
     if c:
-        cache = decoder(input_ids=batch.prefix_ids[None], use_cache=True).past_key_values
+        _, cache = _decode(decoder, cache, input_ids=batch.prefix_ids[None])
         cache.batch_repeat_interleave(n_prompts)
     prompt_mask = torch.cat([batch.prompt_mask.new_ones(n_prompts, c), batch.prompt_mask], dim=1)
     prompt_pos = c + (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = decoder(input_ids=batch.prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos,
-                  past_key_values=cache, use_cache=True)
-    cache = out.past_key_values
+    prompt_hidden, cache = _decode(decoder, cache, input_ids=batch.prompt_ids, attention_mask=prompt_mask,
+                                   position_ids=prompt_pos)
     cache.batch_select_indices(batch.owner)  # one copy of each prompt's keys/values per answer row
     prompt_len = prompt_mask.sum(-1)[batch.owner]
     answer_pos = prompt_len[:, None] + torch.arange(batch.answer_ids.shape[1], device=prompt_len.device)
     mask = torch.cat([prompt_mask[batch.owner], batch.answer_mask], dim=1)
-    hidden = decoder(input_ids=batch.answer_ids, attention_mask=mask, position_ids=answer_pos,
-                     past_key_values=cache, use_cache=True).last_hidden_state
+    hidden, _ = _decode(decoder, cache, input_ids=batch.answer_ids, attention_mask=mask, position_ids=answer_pos)
     # Answer token k is predicted by the hidden state before it: the prompt's last one for k = 0.
-    hidden = torch.cat([out.last_hidden_state[batch.owner, -1:], hidden], dim=1)
+    hidden = torch.cat([prompt_hidden[batch.owner, -1:], hidden], dim=1)
     return output_logits(lm, hidden[batch.rows, batch.offsets])
+
+
+def _decode(decoder: torch.nn.Module, cache: Any, **inputs: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """One decoder call that continues `cache` (None: start one); returns (hidden states, the extended cache).
+    transformers 5 calls the cache argument `cache`, 4.x `past_key_values`."""
+    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    out = decoder(**inputs, **{name: cache}, use_cache=True)
+    return out.last_hidden_state, getattr(out, name)
 
 
 def output_logits(lm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
