@@ -59,6 +59,9 @@ def test_single_bench_writes_every_metric_and_a_matching_table(tmp_path, tiny_di
 def test_method_specs():
     assert parse_method("corsa-no-dpo") == ("corsa", {"use_dpo": False, "pcgrad": None})
     assert parse_method("corsa-lambda0.5") == ("corsa", {"lam": 0.5})
+    assert parse_method("corsa-rho0.2") == ("corsa", {"rho": 0.2})
+    with pytest.raises(InputError):
+        parse_method("corsa-rhox")
     with pytest.raises(InputError):
         parse_method("corsa-lambdax")
 
@@ -68,3 +71,12 @@ def test_mquake_subset_keeps_cases_whole():
     chosen = select_cases(reqs, 4, 0, "mquake")
     assert len(chosen) == 6 and len({r.meta["case_id"] for r in chosen}) == 2
     assert select_cases(reqs, 4, 0, "zsre") == select_cases(reqs, 4, 0, "zsre")
+
+
+def test_sweep_values_must_be_numbers(tmp_path, capsys):
+    argv = ["bench", "ablation", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+            "--rho", "0.1,big"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--rho" in err and "'big'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -40,6 +40,13 @@ def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _number(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"'{text}' is not a number", field=flag) from None
+
+
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="smollm2-135m (default), gemma-3-270m, a local folder or a hub id")
     p.add_argument("--epochs", type=int, help="upper bound on epochs (training stops once all edits are learned)")
@@ -112,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "single":
             p.add_argument("--methods", default="lora,corsa",
                            help="comma-separated: lora, corsa, corsa-no-sam, corsa-no-dpo, corsa-no-pcgrad, "
-                                "corsa-official-pcgrad, corsa-lambda<value>")
+                                "corsa-official-pcgrad, corsa-lambda<value>, corsa-rho<value>, corsa-beta<value>")
         else:
             p.add_argument("--lambda", dest="lambdas", help="comma-separated λ values: run corsa-lambda<λ> each")
+            p.add_argument("--rho", dest="rhos", help="comma-separated SAM radii: run corsa-rho<ρ> each")
         _add_training_flags(p)
     return parser
 
@@ -190,8 +198,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
         if args.bench_command == "single":
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        elif args.lambdas:
-            methods = [f"corsa-lambda{float(v)}" for v in args.lambdas.split(",")]
+        elif args.lambdas or args.rhos:
+            methods = [f"corsa-{name}{_number(v, flag)}" for name, flag, values in
+                       (("lambda", "--lambda", args.lambdas), ("rho", "--rho", args.rhos)) if values
+                       for v in values.split(",")]
         else:
             methods = list(ABLATION)
         mmlu = None if args.mmlu_n == "all" else int(args.mmlu_n)

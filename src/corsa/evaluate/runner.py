@@ -42,17 +42,22 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 ABLATION = ["corsa", "corsa-no-sam", "corsa-no-dpo", "corsa-no-pcgrad", "lora"]
 
 
+# Sweeps: corsa-<name><value> sets one CoRSA hyperparameter (paper Figure 5 sweeps lambda; A.2 tunes rho).
+SWEEPS = {"lambda": "lam", "rho": "rho", "beta": "beta"}
+
+
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """A method name, a named variant, or corsa-lambda<value> for the sensitivity sweep (paper Figure 5)."""
+    """A method name, a named variant, or corsa-lambda<v> / corsa-rho<v> / corsa-beta<v> for a sweep."""
     if spec in VARIANTS:
         return VARIANTS[spec]
-    if spec.startswith("corsa-lambda"):
-        try:
-            return "corsa", {"lam": float(spec[len("corsa-lambda"):])}
-        except ValueError:
-            pass
-    raise InputError(f"unknown method '{spec}' (known: {', '.join(VARIANTS)}, corsa-lambda<value>)",
-                     field="--methods")
+    for name, field in SWEEPS.items():
+        if spec.startswith(f"corsa-{name}"):
+            try:
+                return "corsa", {field: float(spec[len(f"corsa-{name}"):])}
+            except ValueError:
+                break
+    raise InputError(f"unknown method '{spec}' (known: {', '.join(VARIANTS)}, "
+                     f"{', '.join(f'corsa-{n}<value>' for n in SWEEPS)})", field="--methods")
 
 
 @dataclass(frozen=True)
