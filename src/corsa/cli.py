@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import shlex
 import sys
 from typing import Any
@@ -92,9 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_flags(p)
     _add_training_flags(p)
 
+    p = sub.add_parser("update", help="continue a store's adapter on new edits, recorded as a new version")
+    p.add_argument("store", help="store folder (created on first use)")
+    p.add_argument("edits", help="edit requests: JSONL (see README), or a benchmark file/folder with --format")
+    p.add_argument("--format", default="jsonl", choices=["jsonl", "counterfact", "zsre", "mquake"])
+    p.add_argument("--split", default="edit", help="benchmark split for --format counterfact (edit, train, val)")
+    p.add_argument("--limit", type=int, help="use only the first N edit requests")
+    _add_method_flags(p)
+    _add_training_flags(p)
+
+    p = sub.add_parser("log", help="a store's versions: edits, metrics, checksums")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("revert", help="make an earlier version's adapter current again (as a new version)")
+    p.add_argument("store")
+    p.add_argument("version", type=int)
+
+    p = sub.add_parser("history", help="the answer a prompt got at every version of a store")
+    p.add_argument("store")
+    p.add_argument("prompt")
+    p.add_argument("--threads", type=int)
+
     p = sub.add_parser("ask", help="print the model's greedy answer to a prompt")
     p.add_argument("prompt")
-    p.add_argument("--adapter", help="a run folder written by `corsa edit` (or any PEFT adapter folder)")
+    p.add_argument("--adapter", help="a run folder written by `corsa edit`, a store (its current version) or any "
+                   "PEFT adapter folder")
     p.add_argument("--model", default=None, help="base model (default: the adapter's, else smollm2-135m)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int)
@@ -173,6 +198,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"wrote {out} ({len(requests)} edits, {result.info['steps']} steps, "
               f"final loss {last.get('loss', float('nan')):.4f}, learned {last.get('learned', 0):.0%})")
         return 0
+    if args.command in ("update", "log", "revert", "history"):
+        return _store_command(args, command)
     if args.command == "ask":
         from corsa import models
         from corsa.editing import load_edited
@@ -214,6 +241,53 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         run_bench(cfg, args.out, progress=not args.quiet, command=command)
         return 0
     raise AssertionError(args.command)
+
+
+def _store_command(args: argparse.Namespace, command: str) -> int:
+    from corsa import store
+
+    if args.command == "update":
+        from corsa.requests import read_edits
+
+        overrides = _method_overrides(args)
+        requests = read_edits(args.edits, args.format, split=args.split)
+        if args.limit:
+            requests = requests[: args.limit]
+        v = store.update(args.store, requests, method=args.method, model=args.model, prompt_style=args.prompt_style,
+                         progress=not args.quiet, command=command, **overrides)
+        m = v.metrics
+        forgetting = "n/a" if m["forgetting"] is None else f"{m['forgetting']:.0%}"
+        print(f"{args.store}: version {v.version} ({m['n_edits']} edits, {m['n_revisions']} revisions): "
+              f"efficacy {m['efficacy']:.0%}, forgetting {forgetting} of {m['correct_before']} facts held before")
+        return 0
+    if args.command == "revert":
+        v = store.revert(args.store, args.version, command=command)
+        print(f"{args.store}: version {v.version} restores version {args.version} (sha256 {v.sha256 or 'base'})")
+        return 0
+    if args.command == "history":
+        for v, answer in store.history(args.store, args.prompt):
+            print(f"v{v.version} {v.kind:<7} {json.dumps(answer, ensure_ascii=False)}")  # one line per version
+        return 0
+    s = store.Store(args.store)
+    try:
+        versions, head = s.versions(), s.head
+        if args.json:
+            print(json.dumps({"head": head, "model": s.meta("model"),
+                              "versions": [{**dataclasses.asdict(v), "edits": s.edits(v.version)} for v in versions]},
+                             indent=2))
+            return 0
+        print(f"store {args.store}: model {s.meta('model')}, head = version {head}")
+        for v in versions:
+            m = v.metrics
+            what = {"base": "base model", "revert": f"revert to v{m.get('reverted_to')}"}.get(
+                v.kind, f"{v.method}, {v.n_edits} edits, efficacy {m.get('efficacy', 0):.0%}, forgetting "
+                        f"{'n/a' if m.get('forgetting') is None else format(m['forgetting'], '.0%')}")
+            mark = "*" if v.version == head else " "
+            print(f"{mark} v{v.version:<3} {v.created}  parent {'-' if v.parent is None else v.parent:<3} "
+                  f"{(v.sha256 or '')[:12]:<12}  {what}")
+        return 0
+    finally:
+        s.close()
 
 
 if __name__ == "__main__":

@@ -107,6 +107,14 @@ def load_edited(run_dir: str | Path, model: str | None = None) -> tuple[torch.nn
     from peft import PeftModel
 
     run_dir = Path(run_dir)
+    if (run_dir / "store.db").exists():  # a store: its current version
+        from corsa.store import Store
+
+        store = Store(run_dir)
+        try:
+            return store.load()
+        finally:
+            store.close()
     style = "auto"
     if (run_dir / artifacts.MANIFEST).exists():
         manifest = artifacts.read_manifest(run_dir)

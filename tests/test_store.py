@@ -1,0 +1,199 @@
+"""The versioned store on a tiny local model: updates continue one adapter, history, revert, locking, SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from corsa import store
+from corsa.cli import main
+from corsa.errors import InputError
+from corsa.requests import EditRequest
+from conftest import REPO, make_model, make_tokenizer
+
+FAST = dict(lr=2e-2, epochs=2, lora_r=8, lora_alpha=16, stop_when_learned=False)
+FIRST = [EditRequest("sky?", "green", "blue"), EditRequest("2+2?", "five", "four")]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-store-model")
+    tok = make_tokenizer()
+    make_model(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def lora_norm(model):
+    return sum(float(p.detach().abs().sum()) for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_updates_continue_one_adapter_and_revisions_push_down_the_stored_answer(tmp_path, tiny_dir, monkeypatch):
+    root = tmp_path / "kb"
+    v1 = store.update(root, FIRST, model=tiny_dir, progress=False, **FAST)
+    assert (v1.version, v1.parent, v1.kind) == (1, 0, "update")
+    assert set(v1.metrics) >= {"efficacy", "forgetting", "n_edits", "retained_accuracy"}
+    assert v1.metrics["n_stored_before"] == 0 and v1.metrics["forgetting"] is None
+
+    # The DPO reference of update 2 is the model as update 1 left it: base + the v1 adapter, not a fresh one.
+    from corsa.methods import corsa as corsa_method
+
+    seen = {}
+    real = corsa_method.cache_reference
+
+    def spy(model, *a, **k):
+        seen["lora_b"] = lora_norm(model)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(corsa_method, "cache_reference", spy)
+    v2 = store.update(root, [EditRequest("sky?", "red"), EditRequest("cat?", "dog", "mouse")], progress=False,
+                      **FAST)
+    assert seen["lora_b"] > 0
+    s = store.Store(root)
+    edits = s.edits(2)
+    assert edits[0] == {"prompt": "sky?", "target_new": "red", "target_old": "green", "old_source": "store"}
+    assert edits[1]["old_source"] == "user"
+    assert s.facts(2) == {"sky?": "red", "2+2?": "five", "cat?": "dog"}
+    assert v2.metrics["n_revisions"] == 1 and v2.metrics["n_stored_before"] == 1  # 2+2 was held and not revised
+    assert s.head == 2 and s.version(2).parent == 1
+    # Both adapters stay on disk, unchanged, and differ: v2 continued v1's parameters.
+    assert store.adapter_sha256(s.adapter_dir(1)) == s.version(1).sha256
+    assert s.version(1).sha256 != s.version(2).sha256
+    s.close()
+
+
+def test_log_revert_and_history(tmp_path, tiny_dir, capsys):
+    root = tmp_path / "kb"
+    store.update(root, FIRST, model=tiny_dir, progress=False, **FAST)
+    store.update(root, [EditRequest("sky?", "red")], progress=False, **FAST)
+
+    assert main(["revert", str(root), "1"]) == 0
+    s = store.Store(root)
+    assert s.head == 3 and s.version(3).kind == "revert" and s.version(3).source == 1
+    assert s.version(3).sha256 == s.version(1).sha256 and s.facts(3) == s.facts(1)
+    model, _ = s.load()
+    v1_model, _ = s.load(1)
+    sa = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    sb = {n: p for n, p in v1_model.named_parameters() if "lora_" in n}
+    assert sa and all(torch.equal(sa[n], sb[n]) for n in sa)  # exactly version 1's adapter
+    s.close()
+
+    capsys.readouterr()
+    assert main(["log", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "* v3" in out and "revert to v1" in out and "v0" in out and "base model" in out
+    assert main(["log", str(root), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["head"] == 3 and [v["version"] for v in data["versions"]] == [0, 1, 2, 3]
+    assert data["versions"][2]["edits"][0]["target_old"] == "green"
+
+    assert main(["history", str(root), "sky?"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines] == ["v0", "v1", "v2", "v3"]
+    answers = [json.loads(ln.split(maxsplit=2)[2]) for ln in lines]
+    assert answers[3] == answers[1] == store.Store(root).answers(1)["sky?"]  # the revert answers as v1
+    history = store.history(root, "a prompt never edited?")  # asked now, then recorded
+    assert len(history) == 4
+    assert store.Store(root).answers(0)["a prompt never edited?"] == history[0][1]
+
+    assert main(["revert", str(root), "9"]) == 2
+    assert "no version 9" in capsys.readouterr().err
+
+
+def test_tampered_adapter_is_refused(tmp_path, tiny_dir, capsys):
+    root = tmp_path / "kb"
+    store.update(root, FIRST, model=tiny_dir, progress=False, **FAST)
+    store.update(root, [EditRequest("cat?", "dog", "mouse")], progress=False, **FAST)
+    with open(root / "versions" / "v0001" / "adapter_model.safetensors", "r+b") as fh:
+        fh.seek(-4, 2)
+        fh.write(b"\0\0\0\0")
+    assert main(["revert", str(root), "1"]) == 2
+    assert "sha256" in capsys.readouterr().err
+    assert store.Store(root).head == 2
+
+
+def test_bad_updates_are_refused_before_training(tmp_path, tiny_dir, capsys):
+    root = tmp_path / "kb"
+    store.update(root, FIRST, model=tiny_dir, progress=False, **FAST)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text('{"prompt": "sky?", "target_new": "Green"}\n')
+    assert main(["update", str(root), str(facts), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "facts.jsonl:1: field 'target_new'" in err and "already the store's answer" in err
+    facts.write_text('{"prompt": "q?", "target_new": "a"}\n{"prompt": "q?", "target_new": "b"}\n')
+    assert main(["update", str(root), str(facts), "--quiet"]) == 2
+    assert "facts.jsonl:2: field 'prompt'" in capsys.readouterr().err
+    assert main(["log", str(tmp_path / "nothing")]) == 2
+    assert "not a corsa store" in capsys.readouterr().err
+    assert store.Store(root).head == 1
+
+
+def test_a_second_writer_is_refused(tmp_path, tiny_dir, capsys):
+    root = tmp_path / "kb"
+    store.update(root, FIRST, model=tiny_dir, progress=False, **FAST)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text('{"prompt": "cat?", "target_new": "dog"}\n')
+    with store.locked(root):  # another process holds the store (flock conflicts across open files)
+        assert main(["update", str(root), str(facts), "--quiet"]) == 2
+        assert main(["revert", str(root), "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("being changed by another corsa process") == 2 and str(os.getpid()) in err
+    assert store.Store(root).head == 1
+
+
+def _update_killed_at(point, root, facts, tiny_dir):
+    env = {**os.environ, "CORSA_STORE_PAUSE": point, "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-m", "corsa.cli", "update", str(root), str(facts), "--model", tiny_dir, "--quiet",
+           "--epochs", "1", "--lr", "1e-2", "--threads", "1"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stderr:  # wait until the process stands exactly at the point
+            if line.startswith(f"corsa-store-paused:{point}"):
+                break
+        else:
+            pytest.fail(f"update ended before reaching {point}: exit {proc.wait()}")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("point,committed", [("locked", False), ("trained", False), ("adapter-written", False),
+                                             ("committed", True)])
+def test_sigkill_during_an_update_loses_nothing(tmp_path, tiny_dir, point, committed):
+    root = tmp_path / "kb"
+    store.update(root, FIRST, model=tiny_dir, progress=False, **FAST)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text('{"prompt": "sky?", "target_new": "red"}\n')
+    _update_killed_at(point, root, facts, tiny_dir)
+
+    con = sqlite3.connect(root / store.DB)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    s = store.Store(root)
+    assert s.head == (2 if committed else 1)
+    assert [v.version for v in s.versions()] == ([0, 1, 2] if committed else [0, 1])
+    s.load()  # the head loads, checksum verified
+    assert store.adapter_sha256(s.adapter_dir(1)) == s.version(1).sha256  # the last good version is intact
+    s.close()
+    # The next writer cleans up what the killed one left and carries on with the next version number.
+    v = store.update(root, [EditRequest("cat?", "dog", "mouse")], progress=False, **FAST)
+    assert v.version == (3 if committed else 2)
+    assert sorted(os.listdir(root / "versions")) == [f"v{i:04d}" for i in range(1, v.version + 1)]
+
+
+def test_ask_reads_a_store(tmp_path, tiny_dir, capsys):
+    root = tmp_path / "kb"
+    store.update(root, FIRST, model=tiny_dir, progress=False, **FAST)
+    with pytest.raises(InputError):
+        store.Store(tmp_path / "missing")
+    capsys.readouterr()
+    assert main(["ask", "sky?", "--adapter", str(root), "--max-new-tokens", "32"]) == 0
+    assert capsys.readouterr().out.strip() == store.Store(root).answers(1)["sky?"].strip()
