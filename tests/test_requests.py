@@ -340,3 +340,16 @@ def test_real_mquake():
     reqs, skipped = load_benchmark_with_report("mquake", real_data("mquake") / "mquake")
     assert len(reqs) + skipped == 429 * 4 and len(reqs) > 1700  # MQuAKE-hard: 429 cases of 4 rewrites
     assert all(r.meta["questions"] and "{}" not in r.prompt for r in reqs)
+
+
+def test_revision_chains_are_read_checked_and_refused_where_one_answer_is_trained(tmp_path):
+    path = write(tmp_path, {**GOOD, "target_old": "Paris", "chain": ["Nice", "Lyon"]})
+    (r,) = read_edits(path, chains=True)
+    assert r.chain == ("Nice", "Lyon") and r.to_dict()["chain"] == ["Nice", "Lyon"]
+    with pytest.raises(InputError) as info:
+        read_edits(path)  # corsa edit / corsa update
+    assert (info.value.path, info.value.line, info.value.field) == (str(path), 1, "chain")
+    err = error(write(tmp_path, {**GOOD, "chain": ["Nice", " nice"]}))
+    assert (err.line, err.field) == (1, "chain[1]")
+    err = error(write(tmp_path, {**GOOD, "chain": "Nice"}))
+    assert err.field == "chain" and "list of strings" in str(err)

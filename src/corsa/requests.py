@@ -44,6 +44,9 @@ class EditRequest:
     neighborhood: tuple[Neighbor, ...] = ()
     id: str | None = None
     old_mined: bool = False  # target_old came from the model, not from the user
+    # Later answers to the same prompt, in order (old -> target_new -> chain[0] -> ...): a revision chain for
+    # `corsa bench revise`. One edit trains one answer, so `corsa edit` and `corsa update` refuse chains.
+    chain: tuple[str, ...] = ()
     # Loader-only extras (e.g. MQuAKE's multi-hop questions); never read from a user's JSONL. Left out of eq and
     # hash because it is bookkeeping, not part of what the edit asks for (and a dict is not hashable).
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -65,6 +68,8 @@ class EditRequest:
             out["paraphrases"] = list(self.paraphrases)
         if self.neighborhood:
             out["neighborhood"] = [{"prompt": n.prompt, "answer": n.answer} for n in self.neighborhood]
+        if self.chain:
+            out["chain"] = list(self.chain)
         if self.old_mined:
             out["old_mined"] = True
         if self.meta:
@@ -76,7 +81,7 @@ class EditRequest:
         return replace(self, target_old=old, old_mined=mined)
 
 
-FIELDS = ("prompt", "target_new", "target_old", "subject", "paraphrases", "neighborhood", "id")
+FIELDS = ("prompt", "target_new", "target_old", "subject", "paraphrases", "neighborhood", "id", "chain")
 REQUIRED = ("prompt", "target_new")
 
 
@@ -164,10 +169,16 @@ def parse_request(obj: Any, path: str, line: int) -> EditRequest:
         paraphrases=at.texts(obj["paraphrases"], "paraphrases") if "paraphrases" in obj else (),
         neighborhood=at.neighbors(obj["neighborhood"]) if "neighborhood" in obj else (),
         id=at.ident(obj["id"]) if "id" in obj else None,
+        chain=at.texts(obj["chain"], "chain") if "chain" in obj else (),
         source=f"{path}:{line}",
     )
     if req.target_old is not None and _same(req.target_new, req.target_old):
         raise at.error("is the same as target_old; an edit must change the answer", "target_new")
+    answers = [req.target_new, *req.chain]
+    for i in range(1, len(answers)):
+        if _same(answers[i], answers[i - 1]):
+            raise at.error("repeats the answer before it; each step of a chain must change the answer",
+                           f"chain[{i - 1}]")
     return req
 
 
@@ -453,10 +464,19 @@ def load_benchmark(name: Benchmark, location: str | Path, split: str = "edit") -
     return load_benchmark_with_report(name, location, split)[0]
 
 
-def read_edits(path: str | Path, format: str = "jsonl", split: str = "edit") -> list[EditRequest]:
-    """The CLI's single entry point: our JSONL, or a benchmark named by `format`."""
+def read_edits(path: str | Path, format: str = "jsonl", split: str = "edit", *,
+               chains: bool = False) -> list[EditRequest]:
+    """The CLI's single entry point: our JSONL, or a benchmark named by `format`. Revision chains are refused
+    unless the caller applies them (`chains=True`)."""
     if format == "jsonl":
-        return read_jsonl(path)
+        requests = read_jsonl(path)
+        for r in requests:
+            if r.chain and not chains:
+                file, line, _ = _split_source(r.source)
+                raise InputError("one edit trains one answer; give each later answer in a later `corsa update`, "
+                                 "or run the chain with `corsa bench revise --chains`", path=file, line=line,
+                                 field="chain")
+        return requests
     if format in ("counterfact", "zsre", "mquake"):
         return load_benchmark(format, path, split)  # type: ignore[arg-type]
     raise InputError(f"unknown format '{format}' (choose from jsonl, counterfact, zsre, mquake)")
