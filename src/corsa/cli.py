@@ -149,6 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--lambda", dest="lambdas", help="comma-separated λ values: run corsa-lambda<λ> each")
             p.add_argument("--rho", dest="rhos", help="comma-separated SAM radii: run corsa-rho<ρ> each")
         _add_training_flags(p)
+    for name, text in (("inject", "cross-dataset injection: CounterFact, then MQuAKE, in one adapter (Table 2)"),
+                       ("revise", "continual revision: stored facts revised in a later update (Table 3, Fig. 3)")):
+        p = bench.add_parser(name, help=text)
+        p.add_argument("--data", required=True, help="benchmarks folder (e.g. ../shared/benchmarks)")
+        p.add_argument("--out", required=True, help="run folder; a rerun skips finished methods")
+        p.add_argument("--n", type=int, default=100, help="edits in the first update")
+        p.add_argument("--n2", type=int, default=100, help="edits in the second update")
+        p.add_argument("--methods", default="lora,corsa", help="comma-separated, as for bench single")
+        p.add_argument("--eval-after", default="each", choices=["each", "all"],
+                       help="measure update efficacy right after each update, or once after the last")
+        p.add_argument("--max-new-tokens", type=int, default=32)
+        if name == "revise":
+            p.add_argument("--n-revise", type=int, default=50, help="first-update facts revised in the second")
+            p.add_argument("--fractions", default="1",
+                           help="comma-separated shares of the later updates' edits, e.g. 0.2,0.4,0.6,0.8,1")
+            p.add_argument("--chains", help="JSONL of edit requests with a 'chain' of later answers (instead of "
+                                            "chains built from CounterFact)")
+        _add_training_flags(p)
     return parser
 
 
@@ -223,6 +241,19 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from corsa.evaluate.metrics import EvalConfig
         from corsa.evaluate.runner import ABLATION, BenchConfig, run_bench
 
+        if args.bench_command in ("inject", "revise"):
+            from corsa.evaluate.sequence import SequenceConfig, run_sequence
+
+            revise = args.bench_command == "revise"
+            seq = SequenceConfig(
+                kind=args.bench_command, data=args.data, n=args.n, n2=args.n2, seed=args.seed or 0,
+                methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), model=args.model,
+                prompt_style=args.prompt_style, evaluate_after=args.eval_after,
+                n_revise=args.n_revise if revise else 0, chains=args.chains if revise else None,
+                fractions=tuple(_number(v, "--fractions") for v in args.fractions.split(",")) if revise else (1.0,),
+                max_new_tokens=args.max_new_tokens, overrides=_method_overrides(args))
+            run_sequence(seq, args.out, progress=not args.quiet, command=command)
+            return 0
         if args.bench_command == "single":
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         elif args.lambdas or args.rhos:

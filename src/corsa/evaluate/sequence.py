@@ -1,0 +1,296 @@
+"""Multi-update benchmarks (paper sections 4.3 and 5.1): one adapter updated again and again, as a store is.
+
+Every method runs the same stages. Each stage is one update: it continues the adapter the previous stage left,
+with the model before the update as the DPO reference (CorsaEditor does both when handed a PEFT model). The
+probes of an edit are its prompt and its paraphrases; a probe is correct when the greedy answer contains the
+target the store holds for it at that moment. From the answers (docs/METRICS.md has the exact definitions):
+
+  efficacy     probes of the later stages' edits answered with their new target (the paper's "update efficacy",
+               measured on paraphrases), right after their own update (`evaluate_after="each"`) or once after the
+               last update (`"all"`); `efficacy_prompt` is the same on the edit prompts alone
+  forgetting   of the probes of first-stage facts that no later stage revised and that were correct right after
+               the first update, the share that are wrong after the last update
+  activation   of the probes of first-stage facts whose old answer (the one the first update overwrote) was gone
+               right after the first update, the share that give it again after the last update (paper Table 5)
+  revision_old of the probes of revised facts, the share still giving the answer the revision replaced
+
+`inject` is cross-dataset injection (Table 2): CounterFact first, then MQuAKE. `revise` is continual revision
+(Table 3; AToKe is not available here): first-stage CounterFact facts are revised in the second stage to the new
+answer of another case of the same relation, mixed with unrelated new edits, or user chains are applied
+(`chain` in the JSONL). `fractions` repeats the later stages with a share of their edits (Figure 3).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from corsa import artifacts, models
+from corsa.errors import InputError
+from corsa.evaluate.runner import parse_method, select_cases
+from corsa.methods import make_editor
+from corsa.prompts import Formatter, PromptStyle
+from corsa.requests import EditRequest, load_benchmark, read_edits
+from corsa.scoring import contains, generate
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    kind: Literal["inject", "revise"]
+    data: str
+    n: int = 100  # edits in the first update
+    n2: int = 100  # edits in the second update (revise: revisions + unrelated new edits)
+    n_revise: int = 50  # revise: first-stage facts revised in the second update
+    seed: int = 0
+    methods: tuple[str, ...] = ("lora", "corsa")
+    model: str | None = None
+    prompt_style: PromptStyle = "auto"
+    evaluate_after: Literal["each", "all"] = "each"
+    fractions: tuple[float, ...] = (1.0,)  # share of each later stage's edits used (Figure 3)
+    chains: str | None = None  # revise: a JSONL of edit requests with `chain`, instead of chains from CounterFact
+    max_new_tokens: int = 32
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.evaluate_after not in ("each", "all"):
+            raise InputError("must be 'each' or 'all'", field="--eval-after")
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
+            raise InputError("each fraction must be in (0, 1]", field="--fractions")
+        if self.kind == "revise" and self.chains is None and not 0 < self.n_revise <= min(self.n, self.n2):
+            raise InputError("must be between 1 and both --n and --n2", field="--n-revise")
+
+
+# --- building the stages --------------------------------------------------------------------------------------
+def relation(r: EditRequest) -> str:
+    """CounterFact has no relation ids in this format; the prompt with its subject cut out names the relation."""
+    return r.prompt.replace(r.subject, "{}") if r.subject else r.prompt
+
+
+def revision_stages(pool: list[EditRequest], cfg: SequenceConfig) -> list[list[EditRequest]]:
+    """Stage 1: n facts, n_revise of them later revised; stage 2: the revisions (old -> new1 -> new2, new2 the new
+    answer of another case of the same relation) and n2 - n_revise unrelated new edits."""
+    rng = random.Random(cfg.seed)
+    order = list(range(len(pool)))
+    rng.shuffle(order)
+    by_relation: dict[str, list[EditRequest]] = {}
+    for r in pool:
+        by_relation.setdefault(relation(r), []).append(r)
+    chains: list[tuple[EditRequest, str]] = []
+    used: set[str] = set()
+    for i in order:
+        r = pool[i]
+        if len(chains) == cfg.n_revise:
+            break
+        answers = {r.target_new.lower(), (r.target_old or "").lower()}
+        partner = next((o.target_new for o in by_relation[relation(r)] if o.target_new.lower() not in answers), None)
+        if partner is not None:
+            chains.append((r, partner))
+            used.add(r.prompt)
+    if len(chains) < cfg.n_revise:
+        raise InputError(f"only {len(chains)} facts have a second answer of the same relation", field="--n-revise")
+    rest = [pool[i] for i in order if pool[i].prompt not in used]
+    unrelated1 = rest[: cfg.n - cfg.n_revise]
+    unrelated2 = rest[cfg.n - cfg.n_revise : cfg.n - cfg.n_revise + cfg.n2 - cfg.n_revise]
+    if len(unrelated2) < cfg.n2 - cfg.n_revise:
+        raise InputError(f"the data has {len(pool)} cases, too few for --n {cfg.n} and --n2 {cfg.n2}", field="--n")
+    revisions = [dataclasses.replace(r, target_new=new2, target_old=r.target_new, id=f"{r.id}-rev", old_mined=False)
+                 for r, new2 in chains]
+    stage2 = revisions + unrelated2
+    random.Random(cfg.seed + 1).shuffle(stage2)  # a fraction then takes revisions and unrelated edits alike
+    return [[r for r, _ in chains] + unrelated1, stage2]
+
+
+def chain_stages(requests: list[EditRequest]) -> list[list[EditRequest]]:
+    """User chains: stage k trains each chain's k-th answer with the previous one as the old answer; requests
+    without a chain are first-stage facts that later stages must not forget."""
+    stages: list[list[EditRequest]] = [[dataclasses.replace(r, chain=()) for r in requests]]
+    for k in range(max(len(r.chain) for r in requests)):
+        answers = [(r, [r.target_new, *r.chain]) for r in requests if len(r.chain) > k]
+        stages.append([dataclasses.replace(r, target_new=a[k + 1], target_old=a[k], chain=(), old_mined=False,
+                                           id=f"{r.id or r.prompt}-rev{k + 1}") for r, a in answers])
+    return stages
+
+
+def build_stages(cfg: SequenceConfig) -> list[list[EditRequest]]:
+    if cfg.kind == "inject":
+        first = select_cases(load_benchmark("counterfact", cfg.data, "edit"), cfg.n, cfg.seed, "counterfact")
+        second = select_cases(load_benchmark("mquake", cfg.data, "edit"), cfg.n2, cfg.seed, "mquake")
+        return [first, second]
+    if cfg.chains:
+        requests = read_edits(cfg.chains, chains=True)
+        if not any(r.chain for r in requests):
+            raise InputError("no request has a 'chain' of later answers", path=cfg.chains, field="chain")
+        return chain_stages(requests)
+    return revision_stages(load_benchmark("counterfact", cfg.data, "edit"), cfg)
+
+
+def take(stage: list[EditRequest], fraction: float) -> list[EditRequest]:
+    return stage[: max(1, math.ceil(fraction * len(stage)))]
+
+
+# --- running and scoring --------------------------------------------------------------------------------------
+def probes(r: EditRequest) -> list[str]:
+    return [r.prompt, *r.paraphrases]
+
+
+def answer_probes(model: torch.nn.Module, formatter: Formatter, requests: Sequence[EditRequest],
+                  max_new_tokens: int) -> dict[str, str]:
+    prompts = list(dict.fromkeys(p for r in requests for p in probes(r)))
+    return dict(zip(prompts, generate(model, formatter, prompts, max_new_tokens=max_new_tokens)))
+
+
+def _share(hits: list[bool]) -> float | None:
+    return sum(hits) / len(hits) if hits else None
+
+
+def score(stages: list[list[EditRequest]], after_first: dict[str, str], at_efficacy: dict[str, str],
+          final: dict[str, str]) -> dict[str, Any]:
+    """The metrics of the module docstring from three sets of answers: right after the first update, when
+    efficacy is measured, and after the last update."""
+    first, later = stages[0], [r for s in stages[1:] for r in s]
+    revised = {r.prompt for r in later}
+    kept = [r for r in first if r.prompt not in revised]
+    was_right = [p for r in kept for p in probes(r) if contains(after_first[p], r.target_new)]
+    target = {p: r.target_new for r in kept for p in probes(r)}
+    gone = [(p, r.target_old) for r in first if r.target_old for p in probes(r)
+            if not contains(after_first[p], r.target_old)]
+    first_prompts = {r.prompt for r in first}
+    revisions = [r for r in later if r.prompt in first_prompts and r.target_old]
+    paraphrased = [(p, r.target_new) for r in later for p in r.paraphrases]
+    return {
+        # On paraphrases, as the paper measures update efficacy; on prompts when the edits have none.
+        "efficacy": _share([contains(at_efficacy[p], t) for p, t in paraphrased]) if paraphrased
+        else _share([contains(at_efficacy[r.prompt], r.target_new) for r in later]),
+        "efficacy_prompt": _share([contains(at_efficacy[r.prompt], r.target_new) for r in later]),
+        "first_efficacy": _share([contains(after_first[p], r.target_new) for r in first for p in probes(r)]),
+        "forgetting": _share([not contains(final[p], target[p]) for p in was_right]),
+        "activation": _share([contains(final[p], old) for p, old in gone]),
+        "revision_old": _share([contains(final[p], r.target_old or "") for r in revisions for p in probes(r)]),
+        "counts": {"first": len(first), "later": len(later), "kept_probes_correct": len(was_right),
+                   "overwritten_probes": len(gone)},
+    }
+
+
+def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
+                 command: str | None = None) -> Path:
+    out = Path(out)
+    methods = [(spec, *parse_method(spec)) for spec in cfg.methods]
+    stages = build_stages(cfg)
+    header = {"bench": cfg.kind, "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "overrides"},
+              "overrides": cfg.overrides, "command": command, "model": cfg.model or models.DEFAULT_MODEL,
+              "stages": [[r.id for r in s] for s in stages]}
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{cfg.kind}: stages of {', '.join(str(len(s)) for s in stages)} edits; methods {', '.join(cfg.methods)}")
+    for spec, method, overrides in methods:
+        res_file = out / spec / "results.json"
+        if res_file.exists():
+            print(f"{spec}: done earlier, skipped")
+            continue
+        t0 = time.perf_counter()
+        editor = make_editor(method, **{**cfg.overrides, **overrides})
+        base, tok, _ = models.load_model(cfg.model)
+        formatter = Formatter(tok, cfg.prompt_style)
+        everything = [r for s in stages for r in s]
+        before = answer_probes(base, formatter, everything, cfg.max_new_tokens)
+        first = editor.edit(base, formatter, stages[0], progress=progress)
+        after_first = answer_probes(first.model, formatter, everything, cfg.max_new_tokens)
+        runs = []
+        for fraction in cfg.fractions:
+            model = copy.deepcopy(first.model) if len(cfg.fractions) > 1 else first.model
+            used = [stages[0]] + [take(s, fraction) for s in stages[1:]]
+            at_efficacy: dict[str, str] = {}
+            steps = [first.info.get("steps")]
+            for stage in used[1:]:
+                result = editor.edit(model, formatter, stage, progress=progress)
+                model, steps = result.model, steps + [result.info.get("steps")]
+                if cfg.evaluate_after == "each":
+                    at_efficacy.update(answer_probes(model, formatter, stage, cfg.max_new_tokens))
+            final = answer_probes(model, formatter, [r for s in used for r in s], cfg.max_new_tokens)
+            if cfg.evaluate_after == "all":
+                at_efficacy = final
+            runs.append({"fraction": fraction, "n_per_stage": [len(s) for s in used], "steps": steps,
+                         **score(used, after_first, at_efficacy, final), "answers": {"final": final}})
+            print(f"{spec} (fraction {fraction:g}): efficacy {runs[-1]['efficacy']}, forgetting "
+                  f"{runs[-1]['forgetting']}, activation {runs[-1]['activation']}")
+            del model
+        record = {**header, "method": spec, "method_config": dataclasses.asdict(editor.config), "runs": runs,
+                  "answers": {"before": before, "after_first": after_first},
+                  "wall_time_s": time.perf_counter() - t0,
+                  "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  "versions": artifacts.library_versions()}
+        artifacts.write_json(res_file, record)
+        del first, base
+    write_sequence_report(out)
+    return out
+
+
+def load_sequence_results(out: str | Path) -> list[dict[str, Any]]:
+    found = [json.loads(p.read_text()) for p in Path(out).glob("*/results.json")]
+    return sorted(found, key=lambda r: r["date"])
+
+
+def format_sequence_table(results: Sequence[dict[str, Any]]) -> str:
+    keys = ["efficacy", "efficacy_prompt", "first_efficacy", "forgetting", "activation", "revision_old"]
+    lines = ["| method | fraction | edits per update | " + " | ".join(keys) + " |", "|---" * (len(keys) + 3) + "|"]
+    for r in results:
+        for run in r["runs"]:
+            cells = ["-" if run[k] is None else f"{100 * run[k]:.1f}" for k in keys]
+            lines.append(f"| {r['method']} | {run['fraction']:g} | {'/'.join(map(str, run['n_per_stage']))} | "
+                         + " | ".join(cells) + " |")
+    first = results[0]
+    lines += ["", f"{first['bench']}, model {first['model']}, seed {first['config']['seed']}, evaluated after "
+              f"{first['config']['evaluate_after']}; values in %. Command: `{first.get('command')}`"]
+    return "\n".join(lines)
+
+
+def write_sequence_report(out: str | Path) -> None:
+    out = Path(out)
+    results = load_sequence_results(out)
+    if not results:
+        return
+    artifacts.write_text(out / "table.md", format_sequence_table(results) + "\n")
+    plot_sequence(results, out / "plot.png")
+    print(f"\n{format_sequence_table(results)}\n\nwrote {out / 'table.md'} and {out / 'plot.png'}")
+
+
+def plot_sequence(results: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    several = any(len(r["runs"]) > 1 for r in results)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if several:  # Figure 3: forgetting against the share of data in the later updates
+        for r in results:
+            xs = [100 * run["fraction"] for run in r["runs"]]
+            ax.plot(xs, [100 * (run["forgetting"] or 0) for run in r["runs"]], marker="o", label=r["method"])
+        ax.set_xlabel("% of the update data used")
+        ax.set_ylabel("forgetting (%)")
+    else:
+        keys = ["efficacy", "forgetting", "activation"]
+        width = 0.8 / len(results)
+        for i, r in enumerate(results):
+            ax.bar([x + i * width for x in range(len(keys))], [100 * (r["runs"][0][k] or 0) for k in keys], width,
+                   label=r["method"])
+        ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(keys))], keys)
+        ax.set_ylabel("%")
+        ax.set_ylim(0, 100)
+    ax.set_title(f"{results[0]['bench']} ({results[0]['model']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

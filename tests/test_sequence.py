@@ -1,0 +1,97 @@
+"""Multi-update benchmarks on a tiny local model: stages, the metric definitions, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from corsa.cli import main
+from corsa.errors import InputError
+from corsa.evaluate.sequence import SequenceConfig, build_stages, chain_stages, score
+from corsa.requests import EditRequest
+from conftest import make_model, make_tokenizer
+from test_bench import counterfact
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-seq")
+    tok = make_tokenizer()
+    make_model(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def mquake(folder, n=3):
+    recs = [{"case_id": 100 + i, "requested_rewrite": [
+        {"prompt": "{} plays", "subject": f"m{i}", "target_new": {"str": f"n{i}"}, "target_true": {"str": f"o{i}"},
+         "question": f"what does m{i} play?"}], "questions": ["a?", "b?", "c?"], "answer": "x", "answer_alias": [],
+        "new_answer": "y", "new_answer_alias": [], "new_single_hops": [{"question": "h?", "answer": "a"}]}
+        for i in range(n)]
+    (folder / "mquake").mkdir()
+    (folder / "mquake" / "MQuAKE-hard.json").write_text(json.dumps(recs))
+
+
+def test_revision_stages_revise_stored_facts_to_another_answer_of_the_relation(tmp_path):
+    counterfact(tmp_path, n=10)
+    cfg = SequenceConfig("revise", str(tmp_path), n=4, n2=4, n_revise=2)
+    first, second = build_stages(cfg)
+    assert len(first) == 4 and len(second) == 4
+    revisions = [r for r in second if r.id.endswith("-rev")]
+    assert len(revisions) == 2
+    stored = {r.prompt: r for r in first}
+    for r in revisions:
+        assert r.target_old == stored[r.prompt].target_new  # the old answer is what the store holds
+        assert r.target_new not in (stored[r.prompt].target_new, stored[r.prompt].target_old)
+    assert not {r.prompt for r in second if r not in revisions} & set(stored)  # unrelated edits are new facts
+    with pytest.raises(InputError):
+        build_stages(SequenceConfig("revise", str(tmp_path), n=4, n2=20, n_revise=2))
+
+
+def test_user_chains_become_successive_updates():
+    reqs = [EditRequest("a?", "x1", "x0", chain=("x2", "x3")), EditRequest("b?", "y1", "y0", chain=("y2",)),
+            EditRequest("c?", "z1", "z0")]
+    stages = chain_stages(reqs)
+    assert [[(r.prompt, r.target_old, r.target_new) for r in s] for s in stages] == [
+        [("a?", "x0", "x1"), ("b?", "y0", "y1"), ("c?", "z0", "z1")],
+        [("a?", "x1", "x2"), ("b?", "y1", "y2")],
+        [("a?", "x2", "x3")]]
+
+
+def test_metric_definitions_on_hand_made_answers():
+    first = [EditRequest("p1", "new1", "old1", paraphrases=("q1",)), EditRequest("p2", "new2", "old2"),
+             EditRequest("p3", "new3", "old3")]
+    later = [EditRequest("p3", "newer3", "new3"), EditRequest("p4", "new4", "old4", paraphrases=("q4",))]
+    after_first = {"p1": "new1", "q1": "new1", "p2": "old2", "p3": "new3"}
+    final = {"p1": "new1", "q1": "old1", "p2": "old2", "p3": "new3", "p4": "new4", "q4": "nope"}
+    m = score([first, later], after_first, final, final)
+    assert m["forgetting"] == 0.5  # p1 and q1 right after update 1 (p3 is revised, p2 was never right); q1 lost
+    assert m["activation"] == pytest.approx(1 / 3)  # old gone on p1, q1, p3; back on q1
+    assert m["efficacy"] == 0.0 and m["efficacy_prompt"] == 0.5  # paraphrase q4 misses; prompts p3 no, p4 yes
+    assert m["revision_old"] == 1.0  # p3 still answers the answer its revision replaced
+    assert m["first_efficacy"] == 0.75
+
+
+@pytest.mark.parametrize("kind", ["inject", "revise"])
+def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_dir, capsys, kind):
+    counterfact(tmp_path, n=8)
+    mquake(tmp_path)
+    out = tmp_path / "run"
+    argv = ["bench", kind, "--data", str(tmp_path), "--out", str(out), "--n", "3", "--n2", "3", "--model", tiny_dir,
+            "--epochs", "1", "--quiet", "--max-new-tokens", "4"]
+    if kind == "revise":
+        argv += ["--n-revise", "2", "--fractions", "0.5,1", "--eval-after", "all"]
+    assert main(argv) == 0
+    results = [json.loads((out / m / "results.json").read_text()) for m in ("lora", "corsa")]
+    for r in results:
+        assert [run["fraction"] for run in r["runs"]] == ([0.5, 1.0] if kind == "revise" else [1.0])
+        for run in r["runs"]:
+            assert {"efficacy", "forgetting", "activation", "first_efficacy", "revision_old"} <= set(run)
+        assert r["config"]["evaluate_after"] == ("all" if kind == "revise" else "each")
+    if kind == "revise":
+        assert results[0]["runs"][0]["n_per_stage"] == [3, 2]
+    table = (out / "table.md").read_text()
+    assert table.count("| corsa |") == len(results[1]["runs"]) and (out / "plot.png").exists()
+    capsys.readouterr()
+    assert main(argv) == 0 and capsys.readouterr().out.count("done earlier, skipped") == 2
