@@ -213,6 +213,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                            progress=not args.quiet, command=command, prompt_style=args.prompt_style,
                            **overrides)
         last = result.curves[-1] if result.curves else {}
+        from corsa import distributed
+
+        if not distributed.is_main():
+            return 0
         print(f"wrote {out} ({len(requests)} edits, {result.info['steps']} steps, "
               f"final loss {last.get('loss', float('nan')):.4f}, learned {last.get('learned', 0):.0%})")
         return 0

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from corsa import artifacts, models
+from corsa import artifacts, distributed, models
 from corsa.errors import InputError
 from corsa.methods import EditResult, make_editor
 from corsa.prompts import Formatter, PromptStyle
@@ -54,7 +54,10 @@ def set_threads(threads: int | None) -> None:
 def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa", model: str | None = None,
          overwrite: bool = False, progress: bool = True, command: str | None = None,
          prompt_style: PromptStyle = "auto", **overrides: Any) -> tuple[Path, EditResult]:
-    """Train an adapter on `requests` and write it to `out` (PEFT adapter + edit_manifest.json), atomically."""
+    """Train an adapter on `requests` and write it to `out` (PEFT adapter + edit_manifest.json), atomically.
+
+    Under torchrun (several processes) training is split across them; see corsa.distributed."""
+    distributed.setup()
     artifacts.check_writable(out, overwrite)
     editor = make_editor(method, **overrides)  # a bad config fails here, before the model is loaded
     t_start = time.perf_counter()
@@ -74,31 +77,34 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
     result = editor.edit(base, formatter, requests, progress=progress)
     timings.update(result.info.pop("timings", {}))
 
-    t = time.perf_counter()
-    with artifacts.atomic_dir(out, overwrite) as tmp:
-        result.model.save_pretrained(str(tmp))
-        timings["save_s"] = time.perf_counter() - t
-        manifest = {
-            "format": "corsa-edit/1",
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": command,
-            "method": editor.name,
-            "model": {"name": model or models.DEFAULT_MODEL, "path": path},
-            "prompt_style": formatter.style,
-            "seed": editor.config.seed,
-            "config": dataclasses.asdict(editor.config),
-            **result.info,
-            "edits": [r.to_dict() for r in result.requests],
-            "mined_old_answers": {r.id or str(i): r.target_old for i, r in enumerate(result.requests)
-                                  if r.old_mined},
-            "already_new_before_edit": [r.id or str(i) for i, r in enumerate(result.requests)
-                                        if r.old_mined and contains(r.target_old or "", r.target_new)],
-            "curves": result.curves,
-            "timings": timings,
-            "wall_time_s": time.perf_counter() - t_start,
-            "versions": artifacts.library_versions(),
-        }
-        artifacts.write_json(tmp / artifacts.MANIFEST, manifest)
+    if distributed.is_main():  # under torchrun every process holds the same adapter; one writes it
+        t = time.perf_counter()
+        with artifacts.atomic_dir(out, overwrite) as tmp:
+            result.model.save_pretrained(str(tmp))
+            timings["save_s"] = time.perf_counter() - t
+            manifest = {
+                "format": "corsa-edit/1",
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "command": command,
+                "method": editor.name,
+                "model": {"name": model or models.DEFAULT_MODEL, "path": path},
+                "prompt_style": formatter.style,
+                "seed": editor.config.seed,
+                "processes": distributed.world_size(),
+                "config": dataclasses.asdict(editor.config),
+                **result.info,
+                "edits": [r.to_dict() for r in result.requests],
+                "mined_old_answers": {r.id or str(i): r.target_old for i, r in enumerate(result.requests)
+                                      if r.old_mined},
+                "already_new_before_edit": [r.id or str(i) for i, r in enumerate(result.requests)
+                                            if r.old_mined and contains(r.target_old or "", r.target_new)],
+                "curves": result.curves,
+                "timings": timings,
+                "wall_time_s": time.perf_counter() - t_start,
+                "versions": artifacts.library_versions(),
+            }
+            artifacts.write_json(tmp / artifacts.MANIFEST, manifest)
+    distributed.barrier()
     return Path(out), result
 
 

@@ -185,7 +185,7 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
 
 def default_device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # torchrun: one GPU per process
     return torch.device("cpu")
 
 

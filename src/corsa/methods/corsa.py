@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from corsa import distributed
 from corsa.methods.base import EditResult
 from corsa.optim import losses, pcgrad, sam
 from corsa.prompts import Formatter
@@ -51,7 +52,7 @@ class CorsaConfig:
     # Optimisation, paper A.2: AdamW, lr 2e-4, effective batch 16 (4 x 4 accumulation in the paper).
     lr: float = 2e-4
     batch_size: int = 16
-    micro_batch_size: int = 16  # memory only: the step is the same for any micro-batch size
+    micro_batch_size: int | None = None  # memory only (None: the whole batch); the step is the same for any
     epochs: int = 20  # an upper bound when stop_when_learned is on
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -73,11 +74,11 @@ class CorsaConfig:
                              "set pcgrad=None (the 'no DPO' ablation has one objective)")
         if self.pcgrad not in (None, "paper", "official"):
             raise ValueError(f"pcgrad must be 'paper', 'official' or None, not {self.pcgrad!r}")
-        for name in ("lora_r", "batch_size", "micro_batch_size", "epochs"):
+        for name in ("lora_r", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError("batch_size must be a multiple of micro_batch_size")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError("micro_batch_size must be >= 1")
         if self.lr_schedule not in ("constant", "linear"):
             raise ValueError(f"lr_schedule must be 'constant' or 'linear', not {self.lr_schedule!r}")
         if self.warmup_steps < 0:
@@ -158,7 +159,9 @@ class CorsaTrainer:
         """grad L_SFT and grad L_DPO over the batch `idx` (Algorithm 1 lines 3 and 10).
 
         Micro-batches contribute their share of the full-batch means, so the result does not depend on the
-        micro-batch size. Both gradients come from one forward pass and two backward passes through it.
+        micro-batch size. Both gradients come from one forward pass and two backward passes through it. Under
+        torchrun each process takes a shard of the batch and the sums are all-reduced here, before PCGrad and
+        SAM see them, so any number of processes gives the one-process result.
         """
         cfg = self.cfg
         separate = cfg.use_dpo and cfg.pcgrad is not None
@@ -167,8 +170,10 @@ class CorsaTrainer:
         acc: dict[str, list[torch.Tensor]] = {}
         stats = {"sft_loss": 0.0, "dpo_loss": 0.0, "logp_new": 0.0, "logp_old": 0.0, "dpo_margin": 0.0}
         exact: dict[int, bool] = {}
-        for start in range(0, len(idx), cfg.micro_batch_size):
-            part = idx[start : start + cfg.micro_batch_size]
+        local = distributed.shard(idx)
+        step = cfg.micro_batch_size or len(idx)
+        for start in range(0, len(local), step):
+            part = local[start : start + step]
             batch, dpo_idx = self._micro_batch(part)
             with autocast_context(self.device, cfg.bf16):
                 tok_logp, top = token_logprobs(self.model, batch)
@@ -201,10 +206,16 @@ class CorsaTrainer:
                                         allow_unused=True)
                 g = [torch.zeros_like(p) if x is None else x for p, x in zip(self.params, g)]
                 acc[name] = g if name not in acc else pcgrad.add(acc[name], g)
-        zeros = [torch.zeros_like(p) for p in self.params]
+        names = ["sft", "dpo"] if separate else ["total"]
+        # Every process reduces the same list, even when its shard had nothing for one of them.
+        flat = distributed.all_reduce_sum([g for name in names
+                                           for g in acc.get(name, [torch.zeros_like(p) for p in self.params])])
+        grads = {name: flat[k * len(self.params) : (k + 1) * len(self.params)] for k, name in enumerate(names)}
+        stats = distributed.all_reduce_stats(stats, self.device)
+        exact = distributed.merge_dicts(exact)
         if separate:
-            return Grads(acc.get("sft", zeros), acc.get("dpo", zeros), None, stats, exact)
-        return Grads(None, None, acc["total"], stats, exact)
+            return Grads(grads["sft"], grads["dpo"], None, stats, exact)
+        return Grads(None, None, grads["total"], stats, exact)
 
     def direction(self, g: Grads) -> tuple[list[torch.Tensor], dict[str, float]]:
         """Algorithm 1 lines 4-8 (and 11-15): the PCGrad-merged direction, or the plain gradient of L."""
@@ -254,7 +265,8 @@ class CorsaTrainer:
         curves: list[dict[str, float]] = []
         learned: dict[int, bool] = {}
         streak = 0
-        bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=not progress, desc=cfg.variant, unit="step",
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=not progress or not distributed.is_main(),
+                   desc=cfg.variant, unit="step",
                    dynamic_ncols=True)
         step = 0
         t0 = time.perf_counter()
