@@ -80,3 +80,22 @@ def test_sweep_values_must_be_numbers(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--rho" in err and "'big'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_speed_bench_times_every_part_and_counts_flops(tmp_path, tiny_dir, capsys):
+    recs = [{"case_id": i, "prompt": f"p{i} lives in", "target_new": f"x{i}", "subject": f"p{i}",
+             "ground_truth": f"y{i}", "rephrase_prompt": "r", "locality_prompt": "l", "locality_ground_truth": "z"}
+            for i in range(4)]
+    (tmp_path / "counterfact").mkdir()
+    (tmp_path / "counterfact" / "easyedit-counterfact-val.json").write_text(json.dumps(recs))
+    assert main(["bench", "speed", "--data", str(tmp_path), "--out", str(tmp_path / "s"), "--models", str(tiny_dir),
+                 "--steps", "2", "--batch-size", "4"]) == 0
+    record = json.loads((tmp_path / "s" / "speed.json").read_text())
+    (r,) = record["results"]
+    assert {"lora_step", "corsa_step", "forward", "forward_1_backward", "forward_2_backwards", "reference_logprobs",
+            "pcgrad", "sam_perturb_restore", "gradients_one_sam_point"} <= set(r["seconds"])
+    assert all(v > 0 for v in r["seconds"].values())
+    assert r["ratio_corsa_over_lora"] == r["seconds"]["corsa_step"] / r["seconds"]["lora_step"]
+    # A CoRSA step is two gradient points with y- rows: more matrix work than a LoRA step, counted not guessed.
+    assert r["flops"]["corsa_step"] > 2 * r["flops"]["lora_step"] > 0 and r["matmul_flops_per_s"] > 0
+    assert "CoRSA step / LoRA step" in (tmp_path / "s" / "speed.md").read_text()

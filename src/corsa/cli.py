@@ -149,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--lambda", dest="lambdas", help="comma-separated λ values: run corsa-lambda<λ> each")
             p.add_argument("--rho", dest="rhos", help="comma-separated SAM radii: run corsa-rho<ρ> each")
         _add_training_flags(p)
+    p = bench.add_parser("speed", help="time a LoRA step, a CoRSA step and their parts on the same batch")
+    p.add_argument("--data", required=True, help="benchmarks folder (CounterFact val supplies the batch)")
+    p.add_argument("--out", required=True, help="folder for speed.json and speed.md")
+    p.add_argument("--models", default="smollm2-135m,gemma-3-270m", help="comma-separated model names or folders")
+    p.add_argument("--steps", type=int, default=5, help="timed repetitions per part (median reported)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--threads", type=int)
     for name, text in (("inject", "cross-dataset injection: CounterFact, then MQuAKE, in one adapter (Table 2)"),
                        ("revise", "continual revision: stored facts revised in a later update (Table 3, Fig. 3)")):
         p = bench.add_parser(name, help=text)
@@ -245,6 +253,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from corsa.evaluate.metrics import EvalConfig
         from corsa.evaluate.runner import ABLATION, BenchConfig, run_bench
 
+        if args.bench_command == "speed":
+            from corsa.evaluate.speed import SpeedConfig, run_speed
+
+            run_speed(SpeedConfig(data=args.data, models=tuple(args.models.split(",")), batch_size=args.batch_size,
+                                  steps=args.steps, bf16=args.bf16), args.out, command=command)
+            return 0
         if args.bench_command in ("inject", "revise"):
             from corsa.evaluate.sequence import SequenceConfig, run_sequence
 
