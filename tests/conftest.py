@@ -49,6 +49,21 @@ def make_model(vocab_size: int, seed: int = 0, layers: int = 2):
     return model
 
 
+def save_tiny_model(path: Path, chat: bool = False, max_length: int | None = None) -> str:
+    """A tiny Llama and its tokenizer as a local Hugging Face folder (the local-folder model path)."""
+    tok = make_tokenizer(chat)
+    if max_length:
+        tok.model_max_length = max_length
+    make_model(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()

@@ -11,16 +11,6 @@ from corsa.evaluate.metrics import METRICS
 from corsa.evaluate.runner import format_table, load_results, parse_method, select_cases
 from corsa.errors import InputError
 from corsa.requests import EditRequest
-from conftest import make_model, make_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tok = make_tokenizer()
-    make_model(len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def counterfact(folder, n=6):

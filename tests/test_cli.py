@@ -10,18 +10,13 @@ import sys
 import pytest
 
 from corsa.cli import main
-from conftest import REPO, make_model, make_tokenizer
+from conftest import REPO, save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A tiny Llama saved as a local Hugging Face folder: exercises the local-folder model path too."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = make_tokenizer()
-    tok.model_max_length = 64
-    make_model(len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    """A short context (64 tokens), so that a too-long prompt can be tested."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-64"), max_length=64)
 
 
 def edits_file(tmp_path, *objs):
@@ -133,10 +128,7 @@ def test_interrupted_edit_leaves_nothing(tmp_path, capsys, tiny_dir, monkeypatch
 def test_prompt_style_is_chosen_recorded_and_reused(tmp_path, capsys, tiny_dir):
     """--prompt-style qa on a model with a chat template trains and answers in Q/A form; 'chat' without a
     template is a one-line error."""
-    chat_dir = tmp_path / "tiny-chat"
-    tok = make_tokenizer(chat=True)
-    make_model(len(tok)).save_pretrained(chat_dir)
-    tok.save_pretrained(chat_dir)
+    chat_dir = save_tiny_model(tmp_path / "tiny-chat", chat=True)
     path = edits_file(tmp_path, {"prompt": "sky?", "target_new": "green", "target_old": "blue"})
     for style, expected in (("auto", "chat"), ("qa", "qa")):
         out = tmp_path / f"run-{style}"

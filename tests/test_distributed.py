@@ -10,7 +10,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, make_model, make_tokenizer
+from conftest import REPO, save_tiny_model
 
 EDITS = [{"prompt": "sky?", "target_new": "green", "target_old": "blue"},
          {"prompt": "2+2?", "target_new": "five", "target_old": "four"},
@@ -29,10 +29,7 @@ def run(argv, processes, tmp_path):
 
 @pytest.mark.parametrize("method", ["corsa", "lora"])
 def test_two_processes_give_the_one_process_adapter(tmp_path, method):
-    model_dir = tmp_path / "tiny"
-    tok = make_tokenizer()
-    make_model(len(tok)).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "tiny")
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps(e) + "\n" for e in EDITS))
     common = ["edit", str(facts), "--model", str(model_dir), "--method", method, "--epochs", "3", "--lr", "1e-3",

@@ -10,17 +10,7 @@ from corsa.cli import main
 from corsa.errors import InputError
 from corsa.evaluate.sequence import SequenceConfig, build_stages, chain_stages, score
 from corsa.requests import EditRequest
-from conftest import make_model, make_tokenizer
 from test_bench import counterfact
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-seq")
-    tok = make_tokenizer()
-    make_model(len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def mquake(folder, n=3):

@@ -16,19 +16,10 @@ from corsa import store
 from corsa.cli import main
 from corsa.errors import InputError
 from corsa.requests import EditRequest
-from conftest import REPO, make_model, make_tokenizer
+from conftest import REPO
 
 FAST = dict(lr=2e-2, epochs=2, lora_r=8, lora_alpha=16, stop_when_learned=False)
 FIRST = [EditRequest("sky?", "green", "blue"), EditRequest("2+2?", "five", "four")]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-store-model")
-    tok = make_tokenizer()
-    make_model(len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def lora_norm(model):

@@ -25,6 +25,7 @@ import torch
 from corsa import artifacts, models
 from corsa.editing import edit
 from corsa.errors import InputError
+from corsa.evaluate import plots
 from corsa.evaluate.metrics import HEADLINE, METRICS, EvalConfig, evaluate
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark_with_report
@@ -50,10 +51,10 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     """A method name, a named variant, or corsa-lambda<v> / corsa-rho<v> / corsa-beta<v> for a sweep."""
     if spec in VARIANTS:
         return VARIANTS[spec]
-    for name, field in SWEEPS.items():
+    for name, config_field in SWEEPS.items():
         if spec.startswith(f"corsa-{name}"):
             try:
-                return "corsa", {field: float(spec[len(f"corsa-{name}"):])}
+                return "corsa", {config_field: float(spec[len(f"corsa-{name}"):])}
             except ValueError:
                 break
     raise InputError(f"unknown method '{spec}' (known: {', '.join(VARIANTS)}, "
@@ -244,27 +245,13 @@ def write_report(out: str | Path) -> None:
 
 
 def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = [k for k in ["gen.reliability", "gen.generality", "gen.locality", "gen.retention", "tf.generality",
                         "tf.locality", "gen.multihop", "mmlu"] if any(r["summary"].get(k) is not None
                                                                   for r in results)]
-    width = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(1.3 * len(keys) + 2, 4))
-    for i, r in enumerate(results):
-        values = [100 * (r["summary"].get(k) or 0.0) for k in keys]
-        ax.bar([x + i * width for x in range(len(keys))], values, width, label=r["method"])
-    ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(keys))], keys, rotation=20, ha="right")
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
+    fig, ax = plots.axes(1.3 * len(keys) + 2)
+    plots.grouped_bars(ax, keys, {r["method"]: [100 * (r["summary"].get(k) or 0.0) for k in keys] for r in results},
+                       rotate=True)
     first = results[0]
     ax.set_title(f"{first['bench']} ({first['split']}, n={first['n']}, {first['model']})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    plots.save(fig, path)

@@ -38,6 +38,7 @@ import torch
 
 from corsa import artifacts, models
 from corsa.errors import InputError
+from corsa.evaluate import plots
 from corsa.evaluate.runner import parse_method, select_cases
 from corsa.methods import make_editor
 from corsa.prompts import Formatter, PromptStyle
@@ -265,32 +266,16 @@ def write_sequence_report(out: str | Path) -> None:
 
 
 def plot_sequence(results: Sequence[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    several = any(len(r["runs"]) > 1 for r in results)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if several:  # Figure 3: forgetting against the share of data in the later updates
+    fig, ax = plots.axes(6)
+    if any(len(r["runs"]) > 1 for r in results):  # Figure 3: forgetting against the share of update data
         for r in results:
-            xs = [100 * run["fraction"] for run in r["runs"]]
-            ax.plot(xs, [100 * (run["forgetting"] or 0) for run in r["runs"]], marker="o", label=r["method"])
+            ax.plot([100 * run["fraction"] for run in r["runs"]], [100 * (run["forgetting"] or 0) for run in r["runs"]],
+                    marker="o", label=r["method"])
         ax.set_xlabel("% of the update data used")
         ax.set_ylabel("forgetting (%)")
     else:
         keys = ["efficacy", "forgetting", "activation"]
-        width = 0.8 / len(results)
-        for i, r in enumerate(results):
-            ax.bar([x + i * width for x in range(len(keys))], [100 * (r["runs"][0][k] or 0) for k in keys], width,
-                   label=r["method"])
-        ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(keys))], keys)
-        ax.set_ylabel("%")
-        ax.set_ylim(0, 100)
+        plots.grouped_bars(ax, keys, {r["method"]: [100 * (r["runs"][0][k] or 0) for k in keys] for r in results})
     ax.set_title(f"{results[0]['bench']} ({results[0]['model']})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    plots.save(fig, path)
