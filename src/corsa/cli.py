@@ -68,9 +68,10 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="corsa", choices=["corsa", "lora"],
-                   help="corsa (default) or lora, the paper's LoRA-SFT baseline")
-    p.add_argument("--lambda", dest="lam", type=float, help="weight of the DPO term (paper: 1.0)")
+    p.add_argument("--method", default="corsa", choices=["corsa", "lora", "flearning"],
+                   help="corsa (default), lora (the paper's LoRA-SFT baseline) or flearning (forget, then learn)")
+    p.add_argument("--lambda", dest="lam", type=float,
+                   help="corsa: weight of the DPO term (paper: 1.0); flearning: the forgetting coefficient")
     p.add_argument("--rho", type=float, help="SAM radius (paper: 0.05)")
     p.add_argument("--beta", type=float, help="DPO temperature (paper: 0.1)")
     p.add_argument("--no-sam", action="store_true", help="ablation: plain step instead of SAM")
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--lambda", dest="lambdas", help="comma-separated λ values: run corsa-lambda<λ> each")
             p.add_argument("--rho", dest="rhos", help="comma-separated SAM radii: run corsa-rho<ρ> each")
+            p.add_argument("--flearning-lambda", dest="forget_lambdas",
+                           help="comma-separated F-Learning forgetting coefficients: run flearning-lambda<λ> each")
         _add_training_flags(p)
     p = bench.add_parser("speed", help="time a LoRA step, a CoRSA step and their parts on the same batch")
     p.add_argument("--data", required=True, help="benchmarks folder (CounterFact val supplies the batch)")
@@ -274,9 +277,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             return 0
         if args.bench_command == "single":
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        elif args.lambdas or args.rhos:
-            methods = [f"corsa-{name}{_number(v, flag)}" for name, flag, values in
-                       (("lambda", "--lambda", args.lambdas), ("rho", "--rho", args.rhos)) if values
+        elif args.lambdas or args.rhos or args.forget_lambdas:
+            methods = [f"{name}{_number(v, flag)}" for name, flag, values in
+                       (("corsa-lambda", "--lambda", args.lambdas), ("corsa-rho", "--rho", args.rhos),
+                        ("flearning-lambda", "--flearning-lambda", args.forget_lambdas)) if values
                        for v in values.split(",")]
         else:
             methods = list(ABLATION)

@@ -39,26 +39,29 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "corsa-no-dpo": ("corsa", {"use_dpo": False, "pcgrad": None}),
     "corsa-no-pcgrad": ("corsa", {"pcgrad": None}),
     "corsa-official-pcgrad": ("corsa", {"pcgrad": "official"}),
+    "flearning": ("flearning", {}),
 }
 ABLATION = ["corsa", "corsa-no-sam", "corsa-no-dpo", "corsa-no-pcgrad", "lora"]
 
 
 # Sweeps: corsa-<name><value> sets one CoRSA hyperparameter (paper Figure 5 sweeps lambda; A.2 tunes rho).
-SWEEPS = {"lambda": "lam", "rho": "rho", "beta": "beta"}
+# flearning-lambda<v> sweeps F-Learning's forgetting coefficient (tuned on CounterFact val).
+SWEEPS = {"corsa-lambda": ("corsa", "lam"), "corsa-rho": ("corsa", "rho"), "corsa-beta": ("corsa", "beta"),
+          "flearning-lambda": ("flearning", "lam")}
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """A method name, a named variant, or corsa-lambda<v> / corsa-rho<v> / corsa-beta<v> for a sweep."""
+    """A method name, a named variant, or <sweep><value> (corsa-lambda0.5, flearning-lambda0.3, ...)."""
     if spec in VARIANTS:
         return VARIANTS[spec]
-    for name, config_field in SWEEPS.items():
-        if spec.startswith(f"corsa-{name}"):
+    for prefix, (method, config_field) in SWEEPS.items():
+        if spec.startswith(prefix):
             try:
-                return "corsa", {config_field: float(spec[len(f"corsa-{name}"):])}
+                return method, {config_field: float(spec[len(prefix):])}
             except ValueError:
                 break
     raise InputError(f"unknown method '{spec}' (known: {', '.join(VARIANTS)}, "
-                     f"{', '.join(f'corsa-{n}<value>' for n in SWEEPS)})", field="--methods")
+                     f"{', '.join(f'{n}<value>' for n in SWEEPS)})", field="--methods")
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,13 @@ from typing import Any
 
 from corsa.methods.base import Editor, EditResult
 from corsa.methods.corsa import CorsaConfig, CorsaEditor
+from corsa.methods.flearning import FLearningEditor, flearning_config
 from corsa.methods.lora import LoraEditor, lora_config
 
 REGISTRY: dict[str, tuple[Callable[..., Any], type]] = {
     "corsa": (CorsaConfig, CorsaEditor),
     "lora": (lora_config, LoraEditor),
+    "flearning": (flearning_config, FLearningEditor),
 }
 
 
