@@ -68,8 +68,9 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="corsa", choices=["corsa", "lora", "flearning"],
-                   help="corsa (default), lora (the paper's LoRA-SFT baseline) or flearning (forget, then learn)")
+    p.add_argument("--method", default="corsa", choices=["corsa", "lora", "flearning", "prepend"],
+                   help="corsa (default), lora (the paper's LoRA-SFT baseline), flearning (forget, then learn) or "
+                        "prepend (the fact written in front of the question; no training)")
     p.add_argument("--lambda", dest="lam", type=float,
                    help="corsa: weight of the DPO term (paper: 1.0); flearning: the forgetting coefficient")
     p.add_argument("--rho", type=float, help="SAM radius (paper: 0.05)")

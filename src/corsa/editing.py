@@ -15,6 +15,7 @@ import torch
 from corsa import artifacts, distributed, models
 from corsa.errors import InputError
 from corsa.methods import EditResult, make_editor
+from corsa.methods.prepend import CONTEXT_FILE, PrependFormatter
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, check_lengths
 from corsa.scoring import contains, generate
@@ -80,7 +81,10 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
     if distributed.is_main():  # under torchrun every process holds the same adapter; one writes it
         t = time.perf_counter()
         with artifacts.atomic_dir(out, overwrite) as tmp:
-            result.model.save_pretrained(str(tmp))
+            if isinstance(result.formatter, PrependFormatter):  # no weights changed: the facts are the output
+                artifacts.write_json(tmp / CONTEXT_FILE, result.formatter.record())
+            else:
+                result.model.save_pretrained(str(tmp))
             timings["save_s"] = time.perf_counter() - t
             manifest = {
                 "format": "corsa-edit/1",
@@ -128,9 +132,12 @@ def load_edited(run_dir: str | Path, model: str | None = None) -> tuple[torch.nn
         style = manifest.get("prompt_style", "auto")
     elif (run_dir / "adapter_config.json").exists():
         model = model or json.loads((run_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    else:
+    elif not (run_dir / CONTEXT_FILE).exists():
         raise InputError(f"{run_dir} holds no adapter (no adapter_config.json)", field="--adapter")
     base, tok, _ = models.load_model(model)
+    if (run_dir / CONTEXT_FILE).exists():  # an in-context edit: the base model, asked with the facts in front
+        record = json.loads((run_dir / CONTEXT_FILE).read_text())
+        return base, PrependFormatter(tok, style, context=record["context"], template=record["template"])
     edited = PeftModel.from_pretrained(base, str(run_dir))
     edited.eval()
     return edited, Formatter(tok, style)

@@ -305,8 +305,11 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
     """Continue the store's head adapter on `requests` (creating the store on first use) and record the result
     as a new version. The DPO reference is the model as it was before this update (base + head adapter)."""
     from corsa.editing import mine_old_answers
-    from corsa.methods import make_editor
+    from corsa.methods import CONTINUABLE, make_editor
 
+    if method not in CONTINUABLE:
+        raise InputError(f"a store keeps one adapter that every update continues; {method} does not produce "
+                         f"one (use {' or '.join(CONTINUABLE)})", field="--method")
     editor = make_editor(method, **overrides)  # a bad config fails before anything is loaded or locked
     t_start = time.perf_counter()
     with locked(root, create=True) as store:

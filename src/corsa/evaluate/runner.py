@@ -40,6 +40,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "corsa-no-pcgrad": ("corsa", {"pcgrad": None}),
     "corsa-official-pcgrad": ("corsa", {"pcgrad": "official"}),
     "flearning": ("flearning", {}),
+    "prepend": ("prepend", {}),
 }
 ABLATION = ["corsa", "corsa-no-sam", "corsa-no-dpo", "corsa-no-pcgrad", "lora"]
 
@@ -186,7 +187,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
                                **{**cfg.overrides, **overrides})
         edit_s = time.perf_counter() - t
         tok = models.load_tokenizer(models.resolve(cfg.model))
-        ev = _evaluate_all(result.model, Formatter(tok, cfg.prompt_style), tok, result.requests, cfg, base)
+        ev = _evaluate_all(result.model, result.formatter or Formatter(tok, cfg.prompt_style), tok, result.requests, cfg, base)
         manifest = artifacts.read_manifest(adapter)
         record = {**header, "method": spec, "config": manifest["config"], "train": {
             "steps": manifest["steps"], "epochs_run": manifest["epochs_run"], "timings": manifest["timings"],

@@ -40,7 +40,7 @@ from corsa import artifacts, models
 from corsa.errors import InputError
 from corsa.evaluate import plots
 from corsa.evaluate.runner import parse_method, select_cases
-from corsa.methods import make_editor
+from corsa.methods import CONTINUABLE, make_editor
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark, read_edits
 from corsa.scoring import contains, generate
@@ -187,6 +187,10 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
                  command: str | None = None) -> Path:
     out = Path(out)
     methods = [(spec, *parse_method(spec)) for spec in cfg.methods]
+    for spec, method, _ in methods:
+        if method not in CONTINUABLE:
+            raise InputError(f"'{spec}' cannot continue an adapter across updates (use {', '.join(CONTINUABLE)} "
+                             "or their variants)", field="--methods")
     stages = build_stages(cfg)
     header = {"bench": cfg.kind, "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "overrides"},
               "overrides": cfg.overrides, "command": command, "model": cfg.model or models.DEFAULT_MODEL,

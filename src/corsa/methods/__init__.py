@@ -9,12 +9,17 @@ from corsa.methods.base import Editor, EditResult
 from corsa.methods.corsa import CorsaConfig, CorsaEditor
 from corsa.methods.flearning import FLearningEditor, flearning_config
 from corsa.methods.lora import LoraEditor, lora_config
+from corsa.methods.prepend import PrependEditor, prepend_config
 
 REGISTRY: dict[str, tuple[Callable[..., Any], type]] = {
     "corsa": (CorsaConfig, CorsaEditor),
     "lora": (lora_config, LoraEditor),
     "flearning": (flearning_config, FLearningEditor),
+    "prepend": (prepend_config, PrependEditor),
 }
+
+# Methods whose result is an adapter that a later update can keep training (stores, multi-update benchmarks).
+CONTINUABLE = ("corsa", "lora")
 
 
 def make_editor(name: str, **overrides: Any) -> Editor:

@@ -17,6 +17,8 @@ class EditResult:
     requests: list[EditRequest]  # as trained on, with mined old answers filled in
     curves: list[dict[str, float]] = field(default_factory=list)  # one row per optimizer step
     info: dict[str, Any] = field(default_factory=dict)  # timings and anything else worth recording
+    # How to ask the edited model, when it differs from how the base model is asked (in-context methods).
+    formatter: Formatter | None = None
 
 
 class Editor(Protocol):
