@@ -26,6 +26,11 @@ def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["stop_when_learned"] = False
     if not hasattr(args, "method"):  # `corsa demo` runs both methods with their defaults
         return out
+    merge_flags = {"merge": args.merge, "scale": args.merge_scale, "density": args.merge_density}
+    if any(v is not None for v in merge_flags.values()):
+        if args.method != "merge":
+            raise InputError("--merge, --merge-scale and --merge-density apply to --method merge", field="--method")
+        out.update({k: v for k, v in merge_flags.items() if v is not None})
     if args.method == "corsa":
         if args.no_sam:
             out["use_sam"] = False
@@ -68,9 +73,13 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="corsa", choices=["corsa", "lora", "flearning", "prepend"],
-                   help="corsa (default), lora (the paper's LoRA-SFT baseline), flearning (forget, then learn) or "
-                        "prepend (the fact written in front of the question; no training)")
+    p.add_argument("--method", default="corsa", choices=["corsa", "lora", "flearning", "merge", "prepend"],
+                   help="corsa (default), lora (the paper's LoRA-SFT baseline), flearning (forget, then learn), "
+                        "merge (R-SFT, then merged back towards the base) or prepend (the fact written in front of "
+                        "the question; no training)")
+    p.add_argument("--merge", choices=["task_arithmetic", "ties"], help="merge: how to merge (task_arithmetic)")
+    p.add_argument("--merge-scale", type=float, help="merge: weight of the fine-tuning delta (default 0.5)")
+    p.add_argument("--merge-density", type=float, help="merge ties: share of delta entries kept (default 0.2)")
     p.add_argument("--lambda", dest="lam", type=float,
                    help="corsa: weight of the DPO term (paper: 1.0); flearning: the forgetting coefficient")
     p.add_argument("--rho", type=float, help="SAM radius (paper: 0.05)")

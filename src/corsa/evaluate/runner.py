@@ -41,6 +41,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "corsa-official-pcgrad": ("corsa", {"pcgrad": "official"}),
     "flearning": ("flearning", {}),
     "prepend": ("prepend", {}),
+    "merge": ("merge", {}),
+    "merge-ties": ("merge", {"merge": "ties"}),
 }
 ABLATION = ["corsa", "corsa-no-sam", "corsa-no-dpo", "corsa-no-pcgrad", "lora"]
 
@@ -48,7 +50,7 @@ ABLATION = ["corsa", "corsa-no-sam", "corsa-no-dpo", "corsa-no-pcgrad", "lora"]
 # Sweeps: corsa-<name><value> sets one CoRSA hyperparameter (paper Figure 5 sweeps lambda; A.2 tunes rho).
 # flearning-lambda<v> sweeps F-Learning's forgetting coefficient (tuned on CounterFact val).
 SWEEPS = {"corsa-lambda": ("corsa", "lam"), "corsa-rho": ("corsa", "rho"), "corsa-beta": ("corsa", "beta"),
-          "flearning-lambda": ("flearning", "lam")}
+          "flearning-lambda": ("flearning", "lam"), "merge-scale": ("merge", "scale")}
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
