@@ -26,6 +26,10 @@ def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["stop_when_learned"] = False
     if not hasattr(args, "method"):  # `corsa demo` runs both methods with their defaults
         return out
+    if args.memit_stats is not None:
+        if args.method != "memit":
+            raise InputError("--memit-stats applies to --method memit", field="--method")
+        out["stats_data"] = args.memit_stats
     merge_flags = {"merge": args.merge, "scale": args.merge_scale, "density": args.merge_density}
     if any(v is not None for v in merge_flags.values()):
         if args.method != "merge":
@@ -73,10 +77,12 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="corsa", choices=["corsa", "lora", "flearning", "merge", "prepend"],
+    p.add_argument("--method", default="corsa", choices=["corsa", "lora", "flearning", "merge", "memit", "prepend"],
                    help="corsa (default), lora (the paper's LoRA-SFT baseline), flearning (forget, then learn), "
-                        "merge (R-SFT, then merged back towards the base) or prepend (the fact written in front of "
-                        "the question; no training)")
+                        "merge (R-SFT, then merged back towards the base), memit (locate and edit MLP weights) or "
+                        "prepend (the fact written in front of the question; no training)")
+    p.add_argument("--memit-stats", help="memit: benchmarks folder whose CounterFact train split gives the key "
+                                         "statistics (e.g. ../shared/benchmarks)")
     p.add_argument("--merge", choices=["task_arithmetic", "ties"], help="merge: how to merge (task_arithmetic)")
     p.add_argument("--merge-scale", type=float, help="merge: weight of the fine-tuning delta (default 0.5)")
     p.add_argument("--merge-density", type=float, help="merge ties: share of delta entries kept (default 0.2)")

@@ -43,6 +43,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "prepend": ("prepend", {}),
     "merge": ("merge", {}),
     "merge-ties": ("merge", {"merge": "ties"}),
+    "memit": ("memit", {}),
 }
 ABLATION = ["corsa", "corsa-no-sam", "corsa-no-dpo", "corsa-no-pcgrad", "lora"]
 
@@ -184,6 +185,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
             print(f"{spec}: done earlier, skipped")
             continue
         t = time.perf_counter()
+        if method == "memit":  # its key statistics come from the same benchmarks folder (CounterFact train)
+            overrides = {"stats_data": cfg.data, **overrides}
         adapter, result = edit(chosen, out / spec / "adapter", method=method, model=cfg.model, overwrite=True,
                                progress=progress, command=command, prompt_style=cfg.prompt_style,
                                **{**cfg.overrides, **overrides})

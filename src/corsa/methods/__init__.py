@@ -9,6 +9,7 @@ from corsa.methods.base import Editor, EditResult
 from corsa.methods.corsa import CorsaConfig, CorsaEditor
 from corsa.methods.flearning import FLearningEditor, flearning_config
 from corsa.methods.lora import LoraEditor, lora_config
+from corsa.methods.memit import MemitEditor, memit_config
 from corsa.methods.merge import MergeEditor, merge_config
 from corsa.methods.prepend import PrependEditor, prepend_config
 
@@ -18,6 +19,7 @@ REGISTRY: dict[str, tuple[Callable[..., Any], type]] = {
     "flearning": (flearning_config, FLearningEditor),
     "prepend": (prepend_config, PrependEditor),
     "merge": (merge_config, MergeEditor),
+    "memit": (memit_config, MemitEditor),
 }
 
 # Methods whose result is an adapter that a later update can keep training (stores, multi-update benchmarks).

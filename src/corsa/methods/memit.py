@@ -1,0 +1,322 @@
+"""MEMIT (Meng et al., ICLR 2023): locate-and-edit of the MLP output projections of a range of layers.
+
+For each edit a target hidden state z is found at the last edited layer L (a vector delta added to the residual
+stream at the subject's last token, optimised so the model produces the new answer, with weight decay, a norm
+clamp and a KL term that keeps "<subject> is a" stable). Then, layer by layer, the remaining residual is spread
+over the chosen layers by the closed-form least-squares update of each down projection:
+
+    dW_l = R_l K_l^T (w C_l + K_l K_l^T)^-1
+
+K_l: the edits' keys (inputs of down_proj at the subject's last token), C_l = E[k k^T] over a text corpus (the
+second moment that keeps other keys' outputs unchanged), w = mom2_update_weight, R_l = (z - current residual at
+L) / (layers left). dW_l = B A with B = R_l (n columns) and A = (w C_l + K K^T)^-1 K: a LoRA of rank n (the
+number of edits) and scaling 1 on exactly the edited down projections, so the output is a standard adapter.
+
+Defaults are EasyEdit's for Llama-2-7B (reference doc 2.4), with its layers 4-8 of 32 scaled to this model's
+depth. C_l comes from the CounterFact *train* split's prompts (the evaluation never uses them) instead of 100k
+Wikipedia texts, which are not available here; it is streamed (no whole-corpus tensors) and cached on disk with
+its provenance. Prompts are formatted as everywhere else in corsa (the chat template when the model has one), so
+the subject's last token is found inside the formatted prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from corsa import artifacts, models
+from corsa.methods.base import EditResult
+from corsa.prompts import QA_TEMPLATE, Formatter
+from corsa.requests import EditRequest, load_benchmark
+from corsa.scoring import causal_lm, left_pad
+
+
+@dataclass(frozen=True)
+class MemitConfig:
+    layers: tuple[int, ...] | None = None  # None: Llama-2-7B's 4..8 of 32 layers, scaled to this model's depth
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    mom2_update_weight: float = 15000.0
+    mom2_n_samples: int = 2000  # texts for C (EasyEdit: 100,000 Wikipedia samples)
+    stats_data: str | None = None  # benchmarks folder whose CounterFact train split feeds C
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mom2_n_samples < 1 or self.v_num_grad_steps < 1:
+            raise ValueError("mom2_n_samples and v_num_grad_steps must be >= 1")
+
+
+def memit_config(**overrides: Any) -> MemitConfig:
+    """Training settings of the gradient methods (epochs, lr, ...) do not apply and are ignored."""
+    names = {f.name for f in dataclasses.fields(MemitConfig)}
+    return MemitConfig(**{k: v for k, v in overrides.items() if k in names})
+
+
+def default_layers(n_layers: int) -> tuple[int, ...]:
+    return tuple(range(round(4 * n_layers / 32), round(8 * n_layers / 32) + 1))
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return causal_lm(model).get_decoder().layers
+
+
+# --- where the subject ends ----------------------------------------------------------------------------------------
+def subject_last_index(formatter: Formatter, prompt: str, subject: str | None) -> int | None:
+    """Index of the subject's last token in formatter.prompt_ids(prompt), or None when it cannot be located."""
+    tok = formatter.tokenizer
+    if formatter.style == "chat":
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=False)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    else:
+        text = QA_TEMPLATE.format(question=prompt)
+        enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
+    if not subject or list(enc["input_ids"]) != formatter.prompt_ids(prompt):
+        return None
+    start, sub = text.rfind(prompt), prompt.find(subject)
+    if start < 0 or sub < 0:
+        return None
+    end = start + sub + len(subject)
+    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end]
+    return inside[-1] if inside else None
+
+
+# --- hooks ------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def capture_inputs(module: torch.nn.Module, store: list[torch.Tensor]) -> Iterator[None]:
+    handle = module.register_forward_hook(lambda m, args, out: store.append(args[0]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def edit_output(layer: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor,
+                delta: torch.Tensor | None, store: list[torch.Tensor]) -> Iterator[None]:
+    """Record a decoder layer's output hidden states (and add delta at (rows, positions) when given)."""
+
+    def hook(m: torch.nn.Module, args: Any, out: Any) -> Any:
+        hidden = out[0] if isinstance(out, tuple) else out
+        if delta is not None:
+            hidden = hidden.clone()
+            hidden[rows, positions] += delta
+        store.append(hidden)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# --- second moments -----------------------------------------------------------------------------------------------------
+def stats_texts(cfg: MemitConfig) -> list[str]:
+    if cfg.stats_data is None:
+        raise ValueError("MEMIT needs a text corpus for its key statistics: set stats_data (corsa bench passes "
+                         "--data; corsa edit takes --memit-stats DIR)")
+    cases = load_benchmark("counterfact", cfg.stats_data, "train")[: cfg.mom2_n_samples]
+    return [f"{r.prompt} {r.target_old}" if r.target_old else r.prompt for r in cases]
+
+
+@torch.no_grad()
+def second_moments(model: torch.nn.Module, tokenizer: Any, layers: tuple[int, ...], cfg: MemitConfig
+                   ) -> dict[int, torch.Tensor]:
+    """C_l = E[k k^T] of each layer's down_proj inputs over the corpus tokens; cached with its provenance."""
+    texts = stats_texts(cfg)
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    name = getattr(causal_lm(model).config, "_name_or_path", "model")
+    key = hashlib.sha256(f"{name}|{digest}|{layers}".encode()).hexdigest()[:16]
+    folder = models.cache_root() / "memit" / key
+    if (folder / "moments.safetensors").exists():
+        loaded = load_file(folder / "moments.safetensors")
+        return {layer: loaded[f"layer{layer}"] for layer in layers}
+    device = next(model.parameters()).device
+    blocks = decoder_layers(model)
+    sums = {layer: torch.zeros(blocks[layer].mlp.down_proj.in_features, blocks[layer].mlp.down_proj.in_features,
+                               dtype=torch.float64, device=device) for layer in layers}
+    count = 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(texts), cfg.batch_size):
+        ids, mask = left_pad([tokenizer(t)["input_ids"] for t in texts[start : start + cfg.batch_size]], pad)
+        ids, mask = ids.to(device), mask.to(device)
+        seen: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        with contextlib.ExitStack() as stack:
+            for layer in layers:
+                stack.enter_context(capture_inputs(blocks[layer].mlp.down_proj, seen[layer]))
+            causal_lm(model).get_decoder()(input_ids=ids, attention_mask=mask)
+        keep = mask.bool()
+        for layer in layers:
+            k = seen[layer][0][keep].double()
+            sums[layer] += k.T @ k
+        count += int(keep.sum())
+    moments = {layer: (s / count).float() for layer, s in sums.items()}
+    with artifacts.atomic_dir(folder, overwrite=True) as tmp:
+        save_file({f"layer{layer}": m.cpu().contiguous() for layer, m in moments.items()},
+                  str(tmp / "moments.safetensors"))
+        artifacts.write_json(tmp / "provenance.json", {
+            "model": name, "layers": list(layers), "corpus": "counterfact train split: prompt + true answer",
+            "stats_data": str(cfg.stats_data), "n_texts": len(texts), "n_tokens": count, "texts_sha256_16": digest})
+    return moments
+
+
+# --- the editor -----------------------------------------------------------------------------------------------------------
+class MemitEditor:
+    name = "memit"
+
+    def __init__(self, config: MemitConfig | None = None):
+        self.config = config or MemitConfig()
+
+    def edit(self, model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest], *,
+             progress: bool = True) -> EditResult:
+        cfg = self.config
+        if hasattr(model, "peft_config"):
+            raise ValueError("MEMIT edits base weights; it cannot continue an adapter")
+        blocks = decoder_layers(model)
+        layers = cfg.layers or default_layers(len(blocks))
+        if max(layers) >= len(blocks):
+            raise ValueError(f"layers {layers} do not exist in a model with {len(blocks)} layers")
+        timings: dict[str, float] = {}
+        was = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+        model.eval()
+        try:
+            t = time.perf_counter()
+            moments = second_moments(model, formatter.tokenizer, layers, cfg)
+            timings["second_moments_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            where = [subject_last_index(formatter, r.prompt, r.subject) for r in requests]
+            fallback = sum(i is None for i in where)
+            prompts = [formatter.prompt_ids(r.prompt) for r in requests]
+            positions = [len(p) - 1 if i is None else i for p, i in zip(prompts, where)]  # else: the last token
+            zs = torch.stack([self._target(model, formatter, r, p, pos, layers[-1])
+                              for r, p, pos in zip(requests, prompts, positions)])
+            timings["targets_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            deltas = self._spread(model, formatter, prompts, positions, zs, layers, moments)
+            timings["update_s"] = time.perf_counter() - t
+        finally:
+            for n, p in model.named_parameters():
+                p.requires_grad_(was[n])
+        edited = self._as_adapter(model, deltas, len(requests))
+        info = {"timings": timings, "steps": 0, "epochs_run": 0, "variant": "memit", "layers": list(layers),
+                "subject_not_found": fallback, "config": dataclasses.asdict(cfg)}
+        return EditResult(model=edited, requests=requests, info=info)
+
+    def _run(self, model: torch.nn.Module, seqs: list[list[int]], pad: int) -> None:
+        """Forward right-padded sequences (hooks do the work); right padding keeps every position in place."""
+        device = next(model.parameters()).device
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        causal_lm(model).get_decoder()(input_ids=ids, attention_mask=mask)
+
+    def _target(self, model: torch.nn.Module, formatter: Formatter, r: EditRequest, prompt: list[int], pos: int,
+                last: int) -> torch.Tensor:
+        """z: the residual stream at layer `last`, subject's last token, that makes the model say target_new."""
+        cfg = self.config
+        lm, layer = causal_lm(model), decoder_layers(model)[last]
+        device = next(model.parameters()).device
+        answer = formatter.answer_ids(r.target_new)
+        ids = torch.tensor([prompt + answer], device=device)
+        targets = torch.tensor(answer, device=device)
+        kl_ids = torch.tensor([formatter.tokenizer(f"{r.subject or r.prompt} is a")["input_ids"]], device=device)
+        row, at = torch.tensor([0], device=device), torch.tensor([pos], device=device)
+        kl_at = torch.tensor([kl_ids.shape[1] - 1], device=device)
+        seen: list[torch.Tensor] = []
+        with torch.no_grad():
+            with edit_output(layer, row, at, None, seen):
+                lm.get_decoder()(input_ids=ids)
+            start = seen[0][0, pos].detach()
+            kl_ref = F.log_softmax(lm(input_ids=kl_ids).logits[0, -1].float(), -1)
+        delta = torch.zeros_like(start, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+        max_norm = cfg.clamp_norm_factor * start.norm()
+        for _ in range(cfg.v_num_grad_steps):
+            with edit_output(layer, row, at, delta, []):
+                logits = lm(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+            nll = -F.log_softmax(logits, -1).gather(1, targets[:, None]).mean()
+            with edit_output(layer, row, kl_at, delta, []):
+                kl_logp = F.log_softmax(lm(input_ids=kl_ids).logits[0, -1].float(), -1)
+            kl = F.kl_div(kl_logp, kl_ref, log_target=True, reduction="sum")
+            loss = nll + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() ** 2 / start.norm() ** 2
+            if nll.item() < 5e-2:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+        return (start + delta).detach()
+
+    @torch.no_grad()
+    def _spread(self, model: torch.nn.Module, formatter: Formatter, prompts: list[list[int]], positions: list[int],
+                zs: torch.Tensor, layers: tuple[int, ...], moments: dict[int, torch.Tensor]
+                ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Apply dW_l layer by layer (each later layer sees the earlier updates); returns {layer: (B, A)} and leaves
+        the base weights as they were."""
+        cfg = self.config
+        blocks = decoder_layers(model)
+        pad = formatter.tokenizer.pad_token_id if formatter.tokenizer.pad_token_id is not None else formatter.stop_id
+        rows = torch.arange(len(prompts), device=zs.device)
+        at = torch.tensor(positions, device=zs.device)
+        originals = {layer: blocks[layer].mlp.down_proj.weight.detach().clone() for layer in layers}
+        deltas = {}
+        try:
+            for i, layer in enumerate(layers):
+                keys: list[torch.Tensor] = []
+                hidden: list[torch.Tensor] = []
+                for s in range(0, len(prompts), cfg.batch_size):
+                    chunk = slice(s, s + cfg.batch_size)
+                    with capture_inputs(blocks[layer].mlp.down_proj, keys), \
+                            edit_output(blocks[layers[-1]], rows[chunk], at[chunk], None, hidden):
+                        self._run(model, prompts[chunk], pad)
+                k = torch.cat([x[torch.arange(x.shape[0]), at[s : s + x.shape[0]]]
+                               for s, x in zip(range(0, len(prompts), cfg.batch_size), keys)]).float()
+                cur = torch.cat([x[torch.arange(x.shape[0]), at[s : s + x.shape[0]]]
+                                 for s, x in zip(range(0, len(prompts), cfg.batch_size), hidden)]).float()
+                resid = (zs - cur) / (len(layers) - i)  # [n, d]
+                c = moments[layer].to(k.device)
+                adj = torch.linalg.solve(cfg.mom2_update_weight * c + k.T @ k, k.T)  # [d_ff, n]
+                b, a = resid.T.contiguous(), adj.T.contiguous()  # dW = B A: [d, n] @ [n, d_ff]
+                w = blocks[layer].mlp.down_proj.weight
+                w.add_((b @ a).to(w.dtype))
+                deltas[layer] = (b, a)
+        finally:
+            for layer, w0 in originals.items():
+                blocks[layer].mlp.down_proj.weight.copy_(w0)
+        return deltas
+
+    def _as_adapter(self, model: torch.nn.Module, deltas: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                    n: int) -> torch.nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        prefix = next(name for name, m in model.named_modules() if m is decoder_layers(model))
+        targets = [f"{prefix}.{layer}.mlp.down_proj" for layer in deltas]
+        peft_model = get_peft_model(model, LoraConfig(r=n, lora_alpha=n, target_modules=targets, lora_dropout=0.0,
+                                                      bias="none", task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, m in peft_model.named_modules():
+                if hasattr(m, "lora_A") and "default" in m.lora_A:
+                    layer = int(name.split(".layers.")[1].split(".")[0])
+                    b, a = deltas[layer]
+                    m.lora_B["default"].weight.copy_(b)
+                    m.lora_A["default"].weight.copy_(a)
+        peft_model.eval()
+        return peft_model
+
