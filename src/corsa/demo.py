@@ -54,7 +54,8 @@ def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = ("lora
         run_dir, result = edit(requests, out / method, method=method, model=model, overwrite=True,
                                progress=progress, command=f"corsa demo ({method})", prompt_style=prompt_style,
                                **overrides)
-        columns[method] = evaluate(result.model, result.formatter or formatter, result.requests, reference=columns["base"])
+        columns[method] = evaluate(result.model, result.formatter or formatter, result.requests,
+                                   reference=columns["base"])
         runs[method] = {"adapter": str(run_dir), "wall_time_s": time.perf_counter() - t,
                         "steps": result.info["steps"], "epochs_run": result.info["epochs_run"]}
         print(f"{method}: {result.info['steps']} steps in {runs[method]['wall_time_s']:.0f} s -> {run_dir}")

@@ -192,7 +192,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
                                **{**cfg.overrides, **overrides})
         edit_s = time.perf_counter() - t
         tok = models.load_tokenizer(models.resolve(cfg.model))
-        ev = _evaluate_all(result.model, result.formatter or Formatter(tok, cfg.prompt_style), tok, result.requests, cfg, base)
+        asked = result.formatter or Formatter(tok, cfg.prompt_style)  # in-context methods bring their own
+        ev = _evaluate_all(result.model, asked, tok, result.requests, cfg, base)
         manifest = artifacts.read_manifest(adapter)
         record = {**header, "method": spec, "config": manifest["config"], "train": {
             "steps": manifest["steps"], "epochs_run": manifest["epochs_run"], "timings": manifest["timings"],

@@ -273,8 +273,8 @@ def plot_sequence(results: Sequence[dict[str, Any]], path: Path) -> None:
     fig, ax = plots.axes(6)
     if any(len(r["runs"]) > 1 for r in results):  # Figure 3: forgetting against the share of update data
         for r in results:
-            ax.plot([100 * run["fraction"] for run in r["runs"]], [100 * (run["forgetting"] or 0) for run in r["runs"]],
-                    marker="o", label=r["method"])
+            xs = [100 * run["fraction"] for run in r["runs"]]
+            ax.plot(xs, [100 * (run["forgetting"] or 0) for run in r["runs"]], marker="o", label=r["method"])
         ax.set_xlabel("% of the update data used")
         ax.set_ylabel("forgetting (%)")
     else:

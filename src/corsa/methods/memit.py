@@ -73,7 +73,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return causal_lm(model).get_decoder().layers
 
 
-# --- where the subject ends ----------------------------------------------------------------------------------------
+# --- where the subject ends ------------------------------------------------------------------------------------------
 def subject_last_index(formatter: Formatter, prompt: str, subject: str | None) -> int | None:
     """Index of the subject's last token in formatter.prompt_ids(prompt), or None when it cannot be located."""
     tok = formatter.tokenizer
@@ -94,7 +94,7 @@ def subject_last_index(formatter: Formatter, prompt: str, subject: str | None) -
     return inside[-1] if inside else None
 
 
-# --- hooks ------------------------------------------------------------------------------------------------------------
+# --- hooks -----------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def capture_inputs(module: torch.nn.Module, store: list[torch.Tensor]) -> Iterator[None]:
     handle = module.register_forward_hook(lambda m, args, out: store.append(args[0]))
@@ -124,7 +124,7 @@ def edit_output(layer: torch.nn.Module, rows: torch.Tensor, positions: torch.Ten
         handle.remove()
 
 
-# --- second moments -----------------------------------------------------------------------------------------------------
+# --- second moments --------------------------------------------------------------------------------------------------
 def stats_texts(cfg: MemitConfig) -> list[str]:
     if cfg.stats_data is None:
         raise ValueError("MEMIT needs a text corpus for its key statistics: set stats_data (corsa bench passes "
@@ -174,7 +174,7 @@ def second_moments(model: torch.nn.Module, tokenizer: Any, layers: tuple[int, ..
     return moments
 
 
-# --- the editor -----------------------------------------------------------------------------------------------------------
+# --- the editor ------------------------------------------------------------------------------------------------------
 class MemitEditor:
     name = "memit"
 
