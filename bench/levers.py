@@ -1,0 +1,95 @@
+"""Measure each speed lever of the CoRSA gradient point on the real default model, in one process.
+
+    python bench/levers.py --data ../shared/benchmarks [--steps 5] [--threads 2] [--out results/levers.json]
+
+For one batch of 16 CounterFact val edits it times one forward and the two backward passes (SFT, DPO) that a
+CoRSA gradient point needs, with each lever switched off in turn:
+  all levers      corsa's path: common prefix once, each prompt once for y+ and y-, logits at answer positions
+  no prefix       prompts shared between y+ and y-, but the common prefix (system turn) run per prompt
+  no sharing      y+ and y- as separate full sequences (prefix and prompt run twice), logits at answer positions
+  full logits     as "no sharing", but the output layer over every position (what a plain model(...) call does)
+  bf16            all levers, under bf16 autocast
+Medians over --steps repetitions after a warm-up; the first row is the reference for the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from corsa import models, scoring
+from corsa.methods.corsa import CorsaConfig, attach_lora
+from corsa.prompts import Formatter
+from corsa.requests import load_benchmark
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok, _ = models.load_model(None)
+    fmt = Formatter(tok)
+    reqs = load_benchmark("counterfact", args.data, "val")[:16]
+    model = attach_lora(model, CorsaConfig())
+    params = [p for p in model.parameters() if p.requires_grad]
+    prompts = [fmt.prompt_ids(r.prompt) for r in reqs]
+    new = [fmt.answer_ids(r.target_new) for r in reqs]
+    old = [fmt.answer_ids(r.target_old) for r in reqs]
+    pad = tok.pad_token_id
+    shared = scoring.make_shared_batch(prompts, [(i, a) for i, a in enumerate(new)] + [(i, a) for i, a in
+                                                                                       enumerate(old)], pad)
+    with mock.patch.object(scoring, "common_prefix_length", lambda seqs: 0):
+        unprefixed = scoring.make_shared_batch(prompts, [(i, a) for i, a in enumerate(new)] +
+                                               [(i, a) for i, a in enumerate(old)], pad)
+    full = scoring.make_batch(list(zip(prompts, new)) + list(zip(prompts, old)), pad)
+    n = len(reqs)
+
+    def point(batch, autocast=False, full_logits=False):
+        with scoring.autocast_context("cpu", autocast):
+            if full_logits:
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                logits = logits[batch.rows, batch.positions].float()
+                lp = F.log_softmax(logits, -1).gather(1, batch.targets[:, None]).squeeze(1)
+            else:
+                lp, _ = scoring.token_logprobs(model, batch)
+        first = batch.rows < n
+        sft, dpo = -lp[first].mean(), -lp[~first].mean()
+        torch.autograd.grad(sft, params, retain_graph=True)
+        torch.autograd.grad(dpo, params)
+
+    variants = {"all levers": lambda: point(shared), "no prefix": lambda: point(unprefixed),
+                "no sharing": lambda: point(full), "full logits": lambda: point(full, full_logits=True),
+                "bf16": lambda: point(shared, autocast=True)}
+    seconds = {}
+    for name, fn in variants.items():
+        fn()
+        times = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        seconds[name] = statistics.median(times)
+    ref = seconds["all levers"]
+    print("| variant | s per gradient point (1 fwd + 2 bwd) | vs all levers |\n|---|---|---|")
+    for name, s in seconds.items():
+        print(f"| {name} | {s:.2f} | {s / ref:.2f}x |")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"seconds": seconds, "steps": args.steps, "threads": args.threads,
+                       "tokens": {"prefix": shared.prefix_ids.numel(), "shared_prompt_tokens":
+                                  int(shared.prompt_mask.sum()), "full_tokens": int(full.attention_mask.sum())}},
+                      fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
