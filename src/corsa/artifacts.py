@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,13 @@ def write_text(path: str | Path, text: str) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+def write_report(out: Path, table: str, draw: Callable[[Path], None]) -> None:
+    """A bench run's table.md and plot.png, both made from its results.json files, and the table printed."""
+    write_text(out / "table.md", table + "\n")
+    draw(out / "plot.png")
+    print(f"\n{table}\n\nwrote {out / 'table.md'} and {out / 'plot.png'}")
 
 
 def _json_default(obj: Any) -> Any:

@@ -249,9 +249,7 @@ def write_report(out: str | Path) -> None:
     results = load_results(out)
     if not results:
         return
-    artifacts.write_text(out / "table.md", format_table(results) + "\n")
-    plot(results, out / "plot.png")
-    print(f"\n{format_table(results)}\n\nwrote {out / 'table.md'} and {out / 'plot.png'}")
+    artifacts.write_report(out, format_table(results), lambda path: plot(results, path))
 
 
 def plot(results: Sequence[dict[str, Any]], path: Path) -> None:

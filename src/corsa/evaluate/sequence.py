@@ -264,9 +264,7 @@ def write_sequence_report(out: str | Path) -> None:
     results = load_sequence_results(out)
     if not results:
         return
-    artifacts.write_text(out / "table.md", format_sequence_table(results) + "\n")
-    plot_sequence(results, out / "plot.png")
-    print(f"\n{format_sequence_table(results)}\n\nwrote {out / 'table.md'} and {out / 'plot.png'}")
+    artifacts.write_report(out, format_sequence_table(results), lambda path: plot_sequence(results, path))
 
 
 def plot_sequence(results: Sequence[dict[str, Any]], path: Path) -> None:
