@@ -8,6 +8,7 @@ Training and evaluation share these functions, so a metric always scores exactly
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ class SharedBatch:
     """Several answers per prompt, with every token that answers share run through the model once.
 
     Two levels of sharing. Every prompt of a batch starts with the same tokens when a chat template adds a system
-    turn (27 of SmolLM2's ~37 prompt tokens): that common prefix runs once, as a batch of one. Each prompt's own
+    turn (24 of SmolLM2's ~37 prompt tokens): that common prefix runs once, as a batch of one. Each prompt's own
     tokens then run once, however many answers follow (CoRSA scores y+ and y- after the same prompt). Their
     key/value caches are indexed out to every answer row, and only the short answers run per row: the same
     numbers as `AnswerBatch`, for a fraction of the tokens.
@@ -153,9 +154,14 @@ def shared_answer_logits(model: torch.nn.Module, batch: SharedBatch) -> torch.Te
 def _decode(decoder: torch.nn.Module, cache: Any, **inputs: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """One decoder call that continues `cache` (None: start one); returns (hidden states, the extended cache).
     transformers 5 calls the cache argument `cache`, 4.x `past_key_values`."""
-    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    name = _cache_argument(type(decoder))
     out = decoder(**inputs, **{name: cache}, use_cache=True)
     return out.last_hidden_state, getattr(out, name)
+
+
+@functools.cache
+def _cache_argument(decoder_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
 def output_logits(lm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:

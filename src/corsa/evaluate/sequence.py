@@ -209,7 +209,7 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
         everything = [r for s in stages for r in s]
         before = answer_probes(base, formatter, everything, cfg.max_new_tokens)
         first = editor.edit(base, formatter, stages[0], progress=progress)
-        after_first = answer_probes(first.model, formatter, everything, cfg.max_new_tokens)
+        after_first = answer_probes(first.model, formatter, stages[0], cfg.max_new_tokens)  # all score() reads
         runs = []
         for fraction in cfg.fractions:
             model = copy.deepcopy(first.model) if len(cfg.fractions) > 1 else first.model

@@ -110,6 +110,13 @@ def attach_lora(model: torch.nn.Module, cfg: CorsaConfig) -> torch.nn.Module:
     return get_peft_model(model, lora)
 
 
+def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The layers carrying the default LoRA adapter, by their path in the plain model (PEFT prefixes
+    'base_model.model.'); each has lora_A, lora_B and scaling keyed by adapter name."""
+    return {name.removeprefix("base_model.model."): m for name, m in model.named_modules()
+            if hasattr(m, "lora_A") and "default" in m.lora_A}
+
+
 @dataclass
 class Pair:
     """One edit as token ids, plus the reference log-probs cached once per update."""
@@ -207,9 +214,10 @@ class CorsaTrainer:
                 g = [torch.zeros_like(p) if x is None else x for p, x in zip(self.params, g)]
                 acc[name] = g if name not in acc else pcgrad.add(acc[name], g)
         names = ["sft", "dpo"] if separate else ["total"]
-        # Every process reduces the same list, even when its shard had nothing for one of them.
-        flat = distributed.all_reduce_sum([g for name in names
-                                           for g in acc.get(name, [torch.zeros_like(p) for p in self.params])])
+        for name in names:  # every process reduces the same list, even when its shard had nothing for one of them
+            if name not in acc:
+                acc[name] = [torch.zeros_like(p) for p in self.params]
+        flat = distributed.all_reduce_sum([g for name in names for g in acc[name]])
         grads = {name: flat[k * len(self.params) : (k + 1) * len(self.params)] for k, name in enumerate(names)}
         stats = distributed.all_reduce_stats(stats, self.device)
         exact = distributed.merge_dicts(exact)
