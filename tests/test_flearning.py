@@ -10,6 +10,7 @@ import torch
 
 from corsa.methods import make_editor
 from corsa.methods import flearning as fl
+from corsa.methods.corsa import lora_layers
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 from corsa.scoring import score_answers
@@ -45,7 +46,7 @@ def test_result_is_one_adapter_equal_to_the_weight_arithmetic(tiny_model, tokeni
     # Rebuild theta - lam * delta_old + delta_new by hand from the two halves of the combined adapter.
     by_hand = copy.deepcopy(original)
     with torch.no_grad():
-        for name, m in fl._lora_modules(result.model).items():
+        for name, m in lora_layers(result.model).items():
             w = by_hand.get_submodule(name).weight
             w.add_(m.lora_B["default"].weight @ m.lora_A["default"].weight, alpha=m.scaling["default"])
             assert torch.allclose(m.get_base_layer().weight, original.get_submodule(name).weight, atol=1e-6)

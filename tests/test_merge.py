@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from corsa.methods import make_editor
+from corsa.methods.corsa import lora_layers
 from corsa.methods.merge import low_rank, trim
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
@@ -18,7 +19,7 @@ FAST = dict(lr=2e-2, epochs=3, batch_size=2, lora_r=4, lora_alpha=8, stop_when_l
 
 def delta_of(model):
     return {n: (m.lora_B["default"].weight @ m.lora_A["default"].weight * m.scaling["default"]).detach()
-            for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+            for n, m in lora_layers(model).items()}
 
 
 def test_task_arithmetic_scales_the_fine_tuning_delta(tiny_model, tokenizer):

@@ -229,13 +229,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "edit":
         from corsa.artifacts import check_writable
         from corsa.editing import edit
-        from corsa.requests import read_edits
 
         overrides = _method_overrides(args)
         check_writable(args.out, args.overwrite)
-        requests = read_edits(args.edits, args.format, split=args.split)
-        if args.limit:
-            requests = requests[: args.limit]
+        requests = _requests(args)
         out, result = edit(requests, args.out, method=args.method, model=args.model, overwrite=args.overwrite,
                            progress=not args.quiet, command=command, prompt_style=args.prompt_style,
                            **overrides)
@@ -312,16 +309,20 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     raise AssertionError(args.command)
 
 
+def _requests(args: argparse.Namespace) -> list[Any]:
+    """`edit` and `update` read their edits the same way: a file or benchmark, optionally cut to --limit."""
+    from corsa.requests import read_edits
+
+    requests = read_edits(args.edits, args.format, split=args.split)
+    return requests[: args.limit] if args.limit else requests
+
+
 def _store_command(args: argparse.Namespace, command: str) -> int:
     from corsa import store
 
     if args.command == "update":
-        from corsa.requests import read_edits
-
         overrides = _method_overrides(args)
-        requests = read_edits(args.edits, args.format, split=args.split)
-        if args.limit:
-            requests = requests[: args.limit]
+        requests = _requests(args)
         v = store.update(args.store, requests, method=args.method, model=args.model, prompt_style=args.prompt_style,
                          progress=not args.quiet, command=command, **overrides)
         m = v.metrics

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from corsa.methods.base import EditResult
-from corsa.methods.corsa import CorsaConfig, CorsaTrainer, Pair, attach_lora
+from corsa.methods.corsa import CorsaConfig, CorsaTrainer, Pair, attach_lora, lora_layers
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 
@@ -50,16 +50,10 @@ def flearning_config(lam: float = 0.5, **sft_overrides: Any) -> FLearningConfig:
 Deltas = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module path -> (A, B, scaling)
 
 
-def _lora_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """LoRA layers by their path in the plain model (PEFT prefixes 'base_model.model.')."""
-    return {name.removeprefix("base_model.model."): m for name, m in model.named_modules()
-            if hasattr(m, "lora_A") and "default" in m.lora_A}
-
-
 @torch.no_grad()
 def _deltas(model: torch.nn.Module) -> Deltas:
     return {name: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone(),
-                   float(m.scaling["default"])) for name, m in _lora_modules(model).items()}
+                   float(m.scaling["default"])) for name, m in lora_layers(model).items()}
 
 
 @torch.no_grad()
@@ -126,7 +120,7 @@ class FLearningEditor:
         wide = dataclasses.replace(cfg.sft, lora_r=2 * cfg.sft.lora_r, lora_alpha=2 * cfg.sft.lora_alpha)
         combined = attach_lora(base, wide)
         with torch.no_grad():
-            for name, m in _lora_modules(combined).items():
+            for name, m in lora_layers(combined).items():
                 (a_new, b_new, _), (a_old, b_old, _) = new[name], old[name]
                 m.lora_A["default"].weight.copy_(torch.cat([a_new, a_old], dim=0))
                 m.lora_B["default"].weight.copy_(torch.cat([b_new, -cfg.lam * b_old], dim=1))

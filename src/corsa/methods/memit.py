@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from corsa import artifacts, models
 from corsa.methods.base import EditResult
+from corsa.methods.corsa import lora_layers
 from corsa.prompts import QA_TEMPLATE, Formatter
 from corsa.requests import EditRequest, load_benchmark
 from corsa.scoring import causal_lm, left_pad
@@ -311,12 +312,10 @@ class MemitEditor:
         peft_model = get_peft_model(model, LoraConfig(r=n, lora_alpha=n, target_modules=targets, lora_dropout=0.0,
                                                       bias="none", task_type="CAUSAL_LM"))
         with torch.no_grad():
-            for name, m in peft_model.named_modules():
-                if hasattr(m, "lora_A") and "default" in m.lora_A:
-                    layer = int(name.split(".layers.")[1].split(".")[0])
-                    b, a = deltas[layer]
-                    m.lora_B["default"].weight.copy_(b)
-                    m.lora_A["default"].weight.copy_(a)
+            for name, m in lora_layers(peft_model).items():
+                b, a = deltas[int(name.split("layers.")[1].split(".")[0])]
+                m.lora_B["default"].weight.copy_(b)
+                m.lora_A["default"].weight.copy_(a)
         peft_model.eval()
         return peft_model
 

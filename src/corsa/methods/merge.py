@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from corsa.methods.base import EditResult
-from corsa.methods.corsa import CorsaConfig, CorsaEditor
+from corsa.methods.corsa import CorsaConfig, CorsaEditor, lora_layers
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 
@@ -96,9 +96,7 @@ class MergeEditor:
     def _merge(self, model: torch.nn.Module) -> list[float]:
         cfg = self.config
         errors = []
-        for m in model.modules():
-            if not (hasattr(m, "lora_A") and "default" in m.lora_A):
-                continue
+        for m in lora_layers(model).values():
             a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
             if cfg.merge == "task_arithmetic":
                 b.mul_(cfg.scale)  # theta + scale * s B A
