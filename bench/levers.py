@@ -1,6 +1,6 @@
 """Measure each speed lever of the CoRSA gradient point on the real default model, in one process.
 
-    python bench/levers.py --data ../shared/benchmarks [--steps 5] [--threads 2] [--out results/levers.json]
+    python bench/levers.py --data ../shared/benchmarks [--steps 5] [--threads 2] [--compile] [--out results/levers.json]
 
 For one batch of 16 CounterFact val edits it times one forward and the two backward passes (SFT, DPO) that a
 CoRSA gradient point needs, with each lever switched off in turn:
@@ -9,6 +9,9 @@ CoRSA gradient point needs, with each lever switched off in turn:
   no sharing      y+ and y- as separate full sequences (prefix and prompt run twice), logits at answer positions
   full logits     as "no sharing", but the output layer over every position (what a plain model(...) call does)
   bf16            all levers, under bf16 autocast
+  torch.compile   all levers, every decoder layer compiled (regional compilation, dynamic shapes); only with
+                  --compile, run last because compiling changes the model in place; the first call's time
+                  (compilation included) is reported separately
 Medians over --steps repetitions after a warm-up; the first row is the reference for the ratios.
 """
 
@@ -34,6 +37,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time the decoder layers under torch.compile")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -70,9 +74,18 @@ def main() -> None:
     variants = {"all levers": lambda: point(shared), "no prefix": lambda: point(unprefixed),
                 "no sharing": lambda: point(full), "full logits": lambda: point(full, full_logits=True),
                 "bf16": lambda: point(shared, autocast=True)}
-    seconds = {}
+    if args.compile:
+        variants["torch.compile"] = lambda: point(shared)
+    seconds, first_call = {}, {}
     for name, fn in variants.items():
+        if name == "torch.compile":
+            # Regional compilation: one compiled graph shared by the identical decoder layers keeps compile time
+            # bounded; dynamic shapes because batch lengths vary from step to step.
+            for layer in model.get_base_model().model.layers:
+                layer.compile(dynamic=True)
+        t = time.perf_counter()
         fn()
+        first_call[name] = time.perf_counter() - t
         times = []
         for _ in range(args.steps):
             t = time.perf_counter()
@@ -80,12 +93,12 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         seconds[name] = statistics.median(times)
     ref = seconds["all levers"]
-    print("| variant | s per gradient point (1 fwd + 2 bwd) | vs all levers |\n|---|---|---|")
+    print("| variant | s per gradient point (1 fwd + 2 bwd) | vs all levers | first call (s) |\n|---|---|---|---|")
     for name, s in seconds.items():
-        print(f"| {name} | {s:.2f} | {s / ref:.2f}x |")
+        print(f"| {name} | {s:.2f} | {s / ref:.2f}x | {first_call[name]:.1f} |")
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"seconds": seconds, "steps": args.steps, "threads": args.threads,
+            json.dump({"seconds": seconds, "first_call_seconds": first_call, "steps": args.steps, "threads": args.threads,
                        "tokens": {"prefix": shared.prefix_ids.numel(), "shared_prompt_tokens":
                                   int(shared.prompt_mask.sum()), "full_tokens": int(full.attention_mask.sum())}},
                       fh, indent=2)
