@@ -81,6 +81,9 @@ def main() -> None:
         if name == "torch.compile":
             # Regional compilation: one compiled graph shared by the identical decoder layers keeps compile time
             # bounded; dynamic shapes because batch lengths vary from step to step.
+            # A CoRSA point runs two backward passes over one forward (retain_graph), which AOTAutograd's donated
+            # buffers forbid.
+            torch._functorch.config.donated_buffer = False
             for layer in model.get_base_model().model.layers:
                 layer.compile(dynamic=True)
         t = time.perf_counter()
