@@ -84,6 +84,9 @@ def main() -> None:
             # A CoRSA point runs two backward passes over one forward (retain_graph), which AOTAutograd's donated
             # buffers forbid.
             torch._functorch.config.donated_buffer = False
+            # Dynamo guards on the layer's slot in the shared KV cache, so each decoder layer gets its own graph;
+            # the default limit (8) would leave the other layers eager.
+            torch._dynamo.config.recompile_limit = 4 * len(model.get_base_model().model.layers)
             for layer in model.get_base_model().model.layers:
                 layer.compile(dynamic=True)
         t = time.perf_counter()

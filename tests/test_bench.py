@@ -8,7 +8,7 @@ import pytest
 
 from corsa.cli import main
 from corsa.evaluate.metrics import METRICS
-from corsa.evaluate.runner import format_table, load_results, parse_method, select_cases
+from corsa.evaluate.runner import commands_line, format_table, load_results, parse_method, select_cases
 from corsa.errors import InputError
 from corsa.requests import EditRequest
 
@@ -44,6 +44,15 @@ def test_single_bench_writes_every_metric_and_a_matching_table(tmp_path, tiny_di
     capsys.readouterr()
     assert main(argv) == 0  # rerun: everything done, nothing retrained
     assert capsys.readouterr().out.count("done earlier, skipped") == 2
+
+
+def test_table_names_the_command_of_every_row():
+    rows = [{"method": "base", "command": "corsa bench single --methods lora"},
+            {"method": "lora", "command": "corsa bench single --methods lora"},
+            {"method": "flearning", "command": "corsa bench single --methods lora,flearning"}]
+    assert commands_line(rows[:2]) == "Command: `corsa bench single --methods lora`"
+    assert commands_line(rows) == ("Commands: `corsa bench single --methods lora` (base, lora); "
+                                   "`corsa bench single --methods lora,flearning` (flearning)")
 
 
 def test_method_specs():

@@ -240,8 +240,19 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     first = results[0]
     lines.append("")
     lines.append(f"{first['bench']} `{first['split']}`, n = {first['n']}, seed {first['seed']}, model "
-                 f"{first['model']}; values in %. Command: `{first.get('command')}`")
+                 f"{first['model']}; values in %. {commands_line(results)}")
     return "\n".join(lines)
+
+
+def commands_line(results: Sequence[dict[str, Any]]) -> str:
+    """Every command that produced a row: a run folder filled by several invocations (a rerun skips finished
+    methods) must still trace each row to its own command."""
+    by_command: dict[str, list[str]] = {}
+    for r in results:
+        by_command.setdefault(str(r.get("command")), []).append(r["method"])
+    if len(by_command) == 1:
+        return f"Command: `{next(iter(by_command))}`"
+    return "Commands: " + "; ".join(f"`{c}` ({', '.join(m)})" for c, m in by_command.items())
 
 
 def write_report(out: str | Path) -> None:

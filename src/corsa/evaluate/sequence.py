@@ -39,7 +39,7 @@ import torch
 from corsa import artifacts, models
 from corsa.errors import InputError
 from corsa.evaluate import plots
-from corsa.evaluate.runner import parse_method, select_cases
+from corsa.evaluate.runner import commands_line, parse_method, select_cases
 from corsa.methods import CONTINUABLE, make_editor
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark, read_edits
@@ -255,7 +255,7 @@ def format_sequence_table(results: Sequence[dict[str, Any]]) -> str:
                          + " | ".join(cells) + " |")
     first = results[0]
     lines += ["", f"{first['bench']}, model {first['model']}, seed {first['config']['seed']}, evaluated after "
-              f"{first['config']['evaluate_after']}; values in %. Command: `{first.get('command')}`"]
+              f"{first['config']['evaluate_after']}; values in %. {commands_line(results)}"]
     return "\n".join(lines)
 
 

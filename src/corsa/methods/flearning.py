@@ -9,7 +9,8 @@ A = [A_new; A_old], B = [B_new, -lam * B_old], with alpha doubled so the scaling
 standard PEFT adapter like every other method's, loadable on the original base weights.
 
 No code was released; lam (the forgetting coefficient) is not given in what we could read, so it is a setting
-to sweep on CounterFact `val` (the reference doc suggests {0.1, 0.3, 0.5, 1.0}). Both phases use the LoRA-SFT
+to sweep on CounterFact `val` (the reference doc suggests {0.1, 0.3, 0.5, 1.0}); on SmolLM2 0.5 was the best of
+0.1, 0.5 and 1.0 (docs/RESULTS.md). Both phases use the LoRA-SFT
 baseline's configuration (paper A.2 values).
 """
 
@@ -30,7 +31,7 @@ from corsa.requests import EditRequest
 
 @dataclass(frozen=True)
 class FLearningConfig:
-    lam: float = 0.5  # forgetting coefficient: not reported; middle of the reference doc's sweep until tuned
+    lam: float = 0.5  # not reported by the paper; the best of 0.1/0.5/1.0 on CounterFact val (docs/RESULTS.md)
     # Each phase is the LoRA-SFT baseline (r 32, alpha 64, lr 2e-4, batch 16; paper A.2).
     sft: CorsaConfig = field(default_factory=lambda: CorsaConfig(use_dpo=False, use_sam=False, pcgrad=None))
     seed: int = 0
