@@ -44,3 +44,14 @@ def test_cli_edit_bench_and_ask_with_prepend(tmp_path, tiny_dir, capsys):
                  "--max-new-tokens", "2"]) == 0
     record = json.loads((tmp_path / "b" / "prepend" / "results.json").read_text())
     assert record["train"]["steps"] == 0 and "gen.generality" in record["summary"]
+
+
+def test_a_later_update_adds_to_the_context_and_replaces_a_revised_fact(tokenizer):
+    fmt = Formatter(tokenizer)
+    editor = make_editor("prepend")
+    first = editor.edit(torch.nn.Linear(1, 1), fmt, [EditRequest("a?", "x", "o"), EditRequest("b?", "y", "o")],
+                        progress=False).formatter
+    second = editor.edit(torch.nn.Linear(1, 1), first, [EditRequest("a?", "z", "x"), EditRequest("c?", "w", "o")],
+                         progress=False).formatter
+    assert second.context == {"a?": "a? z", "b?": "b? y", "c?": "c? w"}
+    assert first.context == {"a?": "a? x", "b?": "b? y"}  # the earlier formatter is left as it was

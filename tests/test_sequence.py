@@ -85,3 +85,28 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_dir, capsys, kind):
     assert table.count("| corsa |") == len(results[1]["runs"]) and (out / "plot.png").exists()
     capsys.readouterr()
     assert main(argv) == 0 and capsys.readouterr().out.count("done earlier, skipped") == 2
+
+
+def test_baselines_run_several_updates_on_the_tiny_model(tmp_path, tiny_dir, monkeypatch):
+    """F-Learning, MEMIT and merging fold the earlier update into the weights and edit again; prepend keeps
+    telling the earlier facts. Each must learn the second update's edits on top of the first."""
+    monkeypatch.setenv("CORSA_CACHE", str(tmp_path / "cache"))
+    counterfact(tmp_path, n=8)
+    mquake(tmp_path)
+    train = [{"case_id": i, "prompt": f"the town of t{i} is", "target_new": "x", "subject": f"t{i}",
+              "ground_truth": f"g{i % 5}", "rephrase_prompt": "r", "locality_prompt": "l", "locality_ground_truth": "z"}
+             for i in range(30)]
+    (tmp_path / "counterfact" / "easyedit-counterfact-train.json").write_text(json.dumps(train))
+    out = tmp_path / "run"
+    methods = ["flearning", "memit", "merge", "prepend"]
+    assert main(["bench", "inject", "--data", str(tmp_path), "--out", str(out), "--n", "2", "--n2", "2",
+                 "--model", tiny_dir, "--epochs", "1", "--quiet", "--max-new-tokens", "3",
+                 "--methods", ",".join(methods)]) == 0
+    for m in methods:
+        record = json.loads((out / m / "results.json").read_text())
+        run = record["runs"][0]
+        assert run["n_per_stage"] == [2, 2] and run["efficacy_prompt"] is not None
+        assert len(run["steps"]) == 2
+    prepend = json.loads((out / "prepend" / "results.json").read_text())["runs"][0]
+    # the first update's probes are asked with the same context after the second update, so they cannot change
+    assert prepend["forgetting"] in (0.0, None)

@@ -160,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=32)
         if name == "single":
             p.add_argument("--methods", default="lora,corsa",
-                           help="comma-separated: lora, corsa, corsa-no-sam, corsa-no-dpo, corsa-no-pcgrad, "
-                                "corsa-official-pcgrad, corsa-lambda<value>, corsa-rho<value>, corsa-beta<value>")
+                           help="comma-separated: lora, corsa, flearning, memit, merge, merge-ties, prepend, "
+                                "corsa-no-sam, corsa-no-dpo, corsa-no-pcgrad, corsa-official-pcgrad, "
+                                "corsa-lambda<v>, corsa-rho<v>, corsa-beta<v>, flearning-lambda<v>, merge-scale<v>")
         else:
             p.add_argument("--lambda", dest="lambdas", help="comma-separated λ values: run corsa-lambda<λ> each")
             p.add_argument("--rho", dest="rhos", help="comma-separated SAM radii: run corsa-rho<ρ> each")
@@ -183,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="run folder; a rerun skips finished methods")
         p.add_argument("--n", type=int, default=100, help="edits in the first update")
         p.add_argument("--n2", type=int, default=100, help="edits in the second update")
-        p.add_argument("--methods", default="lora,corsa", help="comma-separated, as for bench single")
+        p.add_argument("--methods", default="lora,corsa",
+                       help="comma-separated, as for bench single; F-Learning, MEMIT and merging fold each update "
+                            "into the weights before the next, prepend keeps every fact told so far")
         p.add_argument("--eval-after", default="each", choices=["each", "all"],
                        help="measure update efficacy right after each update, or once after the last")
         p.add_argument("--max-new-tokens", type=int, default=32)

@@ -72,7 +72,9 @@ class PrependEditor:
 
     def edit(self, model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest], *,
              progress: bool = True) -> EditResult:
-        asked = PrependFormatter(formatter.tokenizer, formatter.style, context=contexts(requests),
+        # A later update adds to what the model was told before; a new fact for a known query replaces the old one.
+        told = formatter.context if isinstance(formatter, PrependFormatter) else {}
+        asked = PrependFormatter(formatter.tokenizer, formatter.style, context={**told, **contexts(requests)},
                                  template=self.config.template)
         info = {"timings": {}, "steps": 0, "epochs_run": 0, "variant": "prepend",
                 "config": dataclasses.asdict(self.config)}
