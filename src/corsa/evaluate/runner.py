@@ -27,6 +27,7 @@ from corsa.editing import edit
 from corsa.errors import InputError
 from corsa.evaluate import plots
 from corsa.evaluate.metrics import HEADLINE, METRICS, EvalConfig, evaluate
+from corsa.evaluate.stats import differences_line
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark_with_report
 from corsa.scoring import contains, generate
@@ -241,6 +242,9 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     lines.append("")
     lines.append(f"{first['bench']} `{first['split']}`, n = {first['n']}, seed {first['seed']}, model "
                  f"{first['model']}; values in %. {commands_line(results)}")
+    compared = differences_line(results)
+    if compared:
+        lines += ["", compared]
     return "\n".join(lines)
 
 

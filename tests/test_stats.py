@@ -1,0 +1,41 @@
+"""The paired bootstrap behind the tables' 'minus lora' lines."""
+
+from __future__ import annotations
+
+import pytest
+
+from corsa.evaluate.stats import differences_line, paired_difference
+
+
+def cases(values):
+    return [{"id": f"c{i}", "gen.generality": v} for i, v in enumerate(values)]
+
+
+def test_no_difference_has_a_zero_interval():
+    a = cases([[True], [False], [True, False]])
+    d = paired_difference(a, a, "gen.generality")
+    assert (d.estimate, d.low, d.high, d.cases) == (0.0, 0.0, 0.0, 3)
+
+
+def test_estimate_pools_prompts_like_the_table_and_pairs_by_id():
+    a = cases([[False, False], [False], [True]])
+    b = list(reversed(cases([[True, True], [False], [True]])))  # order must not matter: matched by id
+    d = paired_difference(a, b, "gen.generality")
+    assert d.estimate == pytest.approx(2 / 4)  # 3/4 - 1/4 over the 4 pooled paraphrases
+    assert d.low <= d.estimate <= d.high
+
+
+def test_interval_narrows_with_more_cases_and_excludes_zero_for_a_clear_effect():
+    small = paired_difference(cases([[False]] * 10), cases([[True]] * 3 + [[False]] * 7), "gen.generality")
+    big = paired_difference(cases([[False]] * 1000), cases([[True]] * 300 + [[False]] * 700), "gen.generality")
+    assert small.estimate == big.estimate == pytest.approx(0.3)
+    assert big.high - big.low < small.high - small.low
+    assert big.low > 0.2
+
+
+def test_missing_metric_gives_none_and_no_line():
+    assert paired_difference(cases([[True]]), cases([[True]]), "tf.generality") is None
+    rows = [{"method": "base", "cases": cases([[False]])}, {"method": "corsa", "cases": cases([[True]])}]
+    assert differences_line(rows) == ""  # no lora row to compare against
+    rows.append({"method": "lora", "cases": cases([[False]])})
+    assert "corsa minus lora: gen.generality +100.0" in differences_line(rows)
