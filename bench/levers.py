@@ -1,6 +1,7 @@
 """Measure each speed lever of the CoRSA gradient point on the real default model, in one process.
 
-    python bench/levers.py --data ../shared/benchmarks [--steps 5] [--threads 2] [--compile] [--out results/levers.json]
+    python bench/levers.py --data ../shared/benchmarks [--steps 5] [--threads 2] [--compile] \\
+        [--out results/levers.json]
 
 For one batch of 16 CounterFact val edits it times one forward and the two backward passes (SFT, DPO) that a
 CoRSA gradient point needs, with each lever switched off in turn:
@@ -18,7 +19,6 @@ Medians over --steps repetitions after a warm-up; the first row is the reference
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from unittest import mock
@@ -26,7 +26,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from corsa import models, scoring
+from corsa import artifacts, models, scoring
 from corsa.methods.corsa import CorsaConfig, attach_lora
 from corsa.prompts import Formatter
 from corsa.requests import load_benchmark
@@ -104,11 +104,10 @@ def main() -> None:
     for name, s in seconds.items():
         print(f"| {name} | {s:.2f} | {s / ref:.2f}x | {first_call[name]:.1f} |")
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"seconds": seconds, "first_call_seconds": first_call, "steps": args.steps, "threads": args.threads,
-                       "tokens": {"prefix": shared.prefix_ids.numel(), "shared_prompt_tokens":
-                                  int(shared.prompt_mask.sum()), "full_tokens": int(full.attention_mask.sum())}},
-                      fh, indent=2)
+        artifacts.write_json(args.out, {
+            "seconds": seconds, "first_call_seconds": first_call, "steps": args.steps, "threads": args.threads,
+            "tokens": {"prefix": shared.prefix_ids.numel(), "shared_prompt_tokens": int(shared.prompt_mask.sum()),
+                       "full_tokens": int(full.attention_mask.sum())}})
 
 
 if __name__ == "__main__":

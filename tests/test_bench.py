@@ -7,9 +7,9 @@ import json
 import pytest
 
 from corsa.cli import main
+from corsa.errors import InputError
 from corsa.evaluate.metrics import METRICS
 from corsa.evaluate.runner import commands_line, format_table, load_results, parse_method, select_cases
-from corsa.errors import InputError
 from corsa.requests import EditRequest
 
 

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, save_tiny_model
 
 from corsa.cli import main
-from conftest import REPO, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_no_traceback_from_the_console_script(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"prompt": "caf\xe9", "target_new": "x"}\n')
     proc = subprocess.run([sys.executable, "-m", "corsa.cli", "edit", str(path), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, cwd=REPO)
+                          capture_output=True, text=True, cwd=REPO, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr and "UTF-8" in proc.stderr
 
@@ -82,8 +82,8 @@ def test_edit_on_a_local_tiny_model_writes_a_peft_adapter_and_manifest(tmp_path,
     path = edits_file(tmp_path, {"id": "a", "prompt": "sky?", "target_new": "green", "target_old": "blue"},
                       {"id": "b", "prompt": "2+2?", "target_new": "five"})
     out = tmp_path / "run"
-    code, stdout, err = run_cli(capsys, "edit", path, "--out", out, "--model", tiny_dir, "--epochs", "2", "--quiet",
-                                "--lr", "1e-2", "--seed", "3")
+    code, _, err = run_cli(capsys, "edit", path, "--out", out, "--model", tiny_dir, "--epochs", "2", "--quiet",
+                           "--lr", "1e-2", "--seed", "3")
     assert code == 0, err
     assert {"adapter_config.json", "adapter_model.safetensors", "edit_manifest.json"} <= set(os.listdir(out))
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".run")]  # no temp folder left behind
@@ -120,7 +120,7 @@ def test_interrupted_edit_leaves_nothing(tmp_path, capsys, tiny_dir, monkeypatch
 
     monkeypatch.setattr(CorsaTrainer, "train", boom)
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, "edit", edits_file(tmp_path, {"prompt": "q?", "target_new": "a"}), "--out", out,
+    code, _, _err = run_cli(capsys, "edit", edits_file(tmp_path, {"prompt": "q?", "target_new": "a"}), "--out", out,
                            "--model", tiny_dir, "--quiet")
     assert code == 130 and not out.exists() and os.listdir(tmp_path) == ["facts.jsonl"]
 

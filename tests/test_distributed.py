@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import REPO, save_tiny_model
+from safetensors.torch import load_file
 
 EDITS = [{"prompt": "sky?", "target_new": "green", "target_old": "blue"},
          {"prompt": "2+2?", "target_new": "five", "target_old": "four"},
@@ -22,7 +21,7 @@ def run(argv, processes, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                 "-m"] if processes > 1 else [sys.executable, "-m"]
     proc = subprocess.run(launcher + ["corsa.cli", *argv, "--threads", "1"], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
+                          text=True, timeout=300, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -8,15 +8,15 @@ import copy
 import pytest
 import torch
 
-from corsa.methods import make_editor
 from corsa.methods import flearning as fl
+from corsa.methods import make_editor
 from corsa.methods.corsa import lora_layers
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 from corsa.scoring import score_answers
 
 EDITS = [EditRequest("capital of fr?", "rome", "paris"), EditRequest("sky colour?", "green", "blue")]
-FAST = dict(lr=2e-2, epochs=4, batch_size=2, lora_r=4, lora_alpha=8, stop_when_learned=False)
+FAST = {"lr": 2e-2, "epochs": 4, "batch_size": 2, "lora_r": 4, "lora_alpha": 8, "stop_when_learned": False}
 
 
 def test_forget_step_lowers_the_old_answers(tiny_model, tokenizer, monkeypatch):

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
+from conftest import make_model, make_tokenizer
 
 from corsa.methods import make_editor
 from corsa.methods.memit import default_layers, subject_last_index
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 from corsa.scoring import score_answers
-from conftest import make_model, make_tokenizer
 
 EDITS = [EditRequest("the home of bob is", "rome", "paris", subject="bob"),
          EditRequest("the pet of amy is", "dog", "cat", subject="amy")]

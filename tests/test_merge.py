@@ -14,7 +14,7 @@ from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 
 EDITS = [EditRequest("capital of fr?", "rome", "paris"), EditRequest("sky colour?", "green", "blue")]
-FAST = dict(lr=2e-2, epochs=3, batch_size=2, lora_r=4, lora_alpha=8, stop_when_learned=False)
+FAST = {"lr": 2e-2, "epochs": 3, "batch_size": 2, "lora_r": 4, "lora_alpha": 8, "stop_when_learned": False}
 
 
 def delta_of(model):
@@ -60,8 +60,9 @@ def test_trim_and_low_rank():
 def test_every_baseline_in_one_bench_run(tmp_path, tiny_dir, capsys):
     import json
 
-    from corsa.cli import main
     from test_bench import counterfact
+
+    from corsa.cli import main
 
     counterfact(tmp_path)
     facts = tmp_path / "f.jsonl"

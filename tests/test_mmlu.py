@@ -7,10 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from corsa.evaluate.mmlu import (LETTERS, MMLUConfig, MMLUQuestion, build_prompt, encode_prompt, evaluate_mmlu,
-                                 letter_ids, letter_logits, load_mmlu, load_shots, subjects)
 from conftest import DATA, make_model, make_tokenizer
+
+from corsa.evaluate.mmlu import (
+    LETTERS,
+    MMLUConfig,
+    MMLUQuestion,
+    build_prompt,
+    encode_prompt,
+    evaluate_mmlu,
+    letter_ids,
+    letter_logits,
+    load_mmlu,
+    load_shots,
+    subjects,
+)
 
 # Uneven lengths (so batches need padding), and fields with commas, quotes and newlines (so the CSV reader is
 # exercised).
@@ -228,7 +239,7 @@ def test_real_mmlu_counts():
 
 def test_shared_prefix_path_scores_like_full_prompts(tmp_path, tiny_model, tokenizer, monkeypatch):
     """Running each subject's header and shots once gives the same predictions as full prompts."""
-    import corsa.evaluate.mmlu as mmlu
+    from corsa.evaluate import mmlu
 
     data = write_mmlu(tmp_path)
     config = MMLUConfig(n_per_subject=None, batch_size=3)

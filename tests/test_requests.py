@@ -11,8 +11,16 @@ from typing import Any
 import pytest
 
 from corsa.errors import InputError
-from corsa.requests import (EditRequest, Neighbor, check_lengths, load_benchmark, load_benchmark_with_report,
-                            read_edits, read_jsonl, write_jsonl)
+from corsa.requests import (
+    EditRequest,
+    Neighbor,
+    check_lengths,
+    load_benchmark,
+    load_benchmark_with_report,
+    read_edits,
+    read_jsonl,
+    write_jsonl,
+)
 
 # The benchmarks live beside the checkout (/work/shared/benchmarks for /work/main); CORSA_DATA overrides.
 DATA = Path(os.environ.get("CORSA_DATA", Path(__file__).resolve().parents[2] / "shared" / "benchmarks"))
@@ -182,7 +190,7 @@ def test_prompt_longer_than_context(tmp_path):
     path = write(tmp_path, GOOD, {"prompt": "a b c", "target_new": "x", "paraphrases": ["short", "w " * 20]},
                  {"prompt": "c?", "target_new": "y", "neighborhood": [{"prompt": "n " * 11, "answer": "z"}]})
     requests = read_jsonl(path)
-    words = lambda s: len(s.split())  # noqa: E731 - a stand-in tokenizer
+    words = lambda s: len(s.split())
     check_lengths(requests[:1], words, 10)
     with pytest.raises(InputError) as info:
         check_lengths(requests, words, 10)

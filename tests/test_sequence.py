@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_bench import counterfact
 
 from corsa.cli import main
 from corsa.errors import InputError
 from corsa.evaluate.sequence import SequenceConfig, build_stages, chain_stages, score
 from corsa.requests import EditRequest
-from test_bench import counterfact
 
 
 def mquake(folder, n=3):
@@ -94,7 +94,8 @@ def test_baselines_run_several_updates_on_the_tiny_model(tmp_path, tiny_dir, mon
     counterfact(tmp_path, n=8)
     mquake(tmp_path)
     train = [{"case_id": i, "prompt": f"the town of t{i} is", "target_new": "x", "subject": f"t{i}",
-              "ground_truth": f"g{i % 5}", "rephrase_prompt": "r", "locality_prompt": "l", "locality_ground_truth": "z"}
+              "ground_truth": f"g{i % 5}", "rephrase_prompt": "r", "locality_prompt": "l",
+              "locality_ground_truth": "z"}
              for i in range(30)]
     (tmp_path / "counterfact" / "easyedit-counterfact-train.json").write_text(json.dumps(train))
     out = tmp_path / "run"

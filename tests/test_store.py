@@ -11,14 +11,14 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 
 from corsa import store
 from corsa.cli import main
 from corsa.errors import InputError
 from corsa.requests import EditRequest
-from conftest import REPO
 
-FAST = dict(lr=2e-2, epochs=2, lora_r=8, lora_alpha=16, stop_when_learned=False)
+FAST = {"lr": 2e-2, "epochs": 2, "lora_r": 8, "lora_alpha": 16, "stop_when_learned": False}
 FIRST = [EditRequest("sky?", "green", "blue"), EditRequest("2+2?", "five", "four")]
 
 

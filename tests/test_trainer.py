@@ -22,7 +22,8 @@ EDITS = [
     EditRequest("2+2?", "five", "four"),
 ]
 # Tiny-model settings: a higher lr so a handful of steps moves a random model measurably.
-FAST = dict(lr=2e-2, epochs=3, batch_size=4, micro_batch_size=4, stop_when_learned=False, lora_r=8, lora_alpha=16)
+FAST = {"lr": 2e-2, "epochs": 3, "batch_size": 4, "micro_batch_size": 4, "stop_when_learned": False, "lora_r": 8,
+        "lora_alpha": 16}
 
 
 def run(model, tokenizer, **overrides):
@@ -239,6 +240,7 @@ def test_shared_prompt_batch_scores_like_the_plain_batch(chat, prompts, prefix):
     """Running the common prefix and each prompt once and sharing their caches gives the same log-probs as full
     sequences, with and without gradients."""
     from conftest import make_model, make_tokenizer
+
     from corsa.scoring import make_batch, make_shared_batch, token_logprobs
 
     tok = make_tokenizer(chat)

@@ -31,12 +31,12 @@ def format_table(columns: dict[str, dict[str, Any]]) -> str:
     names = list(columns)
     width = max(len(v) for v in LABELS.values())
     lines = [f"{'':{width}}  " + "  ".join(f"{n:>12}" for n in names)]
-    for key in LABELS:
+    for key, label in LABELS.items():
         cells = []
         for n in names:
             value, count = columns[n]["summary"][key], columns[n]["counts"][key]
             cells.append(f"{'-':>12}" if value is None else f"{round(value * count):>4}/{count:<3} {value:>4.0%}")
-        lines.append(f"{LABELS[key]:{width}}  " + "  ".join(cells))
+        lines.append(f"{label:{width}}  " + "  ".join(cells))
     return "\n".join(lines)
 
 

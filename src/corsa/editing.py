@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import re
-import datetime as dt
 import time
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,7 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
             timings["save_s"] = time.perf_counter() - t
             manifest = {
                 "format": "corsa-edit/1",
-                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "command": command,
                 "method": editor.name,
                 "model": {"name": model or models.DEFAULT_MODEL, "path": path},

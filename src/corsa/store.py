@@ -266,7 +266,7 @@ def locked(root: str | Path, *, create: bool = False) -> Iterator[Store]:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _answer_all(model: torch.nn.Module, formatter: Formatter, prompts: list[str]) -> dict[str, str]:

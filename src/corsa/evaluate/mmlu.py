@@ -25,8 +25,14 @@ from tqdm.auto import tqdm
 
 from corsa.errors import InputError
 from corsa.models import context_length
-from corsa.scoring import (causal_lm, common_prefix_length, left_pad, make_shared_batch, output_logits,
-                           shared_answer_logits)
+from corsa.scoring import (
+    causal_lm,
+    common_prefix_length,
+    left_pad,
+    make_shared_batch,
+    output_logits,
+    shared_answer_logits,
+)
 
 LETTERS = "ABCD"
 HEADER = "The following are multiple choice questions (with answers).\n\n"  # the released script: no subject

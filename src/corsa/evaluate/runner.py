@@ -210,7 +210,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
 
 
 def _stamp(record: dict[str, Any]) -> dict[str, Any]:
-    record["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    record["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     record["versions"] = artifacts.library_versions()
     return record
 

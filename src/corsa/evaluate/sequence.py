@@ -246,7 +246,7 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
         record = {**header, "method": spec, "method_config": dataclasses.asdict(editor.config), "runs": runs,
                   "answers": {"before": before, "after_first": after_first},
                   "wall_time_s": time.perf_counter() - t0,
-                  "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                   "versions": artifacts.library_versions()}
         artifacts.write_json(res_file, record)
         del first, base
@@ -266,10 +266,10 @@ def format_sequence_table(results: Sequence[dict[str, Any]]) -> str:
         for run in r["runs"]:
             cells = ["-" if run[k] is None else f"{100 * run[k]:.1f}" for k in keys]
             lines.append(f"| {r['method']} | {run['fraction']:g} | {'/'.join(map(str, run['n_per_stage']))} | "
-                         + " | ".join(cells) + " |")
+                          + " | ".join(cells) + " |")
     first = results[0]
-    lines += ["", f"{first['bench']}, model {first['model']}, seed {first['config']['seed']}, evaluated after "
-              f"{first['config']['evaluate_after']}; values in %. {commands_line(results)}"]
+    lines += ["", (f"{first['bench']}, model {first['model']}, seed {first['config']['seed']}, evaluated after "
+                   f"{first['config']['evaluate_after']}; values in %. {commands_line(results)}")]
     return "\n".join(lines)
 
 

@@ -144,7 +144,7 @@ def run_speed(cfg: SpeedConfig, out: str | Path, command: str | None = None) -> 
     results = [measure_model(name, cfg) for name in cfg.models]
     record = {"command": command, "config": dataclasses.asdict(cfg), "results": results,
               "threads": torch.get_num_threads(),
-              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "versions": artifacts.library_versions()}
     out.mkdir(parents=True, exist_ok=True)
     artifacts.write_json(out / "speed.json", record)
@@ -167,8 +167,8 @@ def format_speed(record: dict[str, Any]) -> str:
         lines.append(f"| {k}: GFLOP, share of matmul peak | " + " | ".join(
             f"{r['flops'][k] / 1e9:.0f}, {100 * r['achieved_share_of_matmul'][k]:.0f}%" for r in record["results"])
             + " |")
-    lines += ["", f"Medians of {record['config']['steps']} repetitions after a warm-up, batch of "
-              f"{record['config']['batch_size']} CounterFact val edits, {record['threads']} threads, bf16 "
-              f"{record['config']['bf16']}, {record['date']}. Command: `{record['command']}`"]
+    lines += ["", (f"Medians of {record['config']['steps']} repetitions after a warm-up, batch of "
+                   f"{record['config']['batch_size']} CounterFact val edits, {record['threads']} threads, bf16 "
+                   f"{record['config']['bf16']}, {record['date']}. Command: `{record['command']}`")]
     return "\n".join(lines)
 

@@ -33,4 +33,4 @@ def make_editor(name: str, **overrides: Any) -> Editor:
     return editor_cls(config_factory(**overrides))
 
 
-__all__ = ["REGISTRY", "make_editor", "Editor", "EditResult", "CorsaConfig", "CorsaEditor", "LoraEditor"]
+__all__ = ["REGISTRY", "CorsaConfig", "CorsaEditor", "EditResult", "Editor", "LoraEditor", "make_editor"]

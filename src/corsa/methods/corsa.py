@@ -24,8 +24,7 @@ from corsa.methods.base import EditResult
 from corsa.optim import losses, pcgrad, sam
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
-from corsa.scoring import (SharedBatch, autocast_context, make_shared_batch, score_answers, sum_by_row,
-                           token_logprobs)
+from corsa.scoring import SharedBatch, autocast_context, make_shared_batch, score_answers, sum_by_row, token_logprobs
 
 # Every attention and MLP projection of Llama/Gemma/Qwen-style blocks (paper A.2; the released default.json).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

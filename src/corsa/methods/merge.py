@@ -56,7 +56,7 @@ def merge_config(merge: str = "task_arithmetic", scale: float = 0.5, density: fl
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """TIES trim: keep the `density` share of entries with the largest magnitude, zero the rest."""
-    k = max(1, int(round(density * delta.numel())))
+    k = max(1, round(density * delta.numel()))
     threshold = delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
     return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
 
