@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -45,6 +46,11 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def now() -> str:
+    """The UTC time to the second, as every record and manifest stamps it."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def write_json(path: str | Path, data: Any) -> None:

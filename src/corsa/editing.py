@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import re
 import time
@@ -88,7 +87,7 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
             timings["save_s"] = time.perf_counter() - t
             manifest = {
                 "format": "corsa-edit/1",
-                "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "created": artifacts.now(),
                 "command": command,
                 "method": editor.name,
                 "model": {"name": model or models.DEFAULT_MODEL, "path": path},

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import fcntl
 import hashlib
 import json
@@ -209,7 +208,7 @@ class Store:
 
     # --- writing (only under the lock) ----------------------------------------------------------------------------
     def _init(self, model: str | None, prompt_style: PromptStyle) -> None:
-        created = _now()
+        created = artifacts.now()
         with self.transaction():
             for key, value in (("format", FORMAT), ("model", model or models.DEFAULT_MODEL),
                                ("prompt_style", prompt_style), ("head", "0"), ("created", created)):
@@ -263,10 +262,6 @@ def locked(root: str | Path, *, create: bool = False) -> Iterator[Store]:
             store.close()
     finally:
         os.close(fd)  # closing releases the lock, also when the process is killed
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _answer_all(model: torch.nn.Module, formatter: Formatter, prompts: list[str]) -> dict[str, str]:
@@ -345,7 +340,7 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
         with artifacts.atomic_dir(store.root / rel) as tmp:
             result.model.save_pretrained(str(tmp))
             artifacts.write_json(tmp / artifacts.MANIFEST, {
-                "format": "corsa-edit/1", "created": _now(), "command": command, "method": editor.name,
+                "format": "corsa-edit/1", "created": artifacts.now(), "command": command, "method": editor.name,
                 "model": {"name": store.meta("model")}, "prompt_style": formatter.style, "store_version": v,
                 "parent_version": parent, "config": dataclasses.asdict(editor.config),
                 "edits": [r.to_dict() for r in requests], "curves": result.curves, "metrics": metrics,
@@ -356,7 +351,7 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
             store.db.execute(
                 "INSERT INTO versions (version, parent, kind, created, method, config, command, adapter, sha256, "
                 "metrics) VALUES (?, ?, 'update', ?, ?, ?, ?, ?, ?, ?)",
-                (v, parent, _now(), editor.name, json.dumps(dataclasses.asdict(editor.config)), command, rel, sha,
+                (v, parent, artifacts.now(), editor.name, json.dumps(dataclasses.asdict(editor.config)), command, rel, sha,
                  json.dumps(metrics)))
             store.db.executemany(
                 "INSERT INTO edits VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -408,7 +403,7 @@ def revert(root: str | Path, version: int, *, command: str | None = None) -> Ver
             store.db.execute(
                 "INSERT INTO versions (version, parent, kind, source, created, command, adapter, sha256, metrics) "
                 "VALUES (?, ?, 'revert', ?, ?, ?, ?, ?, ?)",
-                (v, parent, source, _now(), command, target.adapter, target.sha256,
+                (v, parent, source, artifacts.now(), command, target.adapter, target.sha256,
                  json.dumps({"reverted_to": version})))
             store.db.executemany("INSERT INTO answers VALUES (?, ?, ?)",
                                  [(v, p, a) for p, a in store.answers(version).items()])

@@ -11,7 +11,6 @@ A rerun skips every method whose results.json exists, so an interrupted benchmar
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import random
 import time
@@ -210,7 +209,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
 
 
 def _stamp(record: dict[str, Any]) -> dict[str, Any]:
-    record["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    record["date"] = artifacts.now()
     record["versions"] = artifacts.library_versions()
     return record
 

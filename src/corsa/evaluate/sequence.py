@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime as dt
 import json
 import math
 import random
@@ -246,7 +245,7 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
         record = {**header, "method": spec, "method_config": dataclasses.asdict(editor.config), "runs": runs,
                   "answers": {"before": before, "after_first": after_first},
                   "wall_time_s": time.perf_counter() - t0,
-                  "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                  "date": artifacts.now(),
                   "versions": artifacts.library_versions()}
         artifacts.write_json(res_file, record)
         del first, base

@@ -10,7 +10,6 @@ what this machine can do.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import statistics
 import time
 from collections.abc import Callable
@@ -144,7 +143,7 @@ def run_speed(cfg: SpeedConfig, out: str | Path, command: str | None = None) -> 
     results = [measure_model(name, cfg) for name in cfg.models]
     record = {"command": command, "config": dataclasses.asdict(cfg), "results": results,
               "threads": torch.get_num_threads(),
-              "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+              "date": artifacts.now(),
               "versions": artifacts.library_versions()}
     out.mkdir(parents=True, exist_ok=True)
     artifacts.write_json(out / "speed.json", record)
