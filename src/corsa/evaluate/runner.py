@@ -68,6 +68,12 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
                      f"{', '.join(f'{n}<value>' for n in SWEEPS)})", field="--methods")
 
 
+def method_overrides(method: str, variant: dict[str, Any], common: dict[str, Any], data: str) -> dict[str, Any]:
+    """The config overrides a benchmark hands a method: the run's, then the variant's; MEMIT also gets the
+    benchmarks folder, whose CounterFact train split feeds its key statistics."""
+    return {**common, **({"stats_data": data} if method == "memit" else {}), **variant}
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     bench: str
@@ -185,11 +191,9 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
             print(f"{spec}: done earlier, skipped")
             continue
         t = time.perf_counter()
-        if method == "memit":  # its key statistics come from the same benchmarks folder (CounterFact train)
-            overrides = {"stats_data": cfg.data, **overrides}
         adapter, result = edit(chosen, out / spec / "adapter", method=method, model=cfg.model, overwrite=True,
                                progress=progress, command=command, prompt_style=cfg.prompt_style,
-                               **{**cfg.overrides, **overrides})
+                               **method_overrides(method, overrides, cfg.overrides, cfg.data))
         edit_s = time.perf_counter() - t
         tok = models.load_tokenizer(models.resolve(cfg.model))
         asked = result.formatter or Formatter(tok, cfg.prompt_style)  # in-context methods bring their own

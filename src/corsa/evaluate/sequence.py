@@ -44,7 +44,7 @@ import torch
 from corsa import artifacts, models
 from corsa.errors import InputError
 from corsa.evaluate import plots
-from corsa.evaluate.runner import commands_line, parse_method, select_cases
+from corsa.evaluate.runner import commands_line, method_overrides, parse_method, select_cases
 from corsa.methods import CONTINUABLE, make_editor
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark, read_edits
@@ -209,9 +209,7 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
             print(f"{spec}: done earlier, skipped")
             continue
         t0 = time.perf_counter()
-        if method == "memit":  # key statistics from the benchmarks folder's CounterFact train split, as bench single
-            overrides = {"stats_data": cfg.data, **overrides}
-        editor = make_editor(method, **{**cfg.overrides, **overrides})
+        editor = make_editor(method, **method_overrides(method, overrides, cfg.overrides, cfg.data))
         base, tok, _ = models.load_model(cfg.model)
         formatter = Formatter(tok, cfg.prompt_style)
         everything = [r for s in stages for r in s]
@@ -265,7 +263,7 @@ def format_sequence_table(results: Sequence[dict[str, Any]]) -> str:
         for run in r["runs"]:
             cells = ["-" if run[k] is None else f"{100 * run[k]:.1f}" for k in keys]
             lines.append(f"| {r['method']} | {run['fraction']:g} | {'/'.join(map(str, run['n_per_stage']))} | "
-                          + " | ".join(cells) + " |")
+                         + " | ".join(cells) + " |")
     first = results[0]
     lines += ["", (f"{first['bench']}, model {first['model']}, seed {first['config']['seed']}, evaluated after "
                    f"{first['config']['evaluate_after']}; values in %. {commands_line(results)}")]
