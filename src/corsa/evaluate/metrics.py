@@ -53,6 +53,12 @@ class EvalConfig:
     autocast: bool = False
 
 
+def case_values(case: dict[str, Any], name: str) -> list[Any]:
+    """A case's values of one metric: one per prompt (paraphrases, neighbors), one, or none (not applicable)."""
+    v = case.get(name)
+    return v if isinstance(v, list) else ([] if v is None else [v])
+
+
 def _rate(values: Sequence[bool | float]) -> float | None:
     return float(mean(values)) if values else None
 
@@ -114,10 +120,7 @@ def evaluate(model: torch.nn.Module, formatter: Formatter, requests: list[EditRe
 
     summary, counts = {}, {}
     for name in METRICS:
-        values: list[Any] = []
-        for case in cases:
-            v = case[name]
-            values += v if isinstance(v, list) else ([] if v is None else [v])
+        values = [x for case in cases for x in case_values(case, name)]
         summary[name], counts[name] = _rate(values), len(values)
 
     if c.sample_runs:

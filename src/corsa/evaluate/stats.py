@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from corsa.evaluate.metrics import case_values
+
 COMPARED = ("gen.reliability", "gen.generality", "gen.retention", "tf.generality")
 
 
@@ -26,9 +28,8 @@ class Difference:
 
 
 def case_totals(case: dict[str, Any], metric: str) -> tuple[float, int]:
-    """(sum, count) of one case's values of a metric: a list (one per prompt) or a single value."""
-    v = case.get(metric)
-    values = v if isinstance(v, list) else ([] if v is None else [v])
+    """(sum, count) of one case's values of a metric, pooled as the tables pool them."""
+    values = case_values(case, metric)
     return float(sum(values)), len(values)
 
 
