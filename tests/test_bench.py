@@ -63,6 +63,23 @@ def test_method_specs():
         parse_method("corsa-rhox")
     with pytest.raises(InputError):
         parse_method("corsa-lambdax")
+    assert parse_method("corsa-rho0.5@seed2") == ("corsa", {"rho": 0.5, "seed": 2})
+    assert parse_method("lora@seed1") == ("lora", {"seed": 1})
+    with pytest.raises(InputError):
+        parse_method("lora@seedx")
+
+
+def test_training_seeds_repeat_each_method_on_the_same_cases(tmp_path, tiny_dir):
+    counterfact(tmp_path)
+    out = tmp_path / "res"
+    assert main(["bench", "single", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(out), "--n", "3",
+                 "--methods", "lora", "--train-seeds", "0,1", "--model", str(tiny_dir), "--epochs", "1",
+                 "--mmlu-n", "0", "--quiet", "--max-new-tokens", "2"]) == 0
+    results = load_results(out)
+    assert [(r["method"], r.get("config", {}).get("seed")) for r in results] == [
+        ("base", None), ("lora", 0), ("lora@seed1", 1)]
+    assert results[1]["case_ids"] == results[2]["case_ids"]
+    assert "Across training seeds (same cases; points):\n- lora, training seeds 0, 1:" in (out / "table.md").read_text()
 
 
 def test_mquake_subset_keeps_cases_whole():

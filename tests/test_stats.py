@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from corsa.evaluate.stats import differences_line, paired_difference
+from corsa.evaluate.stats import differences_line, paired_difference, seeds_line
 
 
 def cases(values):
@@ -39,3 +39,30 @@ def test_missing_metric_gives_none_and_no_line():
     assert differences_line(rows) == ""  # no lora row to compare against
     rows.append({"method": "lora", "cases": cases([[False]])})
     assert "corsa minus lora: gen.generality +100.0" in differences_line(rows)
+
+
+def row(method, seed, generality):
+    """A results.json row as the runner writes it; generality given as per-case outcomes."""
+    return {"method": method, "config": {"seed": seed}, "cases": cases([[g] for g in generality]),
+            "summary": {"gen.generality": sum(generality) / len(generality), "gen.reliability": 1.0}}
+
+
+def test_seed_repeats_are_compared_with_the_baseline_of_the_same_seed():
+    rows = [row("lora", 0, [False] * 4), row("corsa", 0, [True] * 2 + [False] * 2),
+            row("lora@seed1", 1, [True] * 4), row("corsa@seed1", 1, [True] * 3 + [False])]
+    text = differences_line(rows)
+    assert "- corsa minus lora: gen.generality +50.0" in text
+    assert "- corsa@seed1 minus lora@seed1: gen.generality -25.0" in text  # not against seed 0's lora
+
+
+def test_seeds_line_gives_each_seed_the_mean_and_the_spread():
+    rows = [row("lora", 0, [False] * 4), row("corsa", 0, [True] * 2 + [False] * 2),
+            row("lora@seed1", 1, [True] * 4), row("corsa@seed1", 1, [True] * 3 + [False]),
+            row("prepend", 0, [True] * 4)]  # one seed only: no line
+    text = seeds_line(rows)
+    assert text.startswith("Across training seeds")
+    assert "- lora, training seeds 0, 1: gen.generality 0.0, 100.0 (mean 50.0, sd 70.7)" in text
+    assert ("- corsa, training seeds 0, 1: gen.generality 50.0, 75.0 (mean 62.5, sd 17.7), minus lora of the same "
+            "seed +50.0, -25.0 (mean +12.5, sd 53.0)") in text
+    assert "prepend" not in text
+    assert seeds_line(rows[:2]) == ""

@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mmlu-n", default="10", help="MMLU questions per subject, 'all' or 0 to skip")
         p.add_argument("--sample-runs", type=int, default=0, help="also evaluate with sampling at T=0.7, K runs")
         p.add_argument("--max-new-tokens", type=int, default=32)
+        p.add_argument("--train-seeds", help="comma-separated training seeds: every method is trained once per seed "
+                       "on the same cases (rows <method>@seed<k>; the run's own seed keeps the plain name), and the "
+                       "table adds each setting's mean and spread over seeds")
         if name == "single":
             p.add_argument("--methods", default="lora,corsa",
                            help="comma-separated: lora, corsa, flearning, memit, merge, merge-ties, prepend, "
@@ -302,6 +305,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             methods = list(ABLATION)
         mmlu = None if args.mmlu_n == "all" else int(args.mmlu_n)
         seed = args.seed if args.seed is not None else 0  # picks the subset; also seeds training when given
+        if args.train_seeds:
+            methods = _with_seeds(methods, args.train_seeds, seed)
         cfg = BenchConfig(bench=args.bench, data=args.data, n=args.n, split=args.split, seed=seed,
                           methods=tuple(methods), model=args.model, prompt_style=args.prompt_style, mmlu_n=mmlu,
                           overrides=_method_overrides(args),
@@ -310,6 +315,20 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         run_bench(cfg, args.out, progress=not args.quiet, command=command)
         return 0
     raise AssertionError(args.command)
+
+
+def _with_seeds(methods: list[str], seeds: str, default: int) -> list[str]:
+    """Each method once per training seed, seed by seed; the default seed (the one a plain row is trained with)
+    keeps the plain name so that a run folder's earlier rows are reused."""
+    from corsa.evaluate.stats import SEED_MARK
+
+    out = []
+    for text in seeds.split(","):
+        if not text.strip().isdigit():
+            raise InputError(f"'{text.strip()}' is not a whole number", field="--train-seeds")
+        k = int(text)
+        out += [m if k == default else f"{m}{SEED_MARK}{k}" for m in methods]
+    return out
 
 
 def _requests(args: argparse.Namespace) -> list[Any]:

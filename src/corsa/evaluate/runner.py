@@ -26,7 +26,7 @@ from corsa.editing import edit
 from corsa.errors import InputError
 from corsa.evaluate import plots
 from corsa.evaluate.metrics import HEADLINE, METRICS, EvalConfig, evaluate
-from corsa.evaluate.stats import differences_line
+from corsa.evaluate.stats import SEED_MARK, differences_line, seeds_line
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark_with_report
 from corsa.scoring import contains, generate
@@ -54,8 +54,23 @@ SWEEPS = {"corsa-lambda": ("corsa", "lam"), "corsa-rho": ("corsa", "rho"), "cors
           "flearning-lambda": ("flearning", "lam"), "merge-scale": ("merge", "scale")}
 
 
+def split_seed(spec: str) -> tuple[str, int | None]:
+    """'corsa-rho0.5@seed2' -> ('corsa-rho0.5', 2); a spec without the mark -> (spec, None)."""
+    name, mark, seed = spec.partition(SEED_MARK)
+    if not mark:
+        return spec, None
+    if not seed.isdigit():
+        raise InputError(f"'{spec}': the training seed after {SEED_MARK} must be a whole number", field="--methods")
+    return name, int(seed)
+
+
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """A method name, a named variant, or <sweep><value> (corsa-lambda0.5, flearning-lambda0.3, ...)."""
+    """A method name, a named variant, or <sweep><value> (corsa-lambda0.5, flearning-lambda0.3, ...), each
+    optionally followed by @seed<k> to train it with another seed on the same cases."""
+    name, seed = split_seed(spec)
+    if seed is not None:
+        method, overrides = parse_method(name)
+        return method, {**overrides, "seed": seed}
     if spec in VARIANTS:
         return VARIANTS[spec]
     for prefix, (method, config_field) in SWEEPS.items():
@@ -245,9 +260,9 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     lines.append("")
     lines.append(f"{first['bench']} `{first['split']}`, n = {first['n']}, seed {first['seed']}, model "
                  f"{first['model']}; values in %. {commands_line(results)}")
-    compared = differences_line(results)
-    if compared:
-        lines += ["", compared]
+    for extra in (differences_line(results), seeds_line(results)):
+        if extra:
+            lines += ["", extra]
     return "\n".join(lines)
 
 

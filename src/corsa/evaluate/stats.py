@@ -11,10 +11,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import mean, stdev
 from typing import Any
 
 from corsa.evaluate.metrics import case_values
 
+SEED_MARK = "@seed"  # <spec>@seed<k>: a method trained with seed k on the run's cases
 COMPARED = ("gen.reliability", "gen.generality", "gen.retention", "tf.generality")
 
 
@@ -61,21 +63,74 @@ def paired_difference(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], 
                       len(pairs))
 
 
+def training_seed(result: dict[str, Any]) -> int | None:
+    """The seed a method row was trained with (its config records it); None for the base row."""
+    return (result.get("config") or {}).get("seed")
+
+
+def base_name(method: str) -> str:
+    """A row's method without its @seed<k> suffix: the rows of one setting over several training seeds."""
+    return method.partition(SEED_MARK)[0]
+
+
+def partner(results: Sequence[dict[str, Any]], row: dict[str, Any], against: str) -> dict[str, Any] | None:
+    """The `against` row trained with the same seed as `row` (so a seed repeat is compared with its own
+    baseline run), else the plain `against` row."""
+    same = [r for r in results if base_name(r["method"]) == against and training_seed(r) == training_seed(row)]
+    return same[0] if same else next((r for r in results if r["method"] == against), None)
+
+
 def differences_line(results: Sequence[dict[str, Any]], against: str = "lora") -> str:
     """One Markdown line per method: its differences from `against` with intervals (empty without `against`)."""
-    ref = next((r for r in results if r["method"] == against), None)
-    if ref is None:
-        return ""
     lines = []
     for r in results:
-        if r["method"] in ("base", against):
+        if r["method"] == "base" or base_name(r["method"]) == against:
+            continue
+        ref = partner(results, r, against)
+        if ref is None:
             continue
         found = [d for m in COMPARED if (d := paired_difference(ref["cases"], r["cases"], m)) is not None]
         if found:
-            lines.append(f"- {r['method']} minus {against}: " + "; ".join(
+            lines.append(f"- {r['method']} minus {ref['method']}: " + "; ".join(
                 f"{d.metric} {100 * d.estimate:+.1f} ({100 * d.low:+.1f} to {100 * d.high:+.1f})" for d in found))
     if not lines:
         return ""
     n = max(len(r["cases"]) for r in results)
     return (f"Differences in points, 95 % paired bootstrap intervals over the {n} cases (2,000 resamples; "
             "docs/METRICS.md):\n" + "\n".join(lines))
+
+
+def seeds_line(results: Sequence[dict[str, Any]], against: str = "lora",
+               metrics: Sequence[str] = ("gen.generality", "gen.reliability")) -> str:
+    """For every setting run with several training seeds: each seed's value, the mean and the standard deviation,
+    and the difference from `against` trained with the same seed. The bootstrap intervals above hold the cases
+    fixed; this is the other source of spread, the training run itself."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        if r["method"] != "base":
+            groups.setdefault(base_name(r["method"]), []).append(r)
+    lines = []
+    for name, rows in groups.items():
+        rows = sorted(rows, key=lambda r: training_seed(r) or 0)
+        if len({training_seed(r) for r in rows}) < 2:
+            continue
+        parts = []
+        for m in metrics:
+            values = [100 * r["summary"][m] for r in rows if r["summary"].get(m) is not None]
+            if len(values) < 2:
+                continue
+            parts.append(f"{m} {', '.join(f'{v:.1f}' for v in values)} (mean {mean(values):.1f}, "
+                         f"sd {stdev(values):.1f})")
+            if name != against:
+                pairs = [(r, ref) for r in rows if (ref := partner(results, r, against)) is not None
+                         and training_seed(ref) == training_seed(r) and r["summary"].get(m) is not None]
+                if len(pairs) >= 2:
+                    diffs = [100 * (r["summary"][m] - ref["summary"][m]) for r, ref in pairs]
+                    parts[-1] += (f", minus {against} of the same seed {', '.join(f'{d:+.1f}' for d in diffs)} "
+                                  f"(mean {mean(diffs):+.1f}, sd {stdev(diffs):.1f})")
+        if parts:
+            seeds = ", ".join(str(training_seed(r)) for r in rows)
+            lines.append(f"- {name}, training seeds {seeds}: " + "; ".join(parts))
+    if not lines:
+        return ""
+    return "Across training seeds (same cases; points):\n" + "\n".join(lines)
