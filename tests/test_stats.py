@@ -66,3 +66,4 @@ def test_seeds_line_gives_each_seed_the_mean_and_the_spread():
             "seed +50.0, -25.0 (mean +12.5, sd 53.0)") in text
     assert "prepend" not in text
     assert seeds_line(rows[:2]) == ""
+

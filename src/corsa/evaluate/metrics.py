@@ -32,6 +32,7 @@ METRICS: dict[str, str] = {
     "gen.locality_agreement": "neighborhood answer identical to the pre-edit model's",
     "gen.retention": "paraphrase still answered with target_old (outdated-knowledge retention)",
     "gen.old_on_prompt": "edit prompt still answered with target_old",
+    "gen.other_target": "paraphrase answered with another edit's target_new instead of its own (edits mixed up)",
     "tf.reliability": "token accuracy of target_new after the edit prompt (EasyEdit rewrite_acc)",
     "tf.generality": "token accuracy of target_new after a paraphrase (EasyEdit rephrase_acc)",
     "tf.locality": "argmax tokens on the neighborhood answer equal to the pre-edit model's (EasyEdit locality)",
@@ -117,6 +118,7 @@ def evaluate(model: torch.nn.Module, formatter: Formatter, requests: list[EditRe
             "tf.new_over_old": [n.logprob > o.logprob for n, o in zip(s_para, s_old)],
         }
         cases.append(case)
+    mark_other_targets(cases)
 
     summary, counts = {}, {}
     for name in METRICS:
@@ -126,6 +128,34 @@ def evaluate(model: torch.nn.Module, formatter: Formatter, requests: list[EditRe
     if c.sample_runs:
         summary.update(_sampled(model, formatter, requests, c))
     return {"summary": summary, "counts": counts, "cases": cases}
+
+
+def mark_other_targets(cases: list[dict[str, Any]]) -> None:
+    """Set each case's `gen.other_target` from its stored paraphrase answers and every case's target_new."""
+    targets = {c["target_new"].strip().lower() for c in cases}
+    for c in cases:
+        c["gen.other_target"] = [other_target(a, c["target_new"], targets) for a in c["answers"]["paraphrases"]]
+
+
+def with_other_targets(record: dict[str, Any]) -> dict[str, Any]:
+    """A results record written before `gen.other_target` existed, with it computed from the answers the record
+    holds (the same function evaluate() uses, so old and new runs are counted alike)."""
+    if "gen.other_target" in record["summary"] or not all("answers" in c for c in record["cases"]):
+        return record
+    mark_other_targets(record["cases"])
+    values = [x for c in record["cases"] for x in c["gen.other_target"]]
+    record["summary"]["gen.other_target"] = _rate(values)
+    record.setdefault("counts", {})["gen.other_target"] = len(values)
+    return record
+
+
+def other_target(answer: str, own: str, targets: set[str]) -> bool:
+    """The answer is, word for word, another edit's new target (not its own): the edits were learned but bound
+    to the wrong prompt. Exact match, not containment, so that a long answer that merely mentions a common target
+    ("... in France ...") is not counted. DPO only pushes the *old* answer down; this failure is out of its reach."""
+    said = answer.strip().rstrip(".!").strip().lower()
+    own = own.strip().lower()
+    return said != own and said in targets
 
 
 def _agreement(post: Sequence[int], pre: Sequence[int]) -> float:

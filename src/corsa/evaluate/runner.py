@@ -25,7 +25,7 @@ from corsa import artifacts, models
 from corsa.editing import edit
 from corsa.errors import InputError
 from corsa.evaluate import plots
-from corsa.evaluate.metrics import HEADLINE, METRICS, EvalConfig, evaluate
+from corsa.evaluate.metrics import HEADLINE, METRICS, EvalConfig, evaluate, with_other_targets
 from corsa.evaluate.stats import SEED_MARK, differences_line, seeds_line
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark_with_report
@@ -239,7 +239,7 @@ def _brief(summary: dict[str, Any]) -> str:
 
 def load_results(out: str | Path) -> list[dict[str, Any]]:
     """base first, then methods in the order they were run."""
-    found = [json.loads(p.read_text()) for p in Path(out).glob("*/results.json")]
+    found = [with_other_targets(json.loads(p.read_text())) for p in Path(out).glob("*/results.json")]
     return sorted(found, key=lambda r: (r["method"] != "base", r["date"]))
 
 
