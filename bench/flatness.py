@@ -98,7 +98,8 @@ def measure(model: torch.nn.Module, formatter: Any, requests: list[EditRequest],
     return out
 
 
-def run_folder(folder: Path, radii: list[float], directions: int, bf16: bool) -> list[dict[str, Any]]:
+def run_folder(folder: Path, radii: list[float], directions: int, bf16: bool,
+               methods: set[str] | None = None) -> list[dict[str, Any]]:
     base = json.loads((folder / "base" / "results.json").read_text())
     requests, _ = load_benchmark_with_report(base["bench"], base["data"], base["split"])
     by_id = {r.id: r for r in requests}
@@ -109,6 +110,8 @@ def run_folder(folder: Path, radii: list[float], directions: int, bf16: bool) ->
         record = json.loads(res.read_text())
         adapter = res.parent / "adapter"
         if record["method"] == "base" or not (adapter / "adapter_config.json").exists():
+            continue
+        if methods and record["method"] not in methods:
             continue
         t = time.perf_counter()
         model, formatter = load_edited(adapter)
@@ -145,13 +148,16 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="run folders written by corsa bench single")
     ap.add_argument("--radii", default="0.5,1,2", help="comma-separated perturbation norms")
     ap.add_argument("--directions", type=int, default=3, help="random directions per radius")
+    ap.add_argument("--methods", help="comma-separated rows to measure (default: every adapter in each folder)")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--out", required=True, help="JSON file; the table goes beside it as .md")
     args = ap.parse_args()
     set_threads(args.threads)
     radii = [float(r) for r in args.radii.split(",")]
-    rows = [row for folder in args.runs for row in run_folder(Path(folder), radii, args.directions, args.bf16)]
+    methods = set(args.methods.split(",")) if args.methods else None
+    rows = [row for folder in args.runs
+            for row in run_folder(Path(folder), radii, args.directions, args.bf16, methods)]
     command = "python " + " ".join(sys.argv)
     artifacts.write_json(args.out, {"command": command, "date": artifacts.now(), "radii": radii,
                                     "directions": args.directions, "rows": rows})
