@@ -154,6 +154,7 @@ def test_batched_scoring_matches_unbatched_reference(mmlu_root, tokenizer, tiny_
     assert result["predictions"] == expected
     assert set(result["predictions"]) <= set(LETTERS)
     hits = [p == q.answer for p, q in zip(result["predictions"], questions)]
+    assert result["correct"] == hits
     assert 0.0 <= result["accuracy"] <= 1.0 and result["accuracy"] == pytest.approx(sum(hits) / len(hits))
     assert result["per_subject"]["world_religions"] == pytest.approx(sum(hits[9:]) / 6)
     gold = [torch.log_softmax(r, -1)[LETTERS.index(q.answer)] for r, q in zip(ref_logits, questions)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from corsa.evaluate.stats import differences_line, paired_difference, seeds_line
+from corsa.evaluate.stats import differences_line, mmlu_difference, mmlu_line, paired_difference, seeds_line
 
 
 def cases(values):
@@ -67,3 +67,29 @@ def test_seeds_line_gives_each_seed_the_mean_and_the_spread():
     assert "prepend" not in text
     assert seeds_line(rows[:2]) == ""
 
+
+
+def mmlu(correct, ids=None, gold=-1.5):
+    ids = ids or [f"s/{i}" for i in range(len(correct))]
+    return {"method": "x", "mmlu": {"ids": ids, "correct": correct, "gold_logprob": gold}}
+
+
+def test_mmlu_difference_pairs_questions_by_id():
+    a = mmlu([True, False, False, True])["mmlu"]
+    b = mmlu([True, True, False], ids=["s/3", "s/1", "s/2"])["mmlu"]  # s/0 unanswered by b: left out
+    d = mmlu_difference(a, b)
+    assert d.cases == 3 and d.estimate == pytest.approx(1 / 3)  # b gains s/1, both keep s/3, both miss s/2
+    assert d.low <= d.estimate <= d.high
+    assert mmlu_difference(a, {"ids": ["s/0"], "accuracy": 1.0}) is None  # a run from before per-question results
+
+
+def test_mmlu_line_compares_every_edited_model_with_the_base_model():
+    base = {**mmlu([True] * 50 + [False] * 50, gold=-1.6), "method": "base"}
+    same = {**mmlu([True] * 50 + [False] * 50, gold=-1.7), "method": "lora"}
+    worse = {**mmlu([False] * 100, gold=-2.9), "method": "corsa"}
+    line = mmlu_line([base, same, worse])
+    assert "over the 100 questions" in line
+    assert "lora +0.0 (+0.0 to +0.0)" in line
+    assert "corsa -50.0 (" in line
+    assert "base -1.600; lora -1.700; corsa -2.900" in line
+    assert mmlu_line([same, worse]) == ""  # nothing to compare with

@@ -26,7 +26,7 @@ from corsa.editing import edit
 from corsa.errors import InputError
 from corsa.evaluate import plots
 from corsa.evaluate.metrics import HEADLINE, METRICS, EvalConfig, evaluate, with_other_targets
-from corsa.evaluate.stats import SEED_MARK, differences_line, seeds_line
+from corsa.evaluate.stats import SEED_MARK, differences_line, mmlu_line, seeds_line
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark_with_report
 from corsa.scoring import contains, generate
@@ -166,7 +166,7 @@ def _evaluate_all(model: torch.nn.Module, formatter: Formatter, tokenizer: Any, 
 
         t = time.perf_counter()
         mmlu = evaluate_mmlu(model, tokenizer, cfg.data, MMLUConfig(n_per_subject=cfg.mmlu_n, seed=cfg.seed))
-        out["mmlu"] = {k: v for k, v in mmlu.items() if k != "predictions"}
+        out["mmlu"] = mmlu
         out["summary"]["mmlu"] = mmlu["accuracy"]
         out["timings"]["mmlu_s"] = time.perf_counter() - t
     return out
@@ -260,7 +260,7 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     lines.append("")
     lines.append(f"{first['bench']} `{first['split']}`, n = {first['n']}, seed {first['seed']}, model "
                  f"{first['model']}; values in %. {commands_line(results)}")
-    for extra in (differences_line(results), seeds_line(results)):
+    for extra in (differences_line(results), mmlu_line(results), seeds_line(results)):
         if extra:
             lines += ["", extra]
     return "\n".join(lines)
