@@ -15,6 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 # The benchmarks live beside the checkout (../shared/benchmarks); CORSA_DATA overrides.
 DATA = Path(os.environ.get("CORSA_DATA", REPO.parent / "shared" / "benchmarks"))
 
+
+
+def bench_script(name: str):
+    """A script of bench/ (not a package) imported as a module, so tests can call its main()."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
 from corsa.cli import main
-from conftest import REPO
+from conftest import bench_script
 from test_bench import counterfact
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("flatness", REPO / "bench" / "flatness.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_flatness_of_a_bench_run(tmp_path, tiny_dir, monkeypatch):
@@ -28,7 +20,7 @@ def test_flatness_of_a_bench_run(tmp_path, tiny_dir, monkeypatch):
     out = tmp_path / "flat.json"
     monkeypatch.setattr("sys.argv", ["flatness.py", str(run), "--radii", "0,0.001,50", "--directions", "2",
                                      "--out", str(out)])
-    load_script().main()
+    bench_script("flatness").main()
     record = json.loads(out.read_text())
     (row,) = record["rows"]
     assert row["method"] == "lora" and row["n"] == 4 and row["lr"] == 1e-2 and row["adapter_norm"] > 0

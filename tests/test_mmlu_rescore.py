@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 from corsa.cli import main
 from corsa.evaluate.runner import load_results
-from conftest import REPO
+from conftest import bench_script
 from test_bench import counterfact
 from test_mmlu import write_mmlu
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_mmlu", REPO / "bench" / "mmlu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_bench_keeps_mmlu_per_question_and_rescoring_pairs_it_with_the_base(tmp_path, tiny_dir, monkeypatch):
@@ -35,7 +27,7 @@ def test_bench_keeps_mmlu_per_question_and_rescoring_pairs_it_with_the_base(tmp_
 
     out = tmp_path / "mmlu.json"
     monkeypatch.setattr("sys.argv", ["mmlu.py", str(run), "--mmlu-n", "all", "--out", str(out)])
-    load_script().main()
+    bench_script("mmlu").main()
     record = json.loads(out.read_text())
     assert [r["method"] for r in record["rows"]] == ["base", "lora"]
     rescored = record["rows"][0]["mmlu"]
