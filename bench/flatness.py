@@ -15,13 +15,12 @@ to improve, not only on its end metrics:
         --threads 2 --out results/flatness.json
 
 Each run folder's base/results.json names its benchmark, split, cases and model; every method folder with an
-adapter is measured. Writes JSON and a Markdown table beside it (same name, .md), atomically.
+adapter is measured, in the order the methods were run. Writes JSON and a Markdown table beside it (same name, .md), atomically.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ import torch
 
 from corsa import artifacts
 from corsa.editing import load_edited, set_threads
+from corsa.evaluate.runner import load_results
 from corsa.methods.corsa import CorsaTrainer, build_pairs
 from corsa.methods.lora import lora_config
 from corsa.optim import sam
@@ -100,16 +100,15 @@ def measure(model: torch.nn.Module, formatter: Any, requests: list[EditRequest],
 
 def run_folder(folder: Path, radii: list[float], directions: int, bf16: bool,
                methods: set[str] | None = None) -> list[dict[str, Any]]:
-    base = json.loads((folder / "base" / "results.json").read_text())
+    base, *records = load_results(folder)
     requests, _ = load_benchmark_with_report(base["bench"], base["data"], base["split"])
     by_id = {r.id: r for r in requests}
     chosen = [by_id[i] for i in base["case_ids"]]
     chosen = [r for r in chosen if r.target_old]  # a margin needs an old answer
     rows = []
-    for res in sorted(folder.glob("*/results.json")):
-        record = json.loads(res.read_text())
-        adapter = res.parent / "adapter"
-        if record["method"] == "base" or not (adapter / "adapter_config.json").exists():
+    for record in records:
+        adapter = folder / record["method"] / "adapter"
+        if not (adapter / "adapter_config.json").exists():
             continue
         if methods and record["method"] not in methods:
             continue

@@ -15,7 +15,6 @@ Writes JSON (per-question results included) and a Markdown table beside it (same
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,18 +23,19 @@ from typing import Any
 from corsa import artifacts, models
 from corsa.editing import load_edited, set_threads
 from corsa.evaluate.mmlu import MMLUConfig, evaluate_mmlu
+from corsa.evaluate.runner import load_results
 from corsa.evaluate.stats import mmlu_line
 
 
 def score_run(folder: Path, data: str | None, n_per_subject: int | None,
               methods: set[str] | None) -> list[dict[str, Any]]:
-    base = json.loads((folder / "base" / "results.json").read_text())
+    results = load_results(folder)  # base first
+    base = results[0]
     data = data or base["data"]
     config = MMLUConfig(n_per_subject=n_per_subject, seed=base["seed"])
     rows = []
-    for res in sorted(folder.glob("*/results.json"), key=lambda p: (p.parent.name != "base", p.parent.name)):
-        record = json.loads(res.read_text())
-        adapter = res.parent / "adapter"
+    for record in results:
+        adapter = folder / record["method"] / "adapter"
         if methods and record["method"] not in methods | {"base"}:
             continue
         t = time.perf_counter()

@@ -16,7 +16,6 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CORSA_DATA", REPO.parent / "shared" / "benchmarks"))
 
 
-
 def bench_script(name: str):
     """A script of bench/ (not a package) imported as a module, so tests can call its main()."""
     import importlib.util

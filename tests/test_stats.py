@@ -68,7 +68,6 @@ def test_seeds_line_gives_each_seed_the_mean_and_the_spread():
     assert seeds_line(rows[:2]) == ""
 
 
-
 def mmlu(correct, ids=None, gold=-1.5):
     ids = ids or [f"s/{i}" for i in range(len(correct))]
     return {"method": "x", "mmlu": {"ids": ids, "correct": correct, "gold_logprob": gold}}
