@@ -71,3 +71,26 @@ def test_default_layers_scale_llama_2s_range():
 def test_memit_needs_a_corpus(tiny_model, tokenizer):
     with pytest.raises(ValueError, match="corpus"):
         make_editor("memit").edit(tiny_model, Formatter(tokenizer), list(EDITS), progress=False)
+
+
+def test_batched_targets_equal_one_edit_at_a_time(tokenizer, monkeypatch):
+    """Each edit's delta has its own rows, loss term and Adam moments, so optimising a batch of edits must give
+    each edit the z it gets alone, also when the edits reach the NLL stop at different steps."""
+    import corsa.methods.memit as memit
+
+    # The tiny random model never gets near EasyEdit's 5e-2; at 6.0 its edits stop at different steps.
+    monkeypatch.setattr(memit, "STOP_NLL", 6.0)
+    model, fmt = make_model(len(tokenizer), layers=4), Formatter(tokenizer)
+    edits = [*EDITS, EditRequest("the car of a long named person is", "red", "blue", subject="a long named person")]
+    prompts = [fmt.prompt_ids(r.prompt) for r in edits]
+    positions = [subject_last_index(fmt, r.prompt, r.subject) for r in edits]
+
+    def z(steps, batch_size, **kw):
+        return make_editor("memit", v_num_grad_steps=steps, batch_size=batch_size, **kw)._targets(
+            model, fmt, edits, prompts, positions, 2)
+
+    z1, z3 = z(40, 1), z(40, 3)
+    torch.testing.assert_close(z3, z1, atol=1e-4, rtol=1e-4)
+    assert (z3 - z(1, 3, v_lr=0.0)).abs().amax(1).min() > 1e-2  # the optimisation moved every z
+    assert (z(5, 3) == z3).all(1).tolist() == [False, False, False]
+    assert (z(20, 3) == z(80, 3)).all(1).tolist() == [False, True, True]  # two stopped, and stay stopped
