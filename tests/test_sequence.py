@@ -9,7 +9,14 @@ from test_bench import counterfact
 
 from corsa.cli import main
 from corsa.errors import InputError
-from corsa.evaluate.sequence import SequenceConfig, build_stages, chain_stages, score
+from corsa.evaluate.sequence import (
+    SequenceConfig,
+    build_stages,
+    chain_stages,
+    comparisons,
+    run_by_case,
+    score,
+)
 from corsa.requests import EditRequest
 
 
@@ -61,6 +68,21 @@ def test_metric_definitions_on_hand_made_answers():
     assert m["efficacy"] == 0.0 and m["efficacy_prompt"] == 0.5  # paraphrase q4 misses; prompts p3 no, p4 yes
     assert m["revision_old"] == 1.0  # p3 still answers the answer its revision replaced
     assert m["first_efficacy"] == 0.75
+    # Per fact: the pooled counts are the table's rates (p1 keeps its prompt, loses its paraphrase).
+    assert m["by_case"]["forgetting"] == {"p1": [1, 2], "p2": [0, 0]}
+    assert m["by_case"]["efficacy"] == {"p3": [0, 0], "p4": [0, 1]}
+
+
+def test_comparisons_give_the_forgetting_ratio_and_the_efficacy_difference():
+    def record(method, forgotten):
+        by_case = {"forgetting": {f"c{i}": [int(i < forgotten), 1] for i in range(10)},
+                   "efficacy": {f"e{i}": [int(i < 5), 1] for i in range(10)}}
+        return {"method": method, "runs": [{"fraction": 1.0, "by_case": by_case}]}
+
+    line = comparisons([record("lora", 8), record("corsa", 4)])
+    assert "corsa, fraction 1: forgetting 0.50x lora's (" in line and "10 facts" in line
+    assert "efficacy +0.0 points (+0.0 to +0.0, 10 edits)" in line
+    assert comparisons([record("corsa", 4)]) == ""  # nothing to compare against
 
 
 @pytest.mark.parametrize("kind", ["inject", "revise"])
@@ -83,6 +105,11 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_dir, capsys, kind):
         assert results[0]["runs"][0]["n_per_stage"] == [3, 2]
     table = (out / "table.md").read_text()
     assert table.count("| corsa |") == len(results[1]["runs"]) and (out / "plot.png").exists()
+    for r in results:  # records written before by_case existed get the same counts from their stored answers
+        for run in r["runs"]:
+            stored = run.pop("by_case")
+            rebuilt = run_by_case(r, run)
+            assert rebuilt == stored  # two stages: the answers after the last update are efficacy's
     capsys.readouterr()
     assert main(argv) == 0 and capsys.readouterr().out.count("done earlier, skipped") == 2
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from corsa.evaluate.stats import differences_line, mmlu_difference, mmlu_line, paired_difference, seeds_line
+from corsa.evaluate.stats import (
+    differences_line,
+    mmlu_difference,
+    mmlu_line,
+    paired_difference,
+    rate_ratio,
+    seeds_line,
+)
 
 
 def cases(values):
@@ -92,3 +99,13 @@ def test_mmlu_line_compares_every_edited_model_with_the_base_model():
     assert "corsa -50.0 (" in line
     assert "base -1.600; lora -1.700; corsa -2.900" in line
     assert mmlu_line([same, worse]) == ""  # nothing to compare with
+
+
+def test_rate_ratio_pools_each_side_over_its_own_counts():
+    # a forgets 4 of 8 probes, b 1 of 4: 0.25 / 0.5; the units resample together.
+    units = [(2, 4, 1, 2), (2, 4, 0, 2)]
+    r = rate_ratio(units)
+    assert r.estimate == pytest.approx(0.5) and r.units == 2 and r.low <= r.estimate <= r.high
+    assert rate_ratio([(0, 4, 1, 2)]) is None  # a forgot nothing: no ratio
+    many = rate_ratio([(1, 2, 0, 2)] * 200 + [(1, 2, 1, 2)] * 200)
+    assert many.estimate == pytest.approx(0.5) and 0.3 < many.low < 0.5 < many.high < 0.7

@@ -43,7 +43,7 @@ import torch
 
 from corsa import artifacts, models
 from corsa.errors import InputError
-from corsa.evaluate import plots
+from corsa.evaluate import plots, stats
 from corsa.evaluate.runner import commands_line, method_overrides, parse_method, select_cases
 from corsa.methods import CONTINUABLE, make_editor
 from corsa.prompts import Formatter, PromptStyle
@@ -185,7 +185,28 @@ def score(stages: list[list[EditRequest]], after_first: dict[str, str], at_effic
         "revision_old": _share([contains(final[p], r.target_old or "") for r in revisions for p in probes(r)]),
         "counts": {"first": len(first), "later": len(later), "kept_probes_correct": len(was_right),
                    "overwritten_probes": len(gone)},
+        "by_case": by_case(kept, later, after_first, at_efficacy, final),
     }
+
+
+def case_key(r: EditRequest) -> str:
+    return r.id or r.prompt
+
+
+def by_case(kept: list[EditRequest], later: list[EditRequest], after_first: dict[str, str],
+            at_efficacy: dict[str, str], final: dict[str, str]) -> dict[str, dict[str, list[int]]]:
+    """Per fact, [events, probes] of forgetting (kept first-update facts) and of efficacy (later edits), for
+    intervals that resample facts rather than probes (a fact's probes succeed or fail together)."""
+    forgetting = {}
+    for r in kept:
+        right = [p for p in probes(r) if contains(after_first[p], r.target_new)]
+        forgetting[case_key(r)] = [sum(not contains(final[p], r.target_new) for p in right), len(right)]
+    efficacy = {}
+    paraphrased = any(r.paraphrases for r in later)  # as score(): paraphrases when there are any, else prompts
+    for r in later:
+        asked = list(r.paraphrases) if paraphrased else [r.prompt]
+        efficacy[case_key(r)] = [sum(contains(at_efficacy[p], r.target_new) for p in asked), len(asked)]
+    return {"forgetting": forgetting, "efficacy": efficacy}
 
 
 def fold(model: torch.nn.Module) -> torch.nn.Module:
@@ -267,7 +288,70 @@ def format_sequence_table(results: Sequence[dict[str, Any]]) -> str:
     first = results[0]
     lines += ["", (f"{first['bench']}, model {first['model']}, seed {first['config']['seed']}, evaluated after "
                    f"{first['config']['evaluate_after']}; values in %. {commands_line(results)}")]
+    compared = comparisons(results)
+    if compared:
+        lines += ["", compared]
     return "\n".join(lines)
+
+
+def run_by_case(record: dict[str, Any], run: dict[str, Any]) -> dict[str, dict[str, list[int]]] | None:
+    """A run's per-fact counts: stored by score(), or for records written before it stored them, recomputed
+    from the stored answers on stages rebuilt from the record's config (None when the data is not reachable).
+    Efficacy then needs two stages, where the model after the last update is the one efficacy is measured on
+    (its answers are then read from the final pass over every probe, generated in other batches)."""
+    if "by_case" in run:
+        return run["by_case"]
+    try:
+        cfg = dict(record["config"])
+        cfg.update(methods=tuple(cfg["methods"]), fractions=tuple(cfg["fractions"]))
+        stages = build_stages(SequenceConfig(**cfg))
+    except (InputError, OSError, TypeError, KeyError):
+        return None
+    used = [stages[0]] + [take(s, run["fraction"]) for s in stages[1:]]
+    later = [r for s in used[1:] for r in s]
+    revised = {r.prompt for r in later}
+    kept = [r for r in used[0] if r.prompt not in revised]
+    final = run["answers"]["final"]
+    counts = by_case(kept, later, record["answers"]["after_first"], final, final)
+    if len(used) != 2:
+        counts.pop("efficacy")
+    return counts
+
+
+def comparisons(results: Sequence[dict[str, Any]], against: str = "lora") -> str:
+    """Each method against `against` at each fraction: the forgetting ratio (the issue's bar is stated as one)
+    and the efficacy difference, with 95 % paired bootstrap intervals over the facts."""
+    ref = next((r for r in results if r["method"] == against), None)
+    if ref is None:
+        return ""
+    lines = []
+    for r in results:
+        if r is ref:
+            continue
+        for run in r["runs"]:
+            ref_run = next((x for x in ref["runs"] if x["fraction"] == run["fraction"]), None)
+            a, b = (run_by_case(ref, ref_run), run_by_case(r, run)) if ref_run else (None, None)
+            if a is None or b is None:
+                continue
+            parts = []
+            keys = [k for k in a["forgetting"] if k in b["forgetting"]]
+            ratio = stats.rate_ratio([(*a["forgetting"][k], *b["forgetting"][k]) for k in keys])
+            if ratio is not None:
+                parts.append(f"forgetting {ratio.estimate:.2f}x {against}'s ({ratio.low:.2f} to {ratio.high:.2f}, "
+                             f"{ratio.units} facts)")
+            if "efficacy" in a and "efficacy" in b:
+                pairs = [(a["efficacy"][k][0], b["efficacy"][k][0], a["efficacy"][k][1]) for k in a["efficacy"]
+                         if k in b["efficacy"] and a["efficacy"][k][1] == b["efficacy"][k][1] > 0]
+                d = stats.bootstrap(pairs, "efficacy")
+                if d is not None:
+                    parts.append(f"efficacy {100 * d.estimate:+.1f} points ({100 * d.low:+.1f} to "
+                                 f"{100 * d.high:+.1f}, {d.cases} edits)")
+            if parts:
+                lines.append(f"- {r['method']}, fraction {run['fraction']:g}: " + "; ".join(parts))
+    if not lines:
+        return ""
+    return (f"Against {against}, with 95 % paired bootstrap intervals that resample facts (2,000 resamples; "
+            "docs/METRICS.md):\n" + "\n".join(lines))
 
 
 def write_sequence_report(out: str | Path) -> None:

@@ -8,6 +8,7 @@ estimate is the table's difference.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +69,34 @@ def bootstrap(pairs: Sequence[tuple[float, float, int]], metric: str, *, resampl
     draws = sorted(diff(rng.choices(pairs, k=len(pairs))) for _ in range(resamples))
     return Difference(metric, diff(pairs), draws[int(0.025 * resamples)], draws[int(0.975 * resamples) - 1],
                       len(pairs))
+
+
+@dataclass(frozen=True)
+class Ratio:
+    estimate: float  # pooled rate of b / pooled rate of a
+    low: float  # 95 % interval, percentile bootstrap
+    high: float
+    units: int
+
+
+def rate_ratio(units: Sequence[tuple[int, int, int, int]], *, resamples: int = 2000, seed: int = 0
+               ) -> Ratio | None:
+    """(events a, count a, events b, count b) per unit: the pooled rate of b over the pooled rate of a, with a
+    95 % interval from resampling the units together (paired). The counts may differ between a and b: forgetting
+    is measured on the probes each method had right. None when a's pooled rate is 0."""
+
+    def ratio(sample: Sequence[tuple[int, int, int, int]]) -> float:
+        ea, na, eb, nb = (sum(u[i] for u in sample) for i in range(4))
+        if not (na and nb):
+            return math.nan
+        return math.inf if ea == 0 else (eb / nb) / (ea / na)
+
+    point = ratio(units) if units else math.nan
+    if math.isnan(point) or math.isinf(point):
+        return None
+    rng = random.Random(seed)
+    draws = sorted(x for _ in range(resamples) if not math.isnan(x := ratio(rng.choices(units, k=len(units)))))
+    return Ratio(point, draws[int(0.025 * len(draws))], draws[int(0.975 * len(draws)) - 1], len(units))
 
 
 def mmlu_difference(a: dict[str, Any], b: dict[str, Any], *, resamples: int = 2000,
