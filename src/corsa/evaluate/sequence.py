@@ -160,13 +160,18 @@ def _share(hits: list[bool]) -> float | None:
     return sum(hits) / len(hits) if hits else None
 
 
+def kept_facts(first: list[EditRequest], later: list[EditRequest]) -> list[EditRequest]:
+    """First-update facts that no later update revises: the ones forgetting is measured on."""
+    revised = {r.prompt for r in later}
+    return [r for r in first if r.prompt not in revised]
+
+
 def score(stages: list[list[EditRequest]], after_first: dict[str, str], at_efficacy: dict[str, str],
           final: dict[str, str]) -> dict[str, Any]:
     """The metrics of the module docstring from three sets of answers: right after the first update, when
     efficacy is measured, and after the last update."""
     first, later = stages[0], [r for s in stages[1:] for r in s]
-    revised = {r.prompt for r in later}
-    kept = [r for r in first if r.prompt not in revised]
+    kept = kept_facts(first, later)
     was_right = [p for r in kept for p in probes(r) if contains(after_first[p], r.target_new)]
     target = {p: r.target_new for r in kept for p in probes(r)}
     gone = [(p, r.target_old) for r in first if r.target_old for p in probes(r)
@@ -309,10 +314,8 @@ def run_by_case(record: dict[str, Any], run: dict[str, Any]) -> dict[str, dict[s
         return None
     used = [stages[0]] + [take(s, run["fraction"]) for s in stages[1:]]
     later = [r for s in used[1:] for r in s]
-    revised = {r.prompt for r in later}
-    kept = [r for r in used[0] if r.prompt not in revised]
     final = run["answers"]["final"]
-    counts = by_case(kept, later, record["answers"]["after_first"], final, final)
+    counts = by_case(kept_facts(used[0], later), later, record["answers"]["after_first"], final, final)
     if len(used) != 2:
         counts.pop("efficacy")
     return counts

@@ -267,9 +267,11 @@ class MemitEditor:
         ids, mask = right_pad(seqs, pad, device)
         kl_ids, kl_mask = right_pad(kl_seqs, pad, device)
 
-        def outputs(delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-            """Per-row mean NLL of the answer and log-probs after "<subject> is a", with delta at the subject."""
-            with edit_output(layer, rows, at, delta, []):
+        def outputs(delta: torch.Tensor | None, seen: list[torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+            """Per-row mean NLL of the answer and log-probs after "<subject> is a", with delta at the subject
+            (`seen` receives layer `last`'s output on the edit sequences)."""
+            with edit_output(layer, rows, at, delta, [] if seen is None else seen):
                 hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
             logp = F.log_softmax(output_logits(lm, hidden[ans_rows, ans_pos]).float(), -1)
             token_nll = -logp.gather(1, ans_tgt[:, None])[:, 0]
@@ -281,10 +283,8 @@ class MemitEditor:
 
         seen: list[torch.Tensor] = []
         with torch.no_grad():
-            with edit_output(layer, rows, at, None, seen):
-                lm.get_decoder()(input_ids=ids, attention_mask=mask)
-            start = seen[0][rows, at].detach()
-            _, kl_ref = outputs(None)
+            _, kl_ref = outputs(None, seen)
+        start = seen[0][rows, at].detach()
         delta = torch.zeros_like(start, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=cfg.v_lr)
         start_norm = start.norm(dim=1)
