@@ -59,6 +59,10 @@ def test_method_specs():
     assert parse_method("corsa-no-dpo") == ("corsa", {"use_dpo": False, "pcgrad": None})
     assert parse_method("corsa-lambda0.5") == ("corsa", {"lam": 0.5})
     assert parse_method("corsa-rho0.2") == ("corsa", {"rho": 0.2})
+    assert parse_method("memit-weight1500") == ("memit", {"mom2_update_weight": 1500.0})
+    assert parse_method("memit-layers2-5") == ("memit", {"layers": (2, 3, 4, 5)})
+    with pytest.raises(InputError, match="memit-layers<first>-<last>"):
+        parse_method("memit-layers5-2")
     with pytest.raises(InputError):
         parse_method("corsa-rhox")
     with pytest.raises(InputError):

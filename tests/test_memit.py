@@ -58,6 +58,7 @@ def test_memit_edits_only_the_chosen_down_projections(stats_data, tmp_path):
     after = [s.logprob for s in score_answers(edited, fmt, [(r.prompt, r.target_new) for r in EDITS])]
     assert all(a > b + 1.0 for a, b in zip(after, before))
     assert result.info["subject_not_found"] == 0
+    assert result.info["target_nll_mean"] > 0 and 0 <= result.info["targets_converged"] <= 1
     provenance = list((tmp_path / "cache" / "memit").glob("*/provenance.json"))
     assert len(provenance) == 1 and json.loads(provenance[0].read_text())["n_texts"] == 30
 
@@ -85,12 +86,16 @@ def test_batched_targets_equal_one_edit_at_a_time(tokenizer, monkeypatch):
     prompts = [fmt.prompt_ids(r.prompt) for r in edits]
     positions = [subject_last_index(fmt, r.prompt, r.subject) for r in edits]
 
-    def z(steps, batch_size, **kw):
+    def targets(steps, batch_size, **kw):
         return make_editor("memit", v_num_grad_steps=steps, batch_size=batch_size, **kw)._targets(
             model, fmt, edits, prompts, positions, 2)
+
+    def z(steps, batch_size, **kw):
+        return targets(steps, batch_size, **kw)[0]
 
     z1, z3 = z(40, 1), z(40, 3)
     torch.testing.assert_close(z3, z1, atol=1e-4, rtol=1e-4)
     assert (z3 - z(1, 3, v_lr=0.0)).abs().amax(1).min() > 1e-2  # the optimisation moved every z
     assert (z(5, 3) == z3).all(1).tolist() == [False, False, False]
     assert (z(20, 3) == z(80, 3)).all(1).tolist() == [False, True, True]  # two stopped, and stay stopped
+    assert (targets(20, 3)[1] < 6.0).tolist() == [False, True, True]  # the NLL reported is the one at the z

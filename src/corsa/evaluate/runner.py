@@ -51,7 +51,13 @@ ABLATION = ["corsa", "corsa-no-sam", "corsa-no-dpo", "corsa-no-pcgrad", "lora"]
 # Sweeps: corsa-<name><value> sets one CoRSA hyperparameter (paper Figure 5 sweeps lambda; A.2 tunes rho).
 # flearning-lambda<v> sweeps F-Learning's forgetting coefficient (tuned on CounterFact val).
 SWEEPS = {"corsa-lambda": ("corsa", "lam"), "corsa-rho": ("corsa", "rho"), "corsa-beta": ("corsa", "beta"),
-          "flearning-lambda": ("flearning", "lam"), "merge-scale": ("merge", "scale")}
+          "flearning-lambda": ("flearning", "lam"), "merge-scale": ("merge", "scale"),
+          "memit-weight": ("memit", "mom2_update_weight")}
+# memit-layers<a>-<b> edits layers a..b (both included): MEMIT's range was set for 7B models, so it is tuned here.
+MEMIT_LAYERS = "memit-layers"
+# What a method's manifest says about how its edit went, copied into the run's record beside the steps.
+DIAGNOSTICS = ("steps_old", "layers", "subject_not_found", "target_nll_mean", "targets_converged",
+               "ties_low_rank_relative_error")
 
 
 def split_seed(spec: str) -> tuple[str, int | None]:
@@ -73,6 +79,10 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
         return method, {**overrides, "seed": seed}
     if spec in VARIANTS:
         return VARIANTS[spec]
+    if spec.startswith(MEMIT_LAYERS):
+        first, dash, last = spec[len(MEMIT_LAYERS):].partition("-")
+        if first.isdigit() and dash and last.isdigit() and int(first) <= int(last):
+            return "memit", {"layers": tuple(range(int(first), int(last) + 1))}
     for prefix, (method, config_field) in SWEEPS.items():
         if spec.startswith(prefix):
             try:
@@ -80,7 +90,7 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
             except ValueError:
                 break
     raise InputError(f"unknown method '{spec}' (known: {', '.join(VARIANTS)}, "
-                     f"{', '.join(f'{n}<value>' for n in SWEEPS)})", field="--methods")
+                     f"{', '.join(f'{n}<value>' for n in SWEEPS)}, {MEMIT_LAYERS}<first>-<last>)", field="--methods")
 
 
 def method_overrides(method: str, variant: dict[str, Any], common: dict[str, Any], data: str) -> dict[str, Any]:
@@ -216,7 +226,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
         manifest = artifacts.read_manifest(adapter)
         record = {**header, "method": spec, "config": manifest["config"], "train": {
             "steps": manifest["steps"], "epochs_run": manifest["epochs_run"], "timings": manifest["timings"],
-            "final": manifest["curves"][-1] if manifest["curves"] else {}}, **ev}
+            "final": manifest["curves"][-1] if manifest["curves"] else {},
+            **{k: manifest[k] for k in DIAGNOSTICS if k in manifest}}, **ev}
         record["timings"]["edit_s"] = edit_s
         record["wall_time_s"] = time.perf_counter() - t
         artifacts.write_json(res_file, _stamp(record))

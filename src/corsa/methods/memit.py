@@ -215,7 +215,7 @@ class MemitEditor:
             fallback = sum(i is None for i in where)
             prompts = [formatter.prompt_ids(r.prompt) for r in requests]
             positions = [len(p) - 1 if i is None else i for p, i in zip(prompts, where)]  # else: the last token
-            zs = self._targets(model, formatter, requests, prompts, positions, layers[-1])
+            zs, target_nll = self._targets(model, formatter, requests, prompts, positions, layers[-1])
             timings["targets_s"] = time.perf_counter() - t
             t = time.perf_counter()
             deltas = self._spread(model, formatter, prompts, positions, zs, layers, moments)
@@ -224,8 +224,12 @@ class MemitEditor:
             for n, p in model.named_parameters():
                 p.requires_grad_(was[n])
         edited = self._as_adapter(model, deltas, len(requests))
+        # How far the z search got tells a failed edit's cause apart: a z that never made the answer likely, or a
+        # z the closed-form update could not realise in the weights.
         info = {"timings": timings, "steps": 0, "epochs_run": 0, "variant": "memit", "layers": list(layers),
-                "subject_not_found": fallback, "config": dataclasses.asdict(cfg)}
+                "subject_not_found": fallback, "config": dataclasses.asdict(cfg),
+                "target_nll_mean": float(target_nll.mean()),
+                "targets_converged": float((target_nll < STOP_NLL).float().mean())}
         return EditResult(model=edited, requests=requests, info=info)
 
     def _run(self, model: torch.nn.Module, seqs: list[list[int]], pad: int) -> None:
@@ -234,20 +238,20 @@ class MemitEditor:
         causal_lm(model).get_decoder()(input_ids=ids, attention_mask=mask)
 
     def _targets(self, model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest],
-                 prompts: list[list[int]], positions: list[int], last: int) -> torch.Tensor:
-        """z for every edit: the residual stream at layer `last`, subject's last token, that makes the model say
+                 prompts: list[list[int]], positions: list[int], last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, answer NLL at z) for every edit: the residual stream at layer `last`, subject's last token, that makes the model say
         target_new. Edits are optimised `batch_size` at a time, each with its own delta: rows do not interact (own
         sequence, own loss term, element-wise Adam), so a batch gives each edit the z it would get alone, at a
         fraction of the passes. An edit whose NLL is under STOP_NLL stops moving."""
         cfg = self.config
-        zs = []
+        found = []
         for s in range(0, len(requests), cfg.batch_size):
             chunk = slice(s, s + cfg.batch_size)
-            zs.append(self._target_batch(model, formatter, requests[chunk], prompts[chunk], positions[chunk], last))
-        return torch.cat(zs)
+            found.append(self._target_batch(model, formatter, requests[chunk], prompts[chunk], positions[chunk], last))
+        return torch.cat([z for z, _ in found]), torch.cat([nll for _, nll in found])
 
     def _target_batch(self, model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest],
-                      prompts: list[list[int]], positions: list[int], last: int) -> torch.Tensor:
+                      prompts: list[list[int]], positions: list[int], last: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         lm, layer = causal_lm(model), decoder_layers(model)[last]
         device = next(model.parameters()).device
@@ -306,7 +310,10 @@ class MemitEditor:
                 norms = delta.norm(dim=1)
                 over = norms > max_norm
                 delta[over] *= (max_norm[over] / norms[over])[:, None]
-        return (start + delta).detach()
+        else:  # out of steps: the NLL at the last delta has not been measured yet
+            with torch.no_grad():
+                nll, _ = outputs(delta)
+        return (start + delta).detach(), nll.detach()
 
     @torch.no_grad()
     def _spread(self, model: torch.nn.Module, formatter: Formatter, prompts: list[list[int]], positions: list[int],
