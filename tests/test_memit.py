@@ -4,13 +4,14 @@ the subject is found in the formatted prompt, and the key statistics are cached 
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
 from corsa.methods import make_editor
-from corsa.methods.memit import default_layers, subject_last_index
+from corsa.methods.memit import EASYEDIT_WEIGHT, MemitConfig, default_layers, subject_last_index, update_weight
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 from corsa.scoring import score_answers
@@ -58,9 +59,20 @@ def test_memit_edits_only_the_chosen_down_projections(stats_data, tmp_path):
     after = [s.logprob for s in score_answers(edited, fmt, [(r.prompt, r.target_new) for r in EDITS])]
     assert all(a > b + 1.0 for a, b in zip(after, before))
     assert result.info["subject_not_found"] == 0
+    assert result.info["config"]["layers"] == (1, 2) and result.info["config"]["mom2_update_weight"] == 10.0
     assert result.info["target_nll_mean"] > 0 and 0 <= result.info["targets_converged"] <= 1
     provenance = list((tmp_path / "cache" / "memit").glob("*/provenance.json"))
     assert len(provenance) == 1 and json.loads(provenance[0].read_text())["n_texts"] == 30
+
+
+def test_update_weight_is_tuned_per_model(tiny_model):
+    assert update_weight(MemitConfig(), tiny_model) == EASYEDIT_WEIGHT  # a model we did not tune
+    assert update_weight(MemitConfig(mom2_update_weight=7.0), tiny_model) == 7.0
+    smollm2 = types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama", hidden_size=576,
+                                                                 num_hidden_layers=30))
+    assert update_weight(MemitConfig(), smollm2) == 150.0
+    with pytest.raises(ValueError, match="mom2_update_weight"):
+        MemitConfig(mom2_update_weight=0.0)
 
 
 def test_default_layers_scale_llama_2s_range():

@@ -26,10 +26,11 @@ def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["stop_when_learned"] = False
     if not hasattr(args, "method"):  # `corsa demo` runs both methods with their defaults
         return out
-    if args.memit_stats is not None:
+    memit_flags = {"stats_data": args.memit_stats, "mom2_update_weight": args.memit_weight}
+    if any(v is not None for v in memit_flags.values()):
         if args.method != "memit":
-            raise InputError("--memit-stats applies to --method memit", field="--method")
-        out["stats_data"] = args.memit_stats
+            raise InputError("--memit-stats and --memit-weight apply to --method memit", field="--method")
+        out.update({k: v for k, v in memit_flags.items() if v is not None})
     merge_flags = {"merge": args.merge, "scale": args.merge_scale, "density": args.merge_density}
     if any(v is not None for v in merge_flags.values()):
         if args.method != "merge":
@@ -83,6 +84,8 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
                         "prepend (the fact written in front of the question; no training)")
     p.add_argument("--memit-stats", help="memit: benchmarks folder whose CounterFact train split gives the key "
                                          "statistics (e.g. ../shared/benchmarks)")
+    p.add_argument("--memit-weight", type=float, help="memit: weight of the key statistics against the edits "
+                                                      "(default: tuned per model, else EasyEdit's 15000)")
     p.add_argument("--merge", choices=["task_arithmetic", "ties"], help="merge: how to merge (task_arithmetic)")
     p.add_argument("--merge-scale", type=float, help="merge: weight of the fine-tuning delta (default 0.5)")
     p.add_argument("--merge-density", type=float, help="merge ties: share of delta entries kept (default 0.2)")
