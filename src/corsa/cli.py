@@ -87,7 +87,7 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memit-weight", type=float, help="memit: weight of the key statistics against the edits "
                                                       "(default: tuned per model, else EasyEdit's 15000)")
     p.add_argument("--merge", choices=["task_arithmetic", "ties"], help="merge: how to merge (task_arithmetic)")
-    p.add_argument("--merge-scale", type=float, help="merge: weight of the fine-tuning delta (default 0.5)")
+    p.add_argument("--merge-scale", type=float, help="merge: weight of the fine-tuning delta (default 0.85)")
     p.add_argument("--merge-density", type=float, help="merge ties: share of delta entries kept (default 0.2)")
     p.add_argument("--lambda", dest="lam", type=float,
                    help="corsa: weight of the DPO term (paper: 1.0); flearning: the forgetting coefficient")

@@ -14,10 +14,11 @@ number of edits) and scaling 1 on exactly the edited down projections, so the ou
 
 Defaults are EasyEdit's for Llama-2-7B (reference doc 2.4), with its layers 4-8 of 32 scaled to this model's
 depth. Like EasyEdit, which keeps one hyperparameter file per model, the update weight w has per-model values
-where we tuned it (`TUNED_WEIGHTS`); any other model gets EasyEdit's 15000. C_l comes from the CounterFact *train* split's prompts (the evaluation never uses them) instead of 100k
-Wikipedia texts, which are not available here; it is streamed (no whole-corpus tensors) and cached on disk with
-its provenance. Prompts are formatted as everywhere else in corsa (the chat template when the model has one), so
-the subject's last token is found inside the formatted prompt.
+where we tuned it (`TUNED_WEIGHTS`); any other model gets EasyEdit's 15000. C_l comes from the CounterFact
+*train* split's prompts (the evaluation never uses them) instead of 100k Wikipedia texts, which are not available
+here; it is streamed (no whole-corpus tensors) and cached on disk with its provenance. Prompts are formatted as
+everywhere else in corsa (the chat template when the model has one), so the subject's last token is found inside
+the formatted prompt.
 """
 
 from __future__ import annotations
@@ -256,10 +257,10 @@ class MemitEditor:
 
     def _targets(self, model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest],
                  prompts: list[list[int]], positions: list[int], last: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z, answer NLL at z) for every edit: the residual stream at layer `last`, subject's last token, that makes the model say
-        target_new. Edits are optimised `batch_size` at a time, each with its own delta: rows do not interact (own
-        sequence, own loss term, element-wise Adam), so a batch gives each edit the z it would get alone, at a
-        fraction of the passes. An edit whose NLL is under STOP_NLL stops moving."""
+        """(z, answer NLL at z) for every edit: the residual stream at layer `last`, subject's last token, that
+        makes the model say target_new. Edits are optimised `batch_size` at a time, each with its own delta: rows do
+        not interact (own sequence, own loss term, element-wise Adam), so a batch gives each edit the z it would get
+        alone, at a fraction of the passes. An edit whose NLL is under STOP_NLL stops moving."""
         cfg = self.config
         found = []
         for s in range(0, len(requests), cfg.batch_size):
