@@ -55,8 +55,9 @@ SWEEPS = {"corsa-lambda": ("corsa", "lam"), "corsa-rho": ("corsa", "rho"), "cors
           "memit-weight": ("memit", "mom2_update_weight")}
 # memit-layers<a>-<b> edits layers a..b (both included): MEMIT's range was set for 7B models, so it is tuned here.
 MEMIT_LAYERS = "memit-layers"
-# What a method's manifest says about how its edit went, copied into the run's record beside the steps.
-DIAGNOSTICS = ("steps_old", "layers", "subject_not_found", "target_nll_mean", "targets_converged",
+# What a method's manifest says about how its edit went, copied into the run's record beside the steps (the
+# settings used, e.g. MEMIT's layers, are already in the record's config).
+DIAGNOSTICS = ("steps_old", "subject_not_found", "target_nll_mean", "targets_converged",
                "ties_low_rank_relative_error")
 
 
