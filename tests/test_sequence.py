@@ -46,6 +46,18 @@ def test_revision_stages_revise_stored_facts_to_another_answer_of_the_relation(t
         build_stages(SequenceConfig("revise", str(tmp_path), n=4, n2=20, n_revise=2))
 
 
+def test_the_split_chooses_the_counterfact_file(tmp_path):
+    counterfact(tmp_path, n=10)
+    val = tmp_path / "counterfact" / "easyedit-counterfact-val.json"
+    records = json.loads((tmp_path / "counterfact" / "easyedit-counterfact-edit.json").read_text())
+    val.write_text(json.dumps([{**r, "prompt": "v" + r["prompt"], "subject": "v" + r["subject"]} for r in records]))
+    for split, mark in (("edit", "p"), ("val", "v")):
+        stages = build_stages(SequenceConfig("revise", str(tmp_path), n=4, n2=4, n_revise=2, split=split))
+        assert all(r.prompt.startswith(mark) for s in stages for r in s)
+    with pytest.raises(InputError):
+        build_stages(SequenceConfig("revise", str(tmp_path), n=4, n2=4, n_revise=2, split="train"))
+
+
 def test_user_chains_become_successive_updates():
     reqs = [EditRequest("a?", "x1", "x0", chain=("x2", "x3")), EditRequest("b?", "y1", "y0", chain=("y2",)),
             EditRequest("c?", "z1", "z0")]
@@ -112,6 +124,12 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_dir, capsys, kind):
             assert rebuilt == stored  # two stages: the answers after the last update are efficacy's
     capsys.readouterr()
     assert main(argv) == 0 and capsys.readouterr().out.count("done earlier, skipped") == 2
+    # Rows must stay paired: other facts or other training settings in the same folder are refused, not mixed.
+    before = sorted(p.name for p in out.iterdir())
+    for change in (["--seed", "3"], ["--lr", "1e-3"], ["--max-new-tokens", "5"]):
+        assert main(argv + change + ["--methods", "prepend"]) == 2
+        assert "use a new --out" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
 
 
 def test_baselines_run_several_updates_on_the_tiny_model(tmp_path, tiny_dir, monkeypatch):

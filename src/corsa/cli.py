@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--eval-after", default="each", choices=["each", "all"],
                        help="measure update efficacy right after each update, or once after the last")
         p.add_argument("--max-new-tokens", type=int, default=32)
+        p.add_argument("--split", default="edit", help="CounterFact split of the "
+                       + ("first update" if name == "inject" else "facts and revisions") + ": edit (report), val (tune)")
         if name == "revise":
             p.add_argument("--n-revise", type=int, default=50, help="first-update facts revised in the second")
             p.add_argument("--fractions", default="1",
@@ -290,7 +292,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
             revise = args.bench_command == "revise"
             seq = SequenceConfig(
-                kind=args.bench_command, data=args.data, n=args.n, n2=args.n2, seed=args.seed or 0,
+                kind=args.bench_command, data=args.data, n=args.n, n2=args.n2, split=args.split, seed=args.seed or 0,
                 methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), model=args.model,
                 prompt_style=args.prompt_style, evaluate_after=args.eval_after,
                 n_revise=args.n_revise if revise else 0, chains=args.chains if revise else None,

@@ -56,6 +56,7 @@ class SequenceConfig:
     kind: Literal["inject", "revise"]
     data: str
     n: int = 100  # edits in the first update
+    split: str = "edit"  # CounterFact's split for the first update (and revise's chains): val to tune, edit to report
     n2: int = 100  # edits in the second update (revise: revisions + unrelated new edits)
     n_revise: int = 50  # revise: first-stage facts revised in the second update
     seed: int = 0
@@ -130,15 +131,15 @@ def chain_stages(requests: list[EditRequest]) -> list[list[EditRequest]]:
 
 def build_stages(cfg: SequenceConfig) -> list[list[EditRequest]]:
     if cfg.kind == "inject":
-        first = select_cases(load_benchmark("counterfact", cfg.data, "edit"), cfg.n, cfg.seed, "counterfact")
-        second = select_cases(load_benchmark("mquake", cfg.data, "edit"), cfg.n2, cfg.seed, "mquake")
+        first = select_cases(load_benchmark("counterfact", cfg.data, cfg.split), cfg.n, cfg.seed, "counterfact")
+        second = select_cases(load_benchmark("mquake", cfg.data, "edit"), cfg.n2, cfg.seed, "mquake")  # one split
         return [first, second]
     if cfg.chains:
         requests = read_edits(cfg.chains, chains=True)
         if not any(r.chain for r in requests):
             raise InputError("no request has a 'chain' of later answers", path=cfg.chains, field="chain")
         return chain_stages(requests)
-    return revision_stages(load_benchmark("counterfact", cfg.data, "edit"), cfg)
+    return revision_stages(load_benchmark("counterfact", cfg.data, cfg.split), cfg)
 
 
 def take(stage: list[EditRequest], fraction: float) -> list[EditRequest]:
@@ -227,6 +228,7 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
     header = {"bench": cfg.kind, "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "overrides"},
               "overrides": cfg.overrides, "command": command, "model": cfg.model or models.DEFAULT_MODEL,
               "stages": [[r.id for r in s] for s in stages]}
+    refuse_other_runs(out, header)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{cfg.kind}: stages of {', '.join(str(len(s)) for s in stages)} edits; methods {', '.join(cfg.methods)}")
     for spec, method, overrides in methods:
@@ -275,6 +277,32 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
         del first, base
     write_sequence_report(out)
     return out
+
+
+# What must match for a rerun to add methods to a folder's table: the rows are compared with each other.
+SAME_RUN = ("kind", "split", "seed", "n_revise", "evaluate_after", "fractions", "chains", "max_new_tokens",
+            "prompt_style")
+
+
+def refuse_other_runs(out: Path, header: dict[str, Any]) -> None:
+    """A folder holds one comparison: a rerun with other stages, settings or training overrides would put rows
+    that are not paired into one table, so it is refused rather than mixed in."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SequenceConfig)}
+    for path in sorted(out.glob("*/results.json")):
+        earlier = json.loads(path.read_text())
+        old = {k: earlier["config"].get(k, defaults.get(k)) for k in SAME_RUN}
+        new = {k: header["config"][k] for k in SAME_RUN}
+        old["fractions"], new["fractions"] = list(old["fractions"]), list(new["fractions"])
+        differs = [k for k in SAME_RUN if old[k] != new[k]]
+        if earlier["stages"] != header["stages"]:
+            differs.insert(0, "stages")
+        if earlier.get("overrides", {}) != header["overrides"]:
+            differs.append("training settings")
+        if earlier.get("model") != header["model"]:
+            differs.append("model")
+        if differs:
+            raise InputError(f"{out} holds a run with other {', '.join(differs)} ({path.parent.name}); use a new "
+                             "--out", field="--out")
 
 
 def load_sequence_results(out: str | Path) -> list[dict[str, Any]]:
