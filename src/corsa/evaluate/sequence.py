@@ -56,10 +56,10 @@ class SequenceConfig:
     kind: Literal["inject", "revise"]
     data: str
     n: int = 100  # edits in the first update
-    split: str = "edit"  # CounterFact's split for the first update (and revise's chains): val to tune, edit to report
     n2: int = 100  # edits in the second update (revise: revisions + unrelated new edits)
     n_revise: int = 50  # revise: first-stage facts revised in the second update
     seed: int = 0
+    split: str = "edit"  # CounterFact's split for the first update (and revise's chains): val to tune, edit to report
     methods: tuple[str, ...] = ("lora", "corsa")
     model: str | None = None
     prompt_style: PromptStyle = "auto"
@@ -288,11 +288,12 @@ def refuse_other_runs(out: Path, header: dict[str, Any]) -> None:
     """A folder holds one comparison: a rerun with other stages, settings or training overrides would put rows
     that are not paired into one table, so it is refused rather than mixed in."""
     defaults = {f.name: f.default for f in dataclasses.fields(SequenceConfig)}
+    new = {k: header["config"][k] for k in SAME_RUN}
+    new["fractions"] = list(new["fractions"])  # JSON gives the stored one back as a list
     for path in sorted(out.glob("*/results.json")):
         earlier = json.loads(path.read_text())
         old = {k: earlier["config"].get(k, defaults.get(k)) for k in SAME_RUN}
-        new = {k: header["config"][k] for k in SAME_RUN}
-        old["fractions"], new["fractions"] = list(old["fractions"]), list(new["fractions"])
+        old["fractions"] = list(old["fractions"])  # a missing key's default is the tuple
         differs = [k for k in SAME_RUN if old[k] != new[k]]
         if earlier["stages"] != header["stages"]:
             differs.insert(0, "stages")
