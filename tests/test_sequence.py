@@ -97,6 +97,25 @@ def test_comparisons_give_the_forgetting_ratio_and_the_efficacy_difference():
     assert comparisons([record("corsa", 4)]) == ""  # nothing to compare against
 
 
+def test_training_seeds_are_compared_seed_by_seed_and_pooled():
+    def record(method, seed, forgotten, right):
+        by_case = {"forgetting": {f"c{i}": [int(i < forgotten), 1] for i in range(10)},
+                   "efficacy": {f"e{i}": [int(i < right), 1] for i in range(10)}}
+        return {"method": method, "method_config": {"seed": seed}, "runs": [{"fraction": 1.0, "by_case": by_case}]}
+
+    rows = [record("lora", 0, 8, 5), record("corsa", 0, 4, 6), record("lora@seed1", 1, 4, 5),
+            record("corsa@seed1", 1, 4, 4)]
+    text = comparisons(rows)
+    assert "- corsa, fraction 1: forgetting 0.50x lora's" in text and "efficacy +10.0 points" in text
+    # The seed-1 row is paired with LoRA's seed-1 run, not with the plain (seed 0) row.
+    assert "- corsa@seed1, fraction 1: forgetting 1.00x lora's" in text and "efficacy -10.0 points" in text
+    # Pooled: (4 + 4) / 20 forgotten against (8 + 4) / 20; efficacy (6 + 4) / 20 against (5 + 5) / 20.
+    pooled = text.split("Pooled over training seeds")[1]
+    assert "- corsa, fraction 1, training seeds 0, 1 pooled: forgetting 0.67x lora's (" in pooled
+    assert "10 facts" in pooled and "efficacy +0.0 points" in pooled
+    assert "Pooled" not in comparisons(rows[:2])  # one seed: nothing to pool
+
+
 @pytest.mark.parametrize("kind", ["inject", "revise"])
 def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_dir, capsys, kind):
     counterfact(tmp_path, n=8)
@@ -130,6 +149,11 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_dir, capsys, kind):
         assert main(argv + change + ["--methods", "prepend"]) == 2
         assert "use a new --out" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
+    if kind == "inject":  # another training seed adds its rows to the same folder, paired with LoRA of that seed
+        assert main(argv + ["--methods", "lora", "--train-seeds", "0,1"]) == 0
+        repeat = json.loads((out / "lora@seed1" / "results.json").read_text())
+        assert repeat["method_config"]["seed"] == 1 and repeat["stages"] == results[0]["stages"]
+        assert "lora@seed1" in (out / "table.md").read_text()
 
 
 def test_baselines_run_several_updates_on_the_tiny_model(tmp_path, tiny_dir, monkeypatch):

@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=32)
         p.add_argument("--split", default="edit", help="CounterFact split of the "
                        + ("first update" if name == "inject" else "facts and revisions") + ": edit (report), val (tune)")
+        p.add_argument("--train-seeds", help="comma-separated training seeds: every method is trained once per seed "
+                       "on the same facts (rows <method>@seed<k>; the run's own seed keeps the plain name), each "
+                       "compared with the baseline of its seed, and the table adds the comparison pooled over seeds")
         if name == "revise":
             p.add_argument("--n-revise", type=int, default=50, help="first-update facts revised in the second")
             p.add_argument("--fractions", default="1",
@@ -291,10 +294,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             from corsa.evaluate.sequence import SequenceConfig, run_sequence
 
             revise = args.bench_command == "revise"
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            if args.train_seeds:
+                methods = _with_seeds(methods, args.train_seeds, args.seed or 0)
             seq = SequenceConfig(
                 kind=args.bench_command, data=args.data, n=args.n, n2=args.n2, split=args.split, seed=args.seed or 0,
-                methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), model=args.model,
-                prompt_style=args.prompt_style, evaluate_after=args.eval_after,
+                methods=tuple(methods), model=args.model, prompt_style=args.prompt_style,
+                evaluate_after=args.eval_after,
                 n_revise=args.n_revise if revise else 0, chains=args.chains if revise else None,
                 fractions=tuple(_number(v, "--fractions") for v in args.fractions.split(",")) if revise else (1.0,),
                 max_new_tokens=args.max_new_tokens, overrides=_method_overrides(args))

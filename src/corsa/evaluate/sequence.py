@@ -350,40 +350,88 @@ def run_by_case(record: dict[str, Any], run: dict[str, Any]) -> dict[str, dict[s
     return counts
 
 
+def trained_with(record: dict[str, Any]) -> int | None:
+    """The training seed of a method row (its editor config records it); the cases' seed is the run's."""
+    return (record.get("method_config") or {}).get("seed")
+
+
+def paired_counts(ref: dict[str, Any], row: dict[str, Any], fraction: float
+                  ) -> tuple[dict[str, dict[str, list[int]]], dict[str, dict[str, list[int]]]] | None:
+    """The per-fact counts of two rows at one fraction, or None when either is missing."""
+    ref_run = next((x for x in ref["runs"] if x["fraction"] == fraction), None)
+    run = next((x for x in row["runs"] if x["fraction"] == fraction), None)
+    if ref_run is None or run is None:
+        return None
+    a, b = run_by_case(ref, ref_run), run_by_case(row, run)
+    return None if a is None or b is None else (a, b)
+
+
+def _forgetting_units(pairs: Sequence[tuple[dict, dict]]) -> list[tuple[int, int, int, int]]:
+    """One unit per fact, its counts summed over the paired runs (seeds): resampling a fact keeps its seeds."""
+    keys = [k for k in pairs[0][0]["forgetting"] if all(k in a["forgetting"] and k in b["forgetting"]
+                                                         for a, b in pairs)]
+    return [tuple(sum(x) for x in zip(*[(*a["forgetting"][k], *b["forgetting"][k]) for a, b in pairs]))
+            for k in keys]  # type: ignore[misc]
+
+
+def _efficacy_units(pairs: Sequence[tuple[dict, dict]]) -> list[tuple[float, float, int]]:
+    if not all("efficacy" in a and "efficacy" in b for a, b in pairs):
+        return []
+    units = []
+    for k in pairs[0][0]["efficacy"]:
+        counts = [(a["efficacy"][k], b["efficacy"].get(k)) for a, b in pairs if k in a["efficacy"]]
+        if len(counts) == len(pairs) and all(y is not None and x[1] == y[1] > 0 for x, y in counts):
+            units.append((float(sum(x[0] for x, _ in counts)), float(sum(y[0] for _, y in counts)),
+                          sum(x[1] for x, _ in counts)))
+    return units
+
+
+def _comparison(pairs: Sequence[tuple[dict, dict]], against: str) -> list[str]:
+    parts = []
+    units = _forgetting_units(pairs)
+    ratio = stats.rate_ratio(units) if units else None
+    if ratio is not None:
+        parts.append(f"forgetting {ratio.estimate:.2f}x {against}'s ({ratio.low:.2f} to {ratio.high:.2f}, "
+                     f"{ratio.units} facts)")
+    d = stats.bootstrap(_efficacy_units(pairs), "efficacy")
+    if d is not None:
+        parts.append(f"efficacy {100 * d.estimate:+.1f} points ({100 * d.low:+.1f} to {100 * d.high:+.1f}, "
+                     f"{d.cases} edits)")
+    return parts
+
+
 def comparisons(results: Sequence[dict[str, Any]], against: str = "lora") -> str:
-    """Each method against `against` at each fraction: the forgetting ratio (the issue's bar is stated as one)
-    and the efficacy difference, with 95 % paired bootstrap intervals over the facts."""
-    ref = next((r for r in results if r["method"] == against), None)
-    if ref is None:
-        return ""
-    lines = []
+    """Each method against `against` (trained with the same seed) at each fraction: the forgetting ratio (the
+    issue's bar is stated as one) and the efficacy difference, with 95 % paired bootstrap intervals over the
+    facts. A setting trained with several seeds also gets one line pooled over its seeds."""
+    lines, pooled = [], []
+    groups: dict[tuple[str, float], list[tuple[int | None, tuple[dict, dict]]]] = {}
     for r in results:
-        if r is ref:
+        ref = stats.partner(results, r, against, trained_with)
+        if stats.base_name(r["method"]) == against or ref is None:
             continue
         for run in r["runs"]:
-            ref_run = next((x for x in ref["runs"] if x["fraction"] == run["fraction"]), None)
-            a, b = (run_by_case(ref, ref_run), run_by_case(r, run)) if ref_run else (None, None)
-            if a is None or b is None:
+            counts = paired_counts(ref, r, run["fraction"])
+            if counts is None:
                 continue
-            parts = []
-            keys = [k for k in a["forgetting"] if k in b["forgetting"]]
-            ratio = stats.rate_ratio([(*a["forgetting"][k], *b["forgetting"][k]) for k in keys])
-            if ratio is not None:
-                parts.append(f"forgetting {ratio.estimate:.2f}x {against}'s ({ratio.low:.2f} to {ratio.high:.2f}, "
-                             f"{ratio.units} facts)")
-            if "efficacy" in a and "efficacy" in b:
-                pairs = [(a["efficacy"][k][0], b["efficacy"][k][0], a["efficacy"][k][1]) for k in a["efficacy"]
-                         if k in b["efficacy"] and a["efficacy"][k][1] == b["efficacy"][k][1] > 0]
-                d = stats.bootstrap(pairs, "efficacy")
-                if d is not None:
-                    parts.append(f"efficacy {100 * d.estimate:+.1f} points ({100 * d.low:+.1f} to "
-                                 f"{100 * d.high:+.1f}, {d.cases} edits)")
-            if parts:
+            groups.setdefault((stats.base_name(r["method"]), run["fraction"]), []).append((trained_with(r), counts))
+            if parts := _comparison([counts], against):
                 lines.append(f"- {r['method']}, fraction {run['fraction']:g}: " + "; ".join(parts))
+    for (name, fraction), found in groups.items():
+        seeds = sorted({s for s, _ in found if s is not None})
+        if len(seeds) < 2 or len(seeds) != len(found):
+            continue
+        if parts := _comparison([c for _, c in found], against):
+            pooled.append(f"- {name}, fraction {fraction:g}, training seeds {', '.join(map(str, seeds))} pooled: "
+                          + "; ".join(parts))
     if not lines:
         return ""
-    return (f"Against {against}, with 95 % paired bootstrap intervals that resample facts (2,000 resamples; "
+    text = (f"Against {against}, with 95 % paired bootstrap intervals that resample facts (2,000 resamples; "
             "docs/METRICS.md):\n" + "\n".join(lines))
+    if pooled:
+        text += ("\n\nPooled over training seeds (each method against the baseline run of the same seed; a "
+                 "resampled fact keeps all its seeds):\n" + "\n".join(pooled))
+    return text
 
 
 def write_sequence_report(out: str | Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import mean, stdev
 from typing import Any
@@ -142,10 +142,11 @@ def base_name(method: str) -> str:
     return method.partition(SEED_MARK)[0]
 
 
-def partner(results: Sequence[dict[str, Any]], row: dict[str, Any], against: str) -> dict[str, Any] | None:
+def partner(results: Sequence[dict[str, Any]], row: dict[str, Any], against: str,
+            seed_of: Callable[[dict[str, Any]], int | None] = training_seed) -> dict[str, Any] | None:
     """The `against` row trained with the same seed as `row` (so a seed repeat is compared with its own
-    baseline run), else the plain `against` row."""
-    same = [r for r in results if base_name(r["method"]) == against and training_seed(r) == training_seed(row)]
+    baseline run), else the plain `against` row. `seed_of` reads a row's training seed."""
+    same = [r for r in results if base_name(r["method"]) == against and seed_of(r) == seed_of(row)]
     return same[0] if same else next((r for r in results if r["method"] == against), None)
 
 
