@@ -114,6 +114,9 @@ def test_training_seeds_are_compared_seed_by_seed_and_pooled():
     assert "- corsa, fraction 1, training seeds 0, 1 pooled: forgetting 0.67x lora's (" in pooled
     assert "10 facts" in pooled and "efficacy +0.0 points" in pooled
     assert "Pooled" not in comparisons(rows[:2])  # one seed: nothing to pool
+    # A seed without its own LoRA run is still compared (with the plain row) but not pooled as same-seed.
+    unpaired = comparisons(rows[:2] + [record("corsa@seed2", 2, 4, 4)])
+    assert "- corsa@seed2, fraction 1: forgetting 0.50x lora's" in unpaired and "Pooled" not in unpaired
 
 
 @pytest.mark.parametrize("kind", ["inject", "revise"])

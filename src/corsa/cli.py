@@ -294,7 +294,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             from corsa.evaluate.sequence import SequenceConfig, run_sequence
 
             revise = args.bench_command == "revise"
-            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            methods = _names(args.methods)
             if args.train_seeds:
                 methods = _with_seeds(methods, args.train_seeds, args.seed or 0)
             seq = SequenceConfig(
@@ -307,7 +307,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             run_sequence(seq, args.out, progress=not args.quiet, command=command)
             return 0
         if args.bench_command == "single":
-            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            methods = _names(args.methods)
         elif args.lambdas or args.rhos or args.forget_lambdas:
             methods = [f"{name}{_number(v, flag)}" for name, flag, values in
                        (("corsa-lambda", "--lambda", args.lambdas), ("corsa-rho", "--rho", args.rhos),
@@ -327,6 +327,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         run_bench(cfg, args.out, progress=not args.quiet, command=command)
         return 0
     raise AssertionError(args.command)
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated --methods value as a list, blanks dropped."""
+    return [m.strip() for m in text.split(",") if m.strip()]
 
 
 def _with_seeds(methods: list[str], seeds: str, default: int) -> list[str]:

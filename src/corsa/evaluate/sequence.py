@@ -355,12 +355,11 @@ def trained_with(record: dict[str, Any]) -> int | None:
     return (record.get("method_config") or {}).get("seed")
 
 
-def paired_counts(ref: dict[str, Any], row: dict[str, Any], fraction: float
+def paired_counts(ref: dict[str, Any], row: dict[str, Any], run: dict[str, Any]
                   ) -> tuple[dict[str, dict[str, list[int]]], dict[str, dict[str, list[int]]]] | None:
-    """The per-fact counts of two rows at one fraction, or None when either is missing."""
-    ref_run = next((x for x in ref["runs"] if x["fraction"] == fraction), None)
-    run = next((x for x in row["runs"] if x["fraction"] == fraction), None)
-    if ref_run is None or run is None:
+    """The per-fact counts of `ref` and of `row`'s `run` at that run's fraction, or None when either is missing."""
+    ref_run = next((x for x in ref["runs"] if x["fraction"] == run["fraction"]), None)
+    if ref_run is None:
         return None
     a, b = run_by_case(ref, ref_run), run_by_case(row, run)
     return None if a is None or b is None else (a, b)
@@ -375,15 +374,14 @@ def _forgetting_units(pairs: Sequence[tuple[dict, dict]]) -> list[tuple[int, int
 
 
 def _efficacy_units(pairs: Sequence[tuple[dict, dict]]) -> list[tuple[float, float, int]]:
+    """One unit per later edit asked equally often of both methods in every paired run, summed over the runs."""
     if not all("efficacy" in a and "efficacy" in b for a, b in pairs):
         return []
-    units = []
-    for k in pairs[0][0]["efficacy"]:
-        counts = [(a["efficacy"][k], b["efficacy"].get(k)) for a, b in pairs if k in a["efficacy"]]
-        if len(counts) == len(pairs) and all(y is not None and x[1] == y[1] > 0 for x, y in counts):
-            units.append((float(sum(x[0] for x, _ in counts)), float(sum(y[0] for _, y in counts)),
-                          sum(x[1] for x, _ in counts)))
-    return units
+    keys = [k for k in pairs[0][0]["efficacy"] if all(k in a["efficacy"] and k in b["efficacy"]
+                                                       and a["efficacy"][k][1] == b["efficacy"][k][1] > 0
+                                                       for a, b in pairs)]
+    return [(float(sum(a["efficacy"][k][0] for a, _ in pairs)), float(sum(b["efficacy"][k][0] for _, b in pairs)),
+             sum(a["efficacy"][k][1] for a, _ in pairs)) for k in keys]
 
 
 def _comparison(pairs: Sequence[tuple[dict, dict]], against: str) -> list[str]:
@@ -411,10 +409,12 @@ def comparisons(results: Sequence[dict[str, Any]], against: str = "lora") -> str
         if stats.base_name(r["method"]) == against or ref is None:
             continue
         for run in r["runs"]:
-            counts = paired_counts(ref, r, run["fraction"])
+            counts = paired_counts(ref, r, run)
             if counts is None:
                 continue
-            groups.setdefault((stats.base_name(r["method"]), run["fraction"]), []).append((trained_with(r), counts))
+            if trained_with(ref) == trained_with(r):  # only same-seed pairs are pooled, as the line says
+                key = (stats.base_name(r["method"]), run["fraction"])
+                groups.setdefault(key, []).append((trained_with(r), counts))
             if parts := _comparison([counts], against):
                 lines.append(f"- {r['method']}, fraction {run['fraction']:g}: " + "; ".join(parts))
     for (name, fraction), found in groups.items():
