@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from corsa.methods import make_editor
-from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference
+from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference, learned_enough
 from corsa.optim import pcgrad
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
@@ -140,6 +140,33 @@ def test_stop_when_learned_stops_early(tiny_model, tokenizer):
                        lora_r=8, lora_alpha=16)
     assert result.curves[-1]["learned"] == 1.0
     assert result.info["epochs_run"] < 60
+
+
+def test_learned_enough_counts_a_share_of_the_edits():
+    def learned(k, n):
+        return {i: i < k for i in range(n)}
+
+    assert learned_enough(learned(100, 100), 100, 1.0) and not learned_enough(learned(99, 100), 100, 1.0)
+    assert learned_enough(learned(95, 100), 100, 0.95) and not learned_enough(learned(94, 100), 100, 0.95)
+    assert learned_enough(learned(61, 64), 64, 0.95) and not learned_enough(learned(60, 64), 64, 0.95)
+    partial = {i: True for i in range(50)}  # an epoch that has not seen every edit never counts
+    assert not learned_enough(partial, 64, 0.5)
+    with pytest.raises(ValueError, match="learned_share"):
+        CorsaConfig(learned_share=0.0)
+    with pytest.raises(ValueError, match="learned_share"):
+        CorsaConfig(learned_share=1.5)
+
+
+def test_stop_share_stops_no_later_than_every_edit(tiny_model, tokenizer):
+    common = dict(lr=2e-2, epochs=60, stop_when_learned=True, min_epochs=1, patience=1, lora_r=8, lora_alpha=16)
+    every, _, _ = run(tiny_model, tokenizer, **common)
+    some, _, _ = run(tiny_model, tokenizer, **common, learned_share=0.25)
+    epoch_ends = [c["learned"] for c, nxt in zip(some.curves, some.curves[1:] + [None])
+                  if nxt is None or nxt["epoch"] != c["epoch"]]
+    # it stops at the first epoch that ends with a quarter learned, and here that is before every edit is
+    assert epoch_ends[-1] >= 0.25 and all(x < 0.25 for x in epoch_ends[:-1])
+    assert every.curves[-1]["learned"] == 1.0
+    assert some.info["epochs_run"] < every.info["epochs_run"]
 
 
 def test_old_answer_containing_new_is_trained_without_dpo(tokenizer):
