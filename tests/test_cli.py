@@ -62,6 +62,13 @@ def test_ablation_flags_do_not_apply_to_lora(tmp_path, capsys):
     assert code == 2 and "do not apply" in err
 
 
+def test_stop_share_outside_0_1_is_refused(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "edit", edits_file(tmp_path, {"prompt": "q?", "target_new": "a"}), "--out",
+                           tmp_path / "run", "--stop-share", "1.5")
+    assert code == 2 and "learned_share" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_prompt_longer_than_context(tmp_path, capsys, tiny_dir):
     path = edits_file(tmp_path, {"prompt": "q?", "target_new": "a"}, {"prompt": "x" * 200, "target_new": "b"})
     code, _, err = run_cli(capsys, "edit", path, "--out", tmp_path / "run", "--model", tiny_dir)

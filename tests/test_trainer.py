@@ -157,7 +157,7 @@ def test_learned_enough_counts_a_share_of_the_edits():
         CorsaConfig(learned_share=1.5)
 
 
-def test_stop_share_stops_no_later_than_every_edit(tiny_model, tokenizer):
+def test_stop_share_stops_at_the_first_epoch_with_that_share(tiny_model, tokenizer):
     common = dict(lr=2e-2, epochs=60, stop_when_learned=True, min_epochs=1, patience=1, lora_r=8, lora_alpha=16)
     every, _, _ = run(tiny_model, tokenizer, **common)
     some, _, _ = run(tiny_model, tokenizer, **common, learned_share=0.25)

@@ -64,7 +64,7 @@ class CorsaConfig:
     stop_when_learned: bool = True
     min_epochs: int = 5
     patience: int = 2
-    # The share of edits that counts as "every edit". Under SAM at a constant learning rate one or two edits of a
+    # The share of edits that counts as "every edit". Under SAM at a constant learning rate a few edits of a
     # hundred can flip back and forth for many epochs after the rest are learned (docs/PERFORMANCE.md), so 1.0
     # may run to the epoch cap; 0.95 stops at the ">= 95 % edit success" that time-to-edit is measured to.
     learned_share: float = 1.0
