@@ -149,7 +149,7 @@ def test_learned_enough_counts_a_share_of_the_edits():
     assert learned_enough(learned(100, 100), 100, 1.0) and not learned_enough(learned(99, 100), 100, 1.0)
     assert learned_enough(learned(95, 100), 100, 0.95) and not learned_enough(learned(94, 100), 100, 0.95)
     assert learned_enough(learned(61, 64), 64, 0.95) and not learned_enough(learned(60, 64), 64, 0.95)
-    partial = {i: True for i in range(50)}  # an epoch that has not seen every edit never counts
+    partial = {i: True for i in range(50)}  # edits not yet checked never count as learned
     assert not learned_enough(partial, 64, 0.5)
     with pytest.raises(ValueError, match="learned_share"):
         CorsaConfig(learned_share=0.0)

@@ -307,7 +307,8 @@ class CorsaTrainer:
 
 
 def learned_enough(learned: dict[int, bool], n: int, share: float) -> bool:
-    """Whether all n edits have been seen this epoch and at least `share` of them were exact."""
+    """Whether every one of the n edits has been checked and at least `share` of them were exact at their latest
+    check (each edit is checked when its batch is trained)."""
     # ceil, so that 0.95 of 64 edits asks for 61 (60.8 rounded up); the epsilon keeps a product that floats make
     # a hair too big (0.95 * 100 = 95.00000000000001) from asking for 96
     needed = math.ceil(share * n - 1e-9)
