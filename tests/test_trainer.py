@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from corsa.methods import make_editor
-from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference, learned_enough
+from corsa.methods.corsa import (CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference, collapsed,
+                                 learned_enough)
 from corsa.optim import pcgrad
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
@@ -167,6 +168,59 @@ def test_stop_share_stops_at_the_first_epoch_with_that_share(tiny_model, tokeniz
     assert epoch_ends[-1] >= 0.25 and all(x < 0.25 for x in epoch_ends[:-1])
     assert every.curves[-1]["learned"] == 1.0
     assert some.info["epochs_run"] < every.info["epochs_run"]
+
+
+def test_collapsed_is_a_non_finite_loss_or_a_share_fallen_below_half_the_best():
+    assert collapsed(0.9, 0.9, finite=False, keep=0.5) and collapsed(0.0, 0.0, finite=False, keep=0.0)
+    assert collapsed(0.4, 0.9, finite=True, keep=0.5) and not collapsed(0.5, 0.9, finite=True, keep=0.5)
+    assert not collapsed(0.84, 0.96, finite=True, keep=0.5)  # the swings of a run at lr 3e-3 that did not diverge
+    assert not collapsed(0.0, 0.4, finite=True, keep=0.5)  # not armed before half of the edits were learned
+    assert not collapsed(0.0, 1.0, finite=True, keep=0.0)  # switched off
+    with pytest.raises(ValueError, match="collapse_share"):
+        CorsaConfig(collapse_share=1.0)
+
+
+@pytest.mark.parametrize("how", ["nan_loss", "forgotten"])
+def test_divergence_guard_restores_the_best_epoch(monkeypatch, tokenizer, how):
+    """A run that diverges after learning its edits ends with the adapter of its best epoch, not the wreck."""
+    from conftest import make_model
+
+    common = dict(epochs=12, batch_size=4)  # one step per epoch on the 4 edits
+    clean, _, _ = run(make_model(len(tokenizer)), tokenizer, **common)
+    at_end = [c["learned"] for c in clean.curves]
+    first_half = next(e for e, share in enumerate(at_end) if share >= 0.5)
+    wreck_at = first_half + 2  # the step in which training goes wrong, after at least one epoch with half learned
+    assert wreck_at + 1 < len(at_end), "the tiny run must learn half its edits with epochs to spare"
+    # Epoch e's share scores the adapter saved after epoch e - 1 (its checks ran before its own update). A NaN stops
+    # epoch wreck_at at once; forgotten edits show in epoch wreck_at + 1's checks, so epoch wreck_at's share, which
+    # scores the adapter before the wreck, still counts.
+    scored = range(wreck_at) if how == "nan_loss" else range(wreck_at + 1)
+    best = max(scored, key=lambda e: (at_end[e], e))  # ties go to the later adapter
+    assert best >= 1
+
+    states = []
+    real_step = CorsaTrainer.step
+
+    def step(self, idx):
+        record = real_step(self, idx)
+        if len(states) == wreck_at:
+            with torch.no_grad():
+                for p in self.params:
+                    p.normal_(0, 10.0)  # weights far from anything learned: no edit survives
+            if how == "nan_loss":
+                record["loss"] = float("nan")
+        states.append(lora_state(self.model))
+        return record
+
+    monkeypatch.setattr(CorsaTrainer, "step", step)
+    result, _, _ = run(make_model(len(tokenizer)), tokenizer, **common)
+    info = result.info["collapse"]
+    stopped = wreck_at if how == "nan_loss" else wreck_at + 1
+    assert info["step"] == stopped and len(result.curves) == stopped + 1
+    assert info["restored_after_epochs"] == best and info["restored_share"] == at_end[best]
+    final, kept = lora_state(result.model), states[best - 1]  # states[k]: the adapter after step (= epoch) k
+    assert all(torch.equal(final[k], kept[k]) for k in final)
+    assert clean.info["collapse"] is None
 
 
 def test_old_answer_containing_new_is_trained_without_dpo(tokenizer):

@@ -12,6 +12,7 @@ adds the two gradients unchanged. The configuration is checked, never silently r
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -68,6 +69,12 @@ class CorsaConfig:
     # hundred can flip back and forth for many epochs after the rest are learned (docs/PERFORMANCE.md), so 1.0
     # may run to the epoch cap; 0.95 stops at the ">= 95 % edit success" that time-to-edit is measured to.
     learned_share: float = 1.0
+    # Divergence guard. At lr 3e-3 a CoRSA run learned 95 % of 100 edits and then, within one epoch, its loss jumped
+    # from 0.2 to 16 and every edit was lost (docs/PERFORMANCE.md). Once half the edits have been learned, an epoch
+    # that ends with under `collapse_share` of the best epoch's learned share, or any step whose loss is not finite,
+    # stops training and puts back the saved adapter that the most edits were learned by (see `train`). Runs that
+    # train well swing by a few edits, far from half; 0 switches the share test off (a non-finite loss always stops).
+    collapse_share: float = 0.5
     seed: int = 0
     bf16: bool = False  # bf16 autocast for forward/backward; master weights stay fp32
 
@@ -88,6 +95,8 @@ class CorsaConfig:
             raise ValueError("warmup_steps must be >= 0")
         if not 0 < self.learned_share <= 1:
             raise ValueError(f"learned_share must be in (0, 1], not {self.learned_share}")
+        if not 0 <= self.collapse_share < 1:
+            raise ValueError(f"collapse_share must be in [0, 1), not {self.collapse_share}")
         if self.lr <= 0 or self.rho < 0 or self.beta <= 0 or self.lam < 0:
             raise ValueError("lr and beta must be > 0, rho and lam >= 0")
 
@@ -153,6 +162,7 @@ class CorsaTrainer:
         self.device = self.params[0].device
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.collapse: dict[str, Any] | None = None  # set when the divergence guard stopped training
 
     # --- gradients --------------------------------------------------------------------------------------
     def _micro_batch(self, idx: list[int]) -> tuple[SharedBatch, list[int]]:
@@ -283,9 +293,16 @@ class CorsaTrainer:
                    dynamic_ncols=True)
         step = 0
         t0 = time.perf_counter()
+        # Each edit is checked by the forward pass of its step, before that step's update, so the share learned in
+        # epoch e describes the adapter as epoch e found it: the one saved at the end of epoch e - 1 (`pending`).
+        # Scoring each saved adapter by the next epoch's checks keeps the guard from restoring the very update that
+        # broke the run. The adapter as it came in (an earlier update's, or fresh) is scored by epoch 0.
+        pending = self._snapshot()
+        best_share, best_epochs, best_params = 0.0, 0, pending
         for epoch in range(cfg.epochs):
             self.model.train()
             order = torch.randperm(n, generator=self.generator).tolist()
+            finite = True
             for b in range(steps_per_epoch):
                 for group in self.opt.param_groups:
                     group["lr"] = self._lr_at(step)
@@ -298,12 +315,45 @@ class CorsaTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", margin=f"{record['margin']:.2f}",
                                 learned=f"{record['learned']:.0%}")
+                finite = math.isfinite(record["loss"])
+                if not finite:
+                    break
+            share = sum(learned.values()) / n
+            if collapsed(share, best_share, finite, cfg.collapse_share):
+                self._restore(best_params)
+                self.collapse = {"epoch": epoch, "step": step - 1, "share": share, "loss": record["loss"],
+                                 "restored_after_epochs": best_epochs, "restored_share": best_share}
+                if distributed.is_main():
+                    tqdm.write(f"training diverged in epoch {epoch + 1} (loss {record['loss']:.3g}, {share:.0%} of "
+                               f"the edits learned, best {best_share:.0%}); stopped and restored the adapter "
+                               + (f"as it was after epoch {best_epochs}" if best_epochs else "it started from"),
+                               file=sys.stderr)
+                break
+            if share >= best_share:  # ties go to the later adapter: more of the paraphrases are learned by then
+                best_share, best_epochs, best_params = share, epoch, pending
+            pending = self._snapshot()
             streak = streak + 1 if learned_enough(learned, n, cfg.learned_share) else 0
             if cfg.stop_when_learned and epoch + 1 >= cfg.min_epochs and streak >= cfg.patience:
                 break
         bar.close()
         self.model.eval()
         return curves
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def _restore(self, saved: list[torch.Tensor]) -> None:
+        for p, s in zip(self.params, saved):
+            p.copy_(s)
+
+
+def collapsed(share: float, best_share: float, finite: bool, keep: float) -> bool:
+    """Whether training has diverged: a loss that is not finite, or an epoch ending with under `keep` of the best
+    learned share so far, once at least half of the edits had been learned (keep = 0: the share test is off)."""
+    if not finite:
+        return True
+    return keep > 0 and best_share >= 0.5 and share < keep * best_share
 
 
 def learned_enough(learned: dict[int, bool], n: int, share: float) -> bool:
@@ -367,5 +417,5 @@ class CorsaEditor:
         timings["train_s"] = time.perf_counter() - t
         info: dict[str, Any] = {"timings": timings, "steps": len(curves),
                                 "epochs_run": (curves[-1]["epoch"] + 1) if curves else 0,
-                                "variant": cfg.variant, "config": asdict(cfg)}
+                                "variant": cfg.variant, "config": asdict(cfg), "collapse": trainer.collapse}
         return EditResult(model=model, requests=requests, curves=curves, info=info)
