@@ -62,10 +62,14 @@ def test_ablation_flags_do_not_apply_to_lora(tmp_path, capsys):
     assert code == 2 and "do not apply" in err
 
 
-def test_stop_share_outside_0_1_is_refused(tmp_path, capsys):
+def test_stop_share_outside_0_1_and_patience_under_1_are_refused(tmp_path, capsys):
     code, _, err = run_cli(capsys, "edit", edits_file(tmp_path, {"prompt": "q?", "target_new": "a"}), "--out",
                            tmp_path / "run", "--stop-share", "1.5")
     assert code == 2 and "learned_share" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+    code, _, err = run_cli(capsys, "edit", edits_file(tmp_path, {"prompt": "q?", "target_new": "a"}), "--out",
+                           tmp_path / "run", "--patience", "0")
+    assert code == 2 and "patience must be >= 1" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
 
 

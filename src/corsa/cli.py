@@ -18,7 +18,7 @@ def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for flag, field in (("epochs", "epochs"), ("seed", "seed"), ("lr", "lr"), ("lam", "lam"), ("rho", "rho"),
                         ("beta", "beta"), ("batch_size", "batch_size"), ("micro_batch_size", "micro_batch_size"),
                         ("warmup_steps", "warmup_steps"), ("lr_schedule", "lr_schedule"),
-                        ("stop_share", "learned_share")):
+                        ("stop_share", "learned_share"), ("patience", "patience")):
         if getattr(args, flag, None) is not None:
             out[field] = getattr(args, flag)
     if args.bf16:
@@ -71,8 +71,10 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="effective batch size (paper: 16)")
     p.add_argument("--micro-batch-size", type=int, help="split each batch to save memory; same result")
     p.add_argument("--no-early-stop", action="store_true", help="train all --epochs even once every edit is learned")
-    p.add_argument("--stop-share", type=float, help="stop once this share of the edits is learned for 2 epochs "
-                                                    "in a row (default 1.0: every edit)")
+    p.add_argument("--stop-share", type=float, help="stop once this share of the edits is learned for --patience "
+                                                    "epochs in a row (default 1.0: every edit)")
+    p.add_argument("--patience", type=int, help="epochs in a row the edits must stay learned before training stops "
+                                                "(default 2)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with native bf16)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "qa"],

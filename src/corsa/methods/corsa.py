@@ -84,7 +84,7 @@ class CorsaConfig:
                              "set pcgrad=None (the 'no DPO' ablation has one objective)")
         if self.pcgrad not in (None, "paper", "official"):
             raise ValueError(f"pcgrad must be 'paper', 'official' or None, not {self.pcgrad!r}")
-        for name in ("lora_r", "batch_size", "epochs"):
+        for name in ("lora_r", "batch_size", "epochs", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
