@@ -218,6 +218,7 @@ def test_divergence_guard_restores_the_best_epoch(monkeypatch, tokenizer, how):
     stopped = wreck_at if how == "nan_loss" else wreck_at + 1
     assert info["step"] == stopped and len(result.curves) == stopped + 1
     assert info["restored_after_epochs"] == best and info["restored_share"] == at_end[best]
+    assert (info["loss"] is None) == (how == "nan_loss")
     final, kept = lora_state(result.model), states[best - 1]  # states[k]: the adapter after step (= epoch) k
     assert all(torch.equal(final[k], kept[k]) for k in final)
     assert clean.info["collapse"] is None

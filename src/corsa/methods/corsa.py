@@ -321,7 +321,8 @@ class CorsaTrainer:
             share = sum(learned.values()) / n
             if collapsed(share, best_share, finite, cfg.collapse_share):
                 self._restore(best_params)
-                self.collapse = {"epoch": epoch, "step": step - 1, "share": share, "loss": record["loss"],
+                self.collapse = {"epoch": epoch, "step": step - 1, "share": share,
+                                 "loss": record["loss"] if finite else None,  # the manifest is strict JSON
                                  "restored_after_epochs": best_epochs, "restored_share": best_share}
                 if distributed.is_main():
                     tqdm.write(f"training diverged in epoch {epoch + 1} (loss {record['loss']:.3g}, {share:.0%} of "
