@@ -320,7 +320,7 @@ class CorsaTrainer:
                     break
             share = sum(learned.values()) / n
             if collapsed(share, best_share, finite, cfg.collapse_share):
-                self._restore(best_params)
+                sam.restore(self.params, best_params)  # the same exact copy-back that undoes a SAM ascent
                 self.collapse = {"epoch": epoch, "step": step - 1, "share": share,
                                  "loss": record["loss"] if finite else None,  # the manifest is strict JSON
                                  "restored_after_epochs": best_epochs, "restored_share": best_share}
@@ -342,11 +342,6 @@ class CorsaTrainer:
 
     def _snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def _restore(self, saved: list[torch.Tensor]) -> None:
-        for p, s in zip(self.params, saved):
-            p.copy_(s)
 
 
 def collapsed(share: float, best_share: float, finite: bool, keep: float) -> bool:
