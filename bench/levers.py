@@ -10,6 +10,9 @@ CoRSA gradient point needs, with each lever switched off in turn:
   no sharing      y+ and y- as separate full sequences (prefix and prompt run twice), logits at answer positions
   full logits     as "no sharing", but the output layer over every position (what a plain model(...) call does)
   bf16            all levers, under bf16 autocast
+  one backward    all levers, both gradients from one batched backward pass (torch.autograd.grad with
+                  is_grads_batched: vmap over the SFT and DPO cotangents) instead of two; the run also records the
+                  largest difference between its gradients and the two-pass ones
   torch.compile   all levers, every decoder layer compiled (regional compilation, dynamic shapes); only with
                   --compile, run last because compiling changes the model in place; the first call's time
                   (compilation included) is reported separately
@@ -58,7 +61,7 @@ def main() -> None:
     full = scoring.make_batch(list(zip(prompts, new)) + list(zip(prompts, old)), pad)
     n = len(reqs)
 
-    def point(batch, autocast=False, full_logits=False):
+    def point(batch, autocast=False, full_logits=False, batched=False):
         with scoring.autocast_context("cpu", autocast):
             if full_logits:
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -68,12 +71,18 @@ def main() -> None:
                 lp, _ = scoring.token_logprobs(model, batch)
         first = batch.rows < n
         sft, dpo = -lp[first].mean(), -lp[~first].mean()
-        torch.autograd.grad(sft, params, retain_graph=True)
-        torch.autograd.grad(dpo, params)
+        if batched:
+            both = torch.autograd.grad(torch.stack([sft, dpo]), params, grad_outputs=torch.eye(2),
+                                       is_grads_batched=True)
+            return [g[0] for g in both], [g[1] for g in both]
+        return torch.autograd.grad(sft, params, retain_graph=True), torch.autograd.grad(dpo, params)
 
     variants = {"all levers": lambda: point(shared), "no prefix": lambda: point(unprefixed),
                 "no sharing": lambda: point(full), "full logits": lambda: point(full, full_logits=True),
-                "bf16": lambda: point(shared, autocast=True)}
+                "bf16": lambda: point(shared, autocast=True), "one backward": lambda: point(shared, batched=True)}
+    two, one = point(shared), point(shared, batched=True)
+    batched_max_diff = max((a - b).abs().max().item() for x, y in zip(two, one) for a, b in zip(x, y))
+    print(f"one batched backward against two backward passes: largest gradient difference {batched_max_diff:.2e}")
     if args.compile:
         variants["torch.compile"] = lambda: point(shared)
     seconds, first_call = {}, {}
@@ -106,6 +115,7 @@ def main() -> None:
     if args.out:
         artifacts.write_json(args.out, {
             "seconds": seconds, "first_call_seconds": first_call, "steps": args.steps, "threads": args.threads,
+            "batched_backward_max_grad_diff": batched_max_diff,
             "tokens": {"prefix": shared.prefix_ids.numel(), "shared_prompt_tokens": int(shared.prompt_mask.sum()),
                        "full_tokens": int(full.attention_mask.sum())}})
 
