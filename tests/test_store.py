@@ -80,6 +80,7 @@ def test_log_revert_and_history(tmp_path, tiny_dir, capsys):
     assert main(["log", str(root)]) == 0
     out = capsys.readouterr().out
     assert "* v3" in out and "revert to v1" in out and "v0" in out and "base model" in out
+    assert "1 edit, efficacy" in out  # version 2 holds one edit, and says so in the singular
     assert main(["log", str(root), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["head"] == 3 and [v["version"] for v in data["versions"]] == [0, 1, 2, 3]

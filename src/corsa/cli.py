@@ -361,6 +361,10 @@ def _requests(args: argparse.Namespace) -> list[Any]:
     return requests[: args.limit] if args.limit else requests
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _store_command(args: argparse.Namespace, command: str) -> int:
     from corsa import store
 
@@ -371,8 +375,9 @@ def _store_command(args: argparse.Namespace, command: str) -> int:
                          progress=not args.quiet, command=command, **overrides)
         m = v.metrics
         forgetting = "n/a" if m["forgetting"] is None else f"{m['forgetting']:.0%}"
-        print(f"{args.store}: version {v.version} ({m['n_edits']} edits, {m['n_revisions']} revisions): "
-              f"efficacy {m['efficacy']:.0%}, forgetting {forgetting} of {m['correct_before']} facts held before")
+        print(f"{args.store}: version {v.version} ({_count(m['n_edits'], 'edit')}, "
+              f"{_count(m['n_revisions'], 'revision')}): "
+              f"efficacy {m['efficacy']:.0%}, forgetting {forgetting} of {_count(m['correct_before'], 'fact')} held before")
         return 0
     if args.command == "revert":
         v = store.revert(args.store, args.version, command=command)
@@ -394,7 +399,7 @@ def _store_command(args: argparse.Namespace, command: str) -> int:
         for v in versions:
             m = v.metrics
             what = {"base": "base model", "revert": f"revert to v{m.get('reverted_to')}"}.get(
-                v.kind, f"{v.method}, {v.n_edits} edits, efficacy {m.get('efficacy', 0):.0%}, forgetting "
+                v.kind, f"{v.method}, {_count(v.n_edits, 'edit')}, efficacy {m.get('efficacy', 0):.0%}, forgetting "
                         f"{'n/a' if m.get('forgetting') is None else format(m['forgetting'], '.0%')}")
             mark = "*" if v.version == head else " "
             print(f"{mark} v{v.version:<3} {v.created}  parent {'-' if v.parent is None else v.parent:<3} "
