@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -357,6 +358,92 @@ def test_bf16_autocast_trains_with_fp32_master_weights(tiny_model, tokenizer):
     assert all(math.isfinite(r["loss"]) for r in result.curves)
     assert all(p.dtype == torch.float32 for p in result.model.parameters())
     assert result.curves[-1]["logp_new"] > result.curves[0]["logp_new"]
+
+
+def test_frozen_linears_are_held_in_bf16_only_inside_the_context(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from corsa.scoring import frozen_linears_in_bf16
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = attach_lora(LlamaForCausalLM(cfg), CorsaConfig(lora_r=4, lora_alpha=8))
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    with frozen_linears_in_bf16(model):
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
+    assert dtypes["base_model.model.lm_head.weight"] == torch.bfloat16  # untied: a plain frozen linear
+    assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32  # an embedding is not autocast
+    assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n or "norm" in n)  # trained / not linear
+    for n, p in model.named_parameters():  # the very same fp32 storage comes back, unchanged
+        assert p.dtype == torch.float32 and p.data_ptr() == before[n][0] and torch.equal(p, before[n][1])
+
+    tied = attach_lora(LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "tie_word_embeddings": True})),
+                       CorsaConfig(lora_r=4, lora_alpha=8))
+    with frozen_linears_in_bf16(tied):
+        assert tied.get_output_embeddings().weight.dtype == torch.float32  # it is the embedding table
+    with frozen_linears_in_bf16(tied, enabled=False):
+        assert all(p.dtype == torch.float32 for p in tied.parameters())
+
+
+def test_bf16_training_is_bitwise_the_same_with_frozen_linears_cast_once(monkeypatch, tokenizer):
+    """Autocast runs a linear layer in bf16 whatever its stored dtype: casting the frozen weights once instead of
+    in every forward pass must not change a single bit of the adapter, the curves, the reference or the answers."""
+    from conftest import make_model
+
+    from corsa import scoring
+
+    def edit(cast_once):
+        if not cast_once:  # bf16_compute looks it up in scoring at every use
+            monkeypatch.setattr(scoring, "frozen_linears_in_bf16", lambda model: contextlib.nullcontext())
+        result, _, fmt = run(make_model(len(tokenizer)), tokenizer, epochs=2, bf16=True)
+        answers = scoring.generate(result.model, fmt, [e.prompt for e in EDITS], max_new_tokens=4, autocast=True)
+        monkeypatch.undo()
+        return result, answers
+
+    (a, answers_a), (b, answers_b) = edit(True), edit(False)
+    assert all(torch.equal(x, y) for x, y in zip(lora_state(a.model).values(), lora_state(b.model).values()))
+    assert [r["loss"] for r in a.curves] == [r["loss"] for r in b.curves]
+    assert answers_a == answers_b
+
+
+def test_fp32_attention_builds_the_same_masks_and_computes_attention_in_fp32(tiny_model, tokenizer):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from corsa import scoring
+
+    fmt = Formatter(tokenizer)
+    pairs = [(e.prompt, e.target_new) for e in EDITS] + [(e.prompt, e.target_old) for e in EDITS]
+    assert tiny_model.config._attn_implementation == "sdpa"
+    plain = scoring.score_answers(tiny_model, fmt, pairs)
+    with scoring.fp32_attention(tiny_model):
+        assert tiny_model.config._attn_implementation == scoring.FP32_SDPA
+        swapped = scoring.score_answers(tiny_model, fmt, pairs)
+    assert tiny_model.config._attn_implementation == "sdpa"
+    # In fp32 the swap is the identity, so any difference would be the masks (without a registered mask function
+    # transformers passes none, and every prompt would see its padding and the answers after it).
+    assert swapped == plain
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)  # 4 heads, 2 kv heads
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    layer = tiny_model.model.layers[0].self_attn
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = scoring._sdpa_fp32(layer, q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, scaling=0.35)
+    ref, _ = sdpa_attention_forward(layer, q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), mask,
+                                    scaling=0.35)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16())
+
+
+def test_fp32_attention_leaves_other_attention_implementations_alone(tokenizer):
+    from conftest import make_model
+
+    from corsa import scoring
+
+    model = make_model(len(tokenizer))
+    model.config._attn_implementation = "eager"
+    with scoring.fp32_attention(model):
+        assert model.config._attn_implementation == "eager"
 
 
 @pytest.mark.parametrize("schedule,warmup,expected", [

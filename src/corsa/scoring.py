@@ -8,9 +8,10 @@ Training and evaluation share these functions, so a metric always scores exactly
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,18 +223,19 @@ def score_answers(model: torch.nn.Module, formatter: Formatter, pairs: Sequence[
     """Teacher-forced scores of each (prompt, answer); stop=False leaves the end token out of the answer."""
     device = next(model.parameters()).device
     out: list[AnswerScore] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        batch = make_shared_batch([formatter.prompt_ids(p) for p, _ in chunk],
-                                  [(k, formatter.answer_ids(a, stop)) for k, (_, a) in enumerate(chunk)],
-                                  formatter.tokenizer.pad_token_id).to(device)
-        with autocast_context(device, autocast):
-            logp, top = token_logprobs(model, batch)
-        sums, hits = sum_by_row(logp, batch), sum_by_row((top == batch.targets).long(), batch)
-        counts = batch.tokens_per_row.tolist()
-        tops = torch.split(top.cpu(), counts)  # rows are contiguous
-        out += [AnswerScore(float(s), int(c), int(h), tuple(t.tolist()))
-                for s, c, h, t in zip(sums, counts, hits, tops)]
+    with bf16_compute(model, autocast):  # once, not in every forward
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            batch = make_shared_batch([formatter.prompt_ids(p) for p, _ in chunk],
+                                      [(k, formatter.answer_ids(a, stop)) for k, (_, a) in enumerate(chunk)],
+                                      formatter.tokenizer.pad_token_id).to(device)
+            with autocast_context(device, autocast):
+                logp, top = token_logprobs(model, batch)
+            sums, hits = sum_by_row(logp, batch), sum_by_row((top == batch.targets).long(), batch)
+            counts = batch.tokens_per_row.tolist()
+            tops = torch.split(top.cpu(), counts)  # rows are contiguous
+            out += [AnswerScore(float(s), int(c), int(h), tuple(t.tolist()))
+                    for s, c, h, t in zip(sums, counts, hits, tops)]
     return out
 
 
@@ -241,6 +243,99 @@ def autocast_context(device: torch.device | str, enabled: bool) -> Any:
     """bf16 autocast; on CPUs with native bf16 it is about 1.5x faster here, elsewhere it may be slower."""
     kind = torch.device(device).type
     return torch.autocast(kind, dtype=torch.bfloat16, enabled=enabled)
+
+
+@contextlib.contextmanager
+def bf16_compute(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """What corsa runs under `autocast_context(..., True)` runs inside this too: the frozen linear weights held in
+    bf16 (bitwise the same results, fewer casts) and, on a CPU, attention in fp32 (faster there; see
+    `fp32_attention`). Entered once around training or scoring, not per forward pass."""
+    if not enabled:
+        yield
+        return
+    with frozen_linears_in_bf16(model), fp32_attention(model):
+        yield
+
+
+@contextlib.contextmanager
+def frozen_linears_in_bf16(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Store the frozen linear layers' weights (and biases) in bf16 for the duration, for code run under
+    `autocast_context(..., True)`; the fp32 tensors themselves are put back afterwards.
+
+    Autocast casts a linear layer's fp32 weight to bf16 at every call, and keeps the cast only for tensors that
+    require grad, so a frozen base model is cast again in every forward pass (every generated token, too).
+    Autocast runs a linear layer in bf16 whatever the stored dtype, so casting once gives bitwise the same results.
+    Weights shared with an embedding (a tied output layer) stay as they are: an embedding lookup is not autocast,
+    and its output would change dtype.
+    """
+    if not enabled:
+        yield
+        return
+    embedded = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    kept: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    try:
+        for m in model.modules():
+            if not isinstance(m, torch.nn.Linear) or m.weight.requires_grad or m.weight.data_ptr() in embedded:
+                continue
+            for p in (m.weight, m.bias):
+                if p is not None and not p.requires_grad and p.dtype == torch.float32:
+                    kept.append((p, p.data))
+                    p.data = p.data.to(torch.bfloat16)
+        yield
+    finally:
+        for p, data in kept:
+            p.data = data
+
+
+FP32_SDPA = "corsa_sdpa_fp32"
+
+
+def _sdpa_fp32(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """transformers' SDPA attention on fp32 copies of q, k and v with autocast off; the output in q's dtype."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with torch.autocast(query.device.type, enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)
+    return out.to(query.dtype), weights
+
+
+@contextlib.contextmanager
+def fp32_attention(model: torch.nn.Module) -> Iterator[None]:
+    """On a CPU, run a model that uses transformers' SDPA attention with attention in fp32 for the duration.
+
+    PyTorch's CPU flash-attention backward is several times slower in bf16 than in fp32: in a bf16 CoRSA step on
+    SmolLM2 it took a quarter of the time (docs/PERFORMANCE.md). Attention is a small share of the FLOPs here (short
+    sequences), so computing it in fp32 costs little and makes the step about a fifth faster; it is also more
+    precise, so results move by bf16 rounding, not more. Masks are built exactly as for SDPA. On a GPU, where bf16
+    attention is fast, and for other attention implementations, nothing changes.
+    """
+    configs = {id(c): c for m in model.modules()
+               if (c := getattr(m, "config", None)) is not None and getattr(c, "_attn_implementation", None) == "sdpa"}
+    device = next(model.parameters()).device
+    if device.type != "cpu" or not configs or not _register_fp32_sdpa():
+        yield
+        return
+    for c in configs.values():
+        c._attn_implementation = FP32_SDPA
+    try:
+        yield
+    finally:
+        for c in configs.values():
+            c._attn_implementation = "sdpa"
+
+
+@functools.cache
+def _register_fp32_sdpa() -> bool:
+    try:  # the attention and mask registries of transformers >= 4.53
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(FP32_SDPA, _sdpa_fp32)
+    AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)  # without a mask function, transformers passes no mask
+    return True
 
 
 @torch.no_grad()
@@ -253,16 +348,17 @@ def generate(model: torch.nn.Module, formatter: Formatter, prompts: Sequence[str
     answers: list[str] = []
     if temperature > 0:
         torch.manual_seed(seed)
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = left_pad([formatter.prompt_ids(p) for p in prompts[start : start + batch_size]], pad)
-        ids, mask, width = ids.to(device), mask.to(device), ids.shape[1]
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {
-            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        with autocast_context(device, autocast):
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 eos_token_id=formatter.stop_id, pad_token_id=pad, **sampling)
-        for row in out[:, width:]:
-            answers.append(formatter.clean(tok.decode(row, skip_special_tokens=True)))
+    with bf16_compute(model, autocast):  # once, not for every generated token
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = left_pad([formatter.prompt_ids(p) for p in prompts[start : start + batch_size]], pad)
+            ids, mask, width = ids.to(device), mask.to(device), ids.shape[1]
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {
+                "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            with autocast_context(device, autocast):
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     eos_token_id=formatter.stop_id, pad_token_id=pad, **sampling)
+            for row in out[:, width:]:
+                answers.append(formatter.clean(tok.decode(row, skip_special_tokens=True)))
     return answers
 
 

@@ -25,7 +25,15 @@ from corsa.methods.base import EditResult
 from corsa.optim import losses, pcgrad, sam
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
-from corsa.scoring import SharedBatch, autocast_context, make_shared_batch, score_answers, sum_by_row, token_logprobs
+from corsa.scoring import (
+    SharedBatch,
+    autocast_context,
+    bf16_compute,
+    make_shared_batch,
+    score_answers,
+    sum_by_row,
+    token_logprobs,
+)
 
 # Every attention and MLP projection of Llama/Gemma/Qwen-style blocks (paper A.2; the released default.json).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -283,6 +291,10 @@ class CorsaTrainer:
         return cfg.lr
 
     def train(self, progress: bool = True) -> list[dict[str, float]]:
+        with bf16_compute(self.model, self.cfg.bf16):
+            return self._train(progress)
+
+    def _train(self, progress: bool) -> list[dict[str, float]]:
         cfg, n = self.cfg, len(self.pairs)
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         curves: list[dict[str, float]] = []
