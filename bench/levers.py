@@ -9,7 +9,12 @@ CoRSA gradient point needs, with each lever switched off in turn:
   no prefix       prompts shared between y+ and y-, but the common prefix (system turn) run per prompt
   no sharing      y+ and y- as separate full sequences (prefix and prompt run twice), logits at answer positions
   full logits     as "no sharing", but the output layer over every position (what a plain model(...) call does)
-  bf16            all levers, under bf16 autocast
+  bf16            all levers, under bf16 autocast, the frozen weights stored in fp32 (autocast casts them to bf16
+                  in every forward pass)
+  bf16, corsa     all levers, under bf16 autocast inside scoring.bf16_compute, corsa's path with --bf16: the
+                  frozen linear weights held in bf16 for the whole run, attention in fp32 (bench/bf16.py measures
+                  the two apart); the run also records the largest difference between its gradients and the
+                  "bf16" ones
   one backward    all levers, both gradients from one batched backward pass (torch.autograd.grad with
                   is_grads_batched: vmap over the SFT and DPO cotangents) instead of two; the run also records the
                   largest difference between its gradients and the two-pass ones
@@ -79,10 +84,16 @@ def main() -> None:
 
     variants = {"all levers": lambda: point(shared), "no prefix": lambda: point(unprefixed),
                 "no sharing": lambda: point(full), "full logits": lambda: point(full, full_logits=True),
-                "bf16": lambda: point(shared, autocast=True), "one backward": lambda: point(shared, batched=True)}
+                "bf16": lambda: point(shared, autocast=True), "one backward": lambda: point(shared, batched=True),
+                "bf16, corsa": lambda: point(shared, autocast=True)}
     two, one = point(shared), point(shared, batched=True)
     batched_max_diff = max((a - b).abs().max().item() for x, y in zip(two, one) for a, b in zip(x, y))
     print(f"one batched backward against two backward passes: largest gradient difference {batched_max_diff:.2e}")
+    autocast_only = point(shared, autocast=True)
+    with scoring.bf16_compute(model):
+        corsa_bf16 = point(shared, autocast=True)
+    bf16_max_diff = max((a - b).abs().max().item() for x, y in zip(autocast_only, corsa_bf16) for a, b in zip(x, y))
+    print(f"bf16, corsa's path against autocast alone: largest gradient difference {bf16_max_diff:.2e}")
     if args.compile:
         variants["torch.compile"] = lambda: point(shared)
     seconds, first_call = {}, {}
@@ -99,14 +110,15 @@ def main() -> None:
             torch._dynamo.config.recompile_limit = 4 * len(layers)
             for layer in layers:
                 layer.compile(dynamic=True)
-        t = time.perf_counter()
-        fn()
-        first_call[name] = time.perf_counter() - t
-        times = []
-        for _ in range(args.steps):
+        with scoring.bf16_compute(model, name == "bf16, corsa"):  # set up before the clock starts
             t = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t)
+            first_call[name] = time.perf_counter() - t
+            times = []
+            for _ in range(args.steps):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
         seconds[name] = statistics.median(times)
     ref = seconds["all levers"]
     print("| variant | s per gradient point (1 fwd + 2 bwd) | vs all levers | first call (s) |\n|---|---|---|---|")
@@ -115,7 +127,7 @@ def main() -> None:
     if args.out:
         artifacts.write_json(args.out, {
             "seconds": seconds, "first_call_seconds": first_call, "steps": args.steps, "threads": args.threads,
-            "batched_backward_max_grad_diff": batched_max_diff,
+            "batched_backward_max_grad_diff": batched_max_diff, "bf16_corsa_max_grad_diff": bf16_max_diff,
             "tokens": {"prefix": shared.prefix_ids.numel(), "shared_prompt_tokens": int(shared.prompt_mask.sum()),
                        "full_tokens": int(full.attention_mask.sum())}})
 

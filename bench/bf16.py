@@ -1,0 +1,109 @@
+"""Measure corsa's two bf16 levers on the real default model, interleaved in one process.
+
+    python bench/bf16.py --data ../shared/benchmarks [--reps 7] [--threads 2] [--out results/bf16.json]
+
+With --bf16, corsa runs training and scoring inside `scoring.bf16_compute`, which adds two things to plain bf16
+autocast: the frozen linear weights held in bf16 for the duration (autocast would cast them again in every
+forward pass; bitwise the same numbers, tests/test_trainer.py), and on a CPU attention computed in fp32 (the CPU
+flash-attention backward is slow in bf16). On one batch of 16 CounterFact val edits this times three ways,
+"autocast" (neither lever), "cast once" (the first) and "corsa" (both):
+  forward      a no-grad forward over y+ and y- (the shared batch)
+  corsa_step   a CoRSA optimizer step (two SAM points), from the same adapter every time
+  lora_step    a LoRA-SFT optimizer step, likewise
+  generate     greedy answers to the 16 prompts, 8 new tokens
+The ways take turns, in an order that rotates every repetition, so that the machine's drift hits all alike; the
+levers are set up before the clock starts, as they are once per training run. Medians over --reps repetitions
+after a warm-up of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from corsa import artifacts, models, scoring
+from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference
+from corsa.prompts import Formatter
+from corsa.requests import load_benchmark
+
+MODES = ("autocast", "cast once", "corsa")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok, _ = models.load_model(None)
+    fmt = Formatter(tok)
+    reqs = load_benchmark("counterfact", args.data, "val")[:16]
+    idx = list(range(len(reqs)))
+    cfg = CorsaConfig(rho=0.5, lr=2e-3, bf16=True)
+    model = attach_lora(model, cfg)
+    pairs = build_pairs(fmt, reqs)
+    cache_reference(model, fmt, reqs, pairs, autocast=True)
+    corsa = CorsaTrainer(model, pairs, cfg, tok.pad_token_id)
+    lora = CorsaTrainer(model, pairs, CorsaConfig(lr=2e-3, bf16=True, use_dpo=False, use_sam=False, pcgrad=None),
+                        tok.pad_token_id)
+    start = [p.detach().clone() for p in corsa.params]
+    batch, _ = corsa._micro_batch(idx)
+
+    def step(trainer: CorsaTrainer) -> Callable[[], None]:
+        def call() -> None:
+            with torch.no_grad():  # every repetition starts from the same adapter
+                for p, s in zip(corsa.params, start):
+                    p.copy_(s)
+            model.train()
+            trainer.step(idx)
+            model.eval()
+        return call
+
+    def forward() -> None:
+        with torch.no_grad(), scoring.autocast_context("cpu", True):
+            scoring.token_logprobs(model, batch)
+
+    def levers(mode: str) -> contextlib.AbstractContextManager:
+        if mode == "autocast":
+            return contextlib.nullcontext()
+        if mode == "cast once":
+            return scoring.frozen_linears_in_bf16(model)
+        return scoring.bf16_compute(model)
+
+    parts: dict[str, Callable[[], object]] = {
+        "forward": forward, "corsa_step": step(corsa), "lora_step": step(lora),
+        "generate": lambda: scoring.generate(model, fmt, [r.prompt for r in reqs], max_new_tokens=8, autocast=True)}
+    seconds: dict[str, dict[str, float]] = {}
+    for name, fn in parts.items():
+        times: dict[str, list[float]] = {m: [] for m in MODES}
+        for mode in MODES:
+            with levers(mode):
+                fn()
+        for rep in range(args.reps):
+            for mode in MODES[rep % 3:] + MODES[: rep % 3]:
+                with levers(mode):
+                    t = time.perf_counter()
+                    fn()
+                    times[mode].append(time.perf_counter() - t)
+        seconds[name] = {m: statistics.median(v) for m, v in times.items()}
+    ratio = {m: seconds["corsa_step"][m] / seconds["lora_step"][m] for m in MODES}
+    print("| part | autocast (s) | + frozen linears cast once (s) | + attention in fp32: corsa (s) | corsa vs autocast |"
+          "\n|---|---|---|---|---|")
+    for name, s in seconds.items():
+        print(f"| {name} | {s['autocast']:.3f} | {s['cast once']:.3f} | {s['corsa']:.3f} | "
+              f"{s['corsa'] / s['autocast']:.2f}x |")
+    print(f"| CoRSA step / LoRA step | {ratio['autocast']:.2f}x | {ratio['cast once']:.2f}x | {ratio['corsa']:.2f}x | |")
+    if args.out:
+        artifacts.write_json(args.out, {"seconds": seconds, "ratio_corsa_over_lora": ratio, "reps": args.reps,
+                                        "threads": args.threads})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Where a CoRSA step's time goes: torch.profiler over one optimizer step on the real default model.
+
+    python bench/profile_step.py bf16|fp32     (from the repository root, benchmarks in ../shared/benchmarks)
+
+One batch of 16 CounterFact val edits, ρ 0.5, lr 2e-3. Prints the median time of a step on 16 and on 8 edits
+(3 repetitions after a warm-up), then the profiler's table of the 25 operators with the most self CPU time for one
+16-edit step. It calls `CorsaTrainer.step` directly, outside `scoring.bf16_compute`, so `bf16` profiles plain
+bf16 autocast: the path corsa took before that lever, whose slow attention backward the lever removes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from corsa import models
+from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference
+from corsa.prompts import Formatter
+from corsa.requests import load_benchmark
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    model, tok, _ = models.load_model(None)
+    fmt = Formatter(tok)
+    reqs = load_benchmark("counterfact", "../shared/benchmarks", "val")[:16]
+    cfg = CorsaConfig(rho=0.5, lr=2e-3, bf16=sys.argv[1] == "bf16")
+    model = attach_lora(model, cfg)
+    pairs = build_pairs(fmt, reqs)
+    cache_reference(model, fmt, reqs, pairs, cfg.bf16)
+    trainer = CorsaTrainer(model, pairs, cfg, tok.pad_token_id)
+    model.train()
+    for size in (16, 8):
+        idx = list(range(size))
+        trainer.step(idx)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            trainer.step(idx)
+            times.append(time.perf_counter() - t)
+        print(f"step on {size} edits: {statistics.median(times):.2f} s")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.step(list(range(16)))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()
