@@ -25,11 +25,10 @@ import time
 from collections.abc import Callable
 
 import torch
+from _setup import model_and_edits  # bench/_setup.py: scripts run as `python bench/NAME.py`
 
-from corsa import artifacts, models, scoring
+from corsa import artifacts, scoring
 from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference
-from corsa.prompts import Formatter
-from corsa.requests import load_benchmark
 
 MODES = ("autocast", "cast once", "corsa")
 
@@ -41,10 +40,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tok, _ = models.load_model(None)
-    fmt = Formatter(tok)
-    reqs = load_benchmark("counterfact", args.data, "val")[:16]
+    model, tok, fmt, reqs = model_and_edits(args.data, args.threads)
     idx = list(range(len(reqs)))
     cfg = CorsaConfig(rho=0.5, lr=2e-3, bf16=True)
     model = attach_lora(model, cfg)

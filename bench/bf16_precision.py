@@ -14,18 +14,13 @@ from __future__ import annotations
 import contextlib
 import sys
 
-import torch
+from _setup import model_and_edits  # bench/_setup.py: scripts run as `python bench/NAME.py`
 
-from corsa import models, scoring
-from corsa.prompts import Formatter
-from corsa.requests import load_benchmark
+from corsa import scoring
 
 
 def main() -> None:
-    torch.set_num_threads(2)
-    model, tok, _ = models.load_model(sys.argv[1] if len(sys.argv) > 1 else None)
-    fmt = Formatter(tok)
-    reqs = load_benchmark("counterfact", "../shared/benchmarks", "val")[:16]
+    model, _, fmt, reqs = model_and_edits("../shared/benchmarks", model=sys.argv[1] if len(sys.argv) > 1 else None)
     pairs = [(r.prompt, r.target_new) for r in reqs] + [(r.prompt, r.target_old) for r in reqs]
     fp32 = scoring.score_answers(model, fmt, pairs)
     with scoring.fp32_attention(model):

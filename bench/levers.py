@@ -33,11 +33,10 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from _setup import model_and_edits  # bench/_setup.py: scripts run as `python bench/NAME.py`
 
-from corsa import artifacts, models, scoring
+from corsa import artifacts, scoring
 from corsa.methods.corsa import CorsaConfig, attach_lora
-from corsa.prompts import Formatter
-from corsa.requests import load_benchmark
 
 
 def main() -> None:
@@ -48,10 +47,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time the decoder layers under torch.compile")
     ap.add_argument("--out")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tok, _ = models.load_model(None)
-    fmt = Formatter(tok)
-    reqs = load_benchmark("counterfact", args.data, "val")[:16]
+    model, tok, fmt, reqs = model_and_edits(args.data, args.threads)
     model = attach_lora(model, CorsaConfig())
     params = [p for p in model.parameters() if p.requires_grad]
     prompts = [fmt.prompt_ids(r.prompt) for r in reqs]

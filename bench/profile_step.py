@@ -14,20 +14,14 @@ import statistics
 import sys
 import time
 
-import torch
+from _setup import model_and_edits  # bench/_setup.py: scripts run as `python bench/NAME.py`
 from torch.profiler import ProfilerActivity, profile
 
-from corsa import models
 from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference
-from corsa.prompts import Formatter
-from corsa.requests import load_benchmark
 
 
 def main() -> None:
-    torch.set_num_threads(2)
-    model, tok, _ = models.load_model(None)
-    fmt = Formatter(tok)
-    reqs = load_benchmark("counterfact", "../shared/benchmarks", "val")[:16]
+    model, tok, fmt, reqs = model_and_edits("../shared/benchmarks")
     cfg = CorsaConfig(rho=0.5, lr=2e-3, bf16=sys.argv[1] == "bf16")
     model = attach_lora(model, cfg)
     pairs = build_pairs(fmt, reqs)
