@@ -90,12 +90,14 @@ def main() -> None:
                     times[mode].append(time.perf_counter() - t)
         seconds[name] = {m: statistics.median(v) for m, v in times.items()}
     ratio = {m: seconds["corsa_step"][m] / seconds["lora_step"][m] for m in MODES}
-    print("| part | autocast (s) | + frozen linears cast once (s) | + attention in fp32: corsa (s) | corsa vs autocast |"
+    print("| part | autocast (s) | + frozen linears cast once (s) | + attention in fp32: corsa (s) "
+          "| corsa vs autocast |"
           "\n|---|---|---|---|---|")
     for name, s in seconds.items():
         print(f"| {name} | {s['autocast']:.3f} | {s['cast once']:.3f} | {s['corsa']:.3f} | "
               f"{s['corsa'] / s['autocast']:.2f}x |")
-    print(f"| CoRSA step / LoRA step | {ratio['autocast']:.2f}x | {ratio['cast once']:.2f}x | {ratio['corsa']:.2f}x | |")
+    print(f"| CoRSA step / LoRA step | {ratio['autocast']:.2f}x | {ratio['cast once']:.2f}x "
+          f"| {ratio['corsa']:.2f}x | |")
     if args.out:
         artifacts.write_json(args.out, {"seconds": seconds, "ratio_corsa_over_lora": ratio, "reps": args.reps,
                                         "threads": args.threads})

@@ -37,8 +37,9 @@ def main() -> None:
         return max(abs(x.logprob - y.logprob) for x, y in zip(a, b))
 
     print(f"fp32 with corsa's attention function, bitwise equal to fp32: {swapped == fp32}")
-    print(f"largest |log-prob difference| over {len(pairs)} answers: corsa's bf16 vs fp32 {gap(corsa_bf16, fp32):.4f}, "
-          f"plain bf16 vs fp32 {gap(plain_bf16, fp32):.4f}, corsa's bf16 vs plain bf16 {gap(corsa_bf16, plain_bf16):.4f}")
+    print(f"largest |log-prob difference| over {len(pairs)} answers: corsa's bf16 vs fp32 "
+          f"{gap(corsa_bf16, fp32):.4f}, plain bf16 vs fp32 {gap(plain_bf16, fp32):.4f}, "
+          f"corsa's bf16 vs plain bf16 {gap(corsa_bf16, plain_bf16):.4f}")
 
 
 if __name__ == "__main__":

@@ -377,7 +377,8 @@ def _store_command(args: argparse.Namespace, command: str) -> int:
         forgetting = "n/a" if m["forgetting"] is None else f"{m['forgetting']:.0%}"
         print(f"{args.store}: version {v.version} ({_count(m['n_edits'], 'edit')}, "
               f"{_count(m['n_revisions'], 'revision')}): "
-              f"efficacy {m['efficacy']:.0%}, forgetting {forgetting} of {_count(m['correct_before'], 'fact')} held before")
+              f"efficacy {m['efficacy']:.0%}, forgetting {forgetting} of "
+              f"{_count(m['correct_before'], 'fact')} held before")
         return 0
     if args.command == "revert":
         v = store.revert(args.store, args.version, command=command)
