@@ -69,6 +69,18 @@ def test_method_specs():
         parse_method("corsa-lambdax")
     assert parse_method("corsa-rho0.5@seed2") == ("corsa", {"rho": 0.5, "seed": 2})
     assert parse_method("lora@seed1") == ("lora", {"seed": 1})
+    assert parse_method("corsa-rho0.5+lambda2") == ("corsa", {"rho": 0.5, "lam": 2.0})
+    assert parse_method("corsa-no-pcgrad+rho0.5+beta0.2@seed1") == (
+        "corsa", {"pcgrad": None, "rho": 0.5, "beta": 0.2, "seed": 1})
+    assert parse_method("memit-weight150+layers2-3") == ("memit", {"mom2_update_weight": 150.0, "layers": (2, 3)})
+    with pytest.raises(InputError, match="not a setting of corsa"):
+        parse_method("corsa-rho0.5+no-sam")  # named variants are not settings
+    with pytest.raises(InputError, match="not a setting of lora"):
+        parse_method("lora+rho0.5")
+    with pytest.raises(InputError, match="twice"):
+        parse_method("corsa-rho0.5+rho1")
+    with pytest.raises(InputError):
+        parse_method("corsa-rho0.5+lambdax")
     with pytest.raises(InputError):
         parse_method("lora@seedx")
 

@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="comma-separated: lora, corsa, flearning, memit, merge, merge-ties, prepend, "
                                 "corsa-no-sam, corsa-no-dpo, corsa-no-pcgrad, corsa-official-pcgrad, "
                                 "corsa-lambda<v>, corsa-rho<v>, corsa-beta<v>, flearning-lambda<v>, merge-scale<v>, "
-                                "memit-weight<v>, memit-layers<a>-<b>")
+                                "memit-weight<v>, memit-layers<a>-<b>; settings combine with +, e.g. "
+                                "corsa-rho0.5+lambda2")
         else:
             p.add_argument("--lambda", dest="lambdas", help="comma-separated λ values: run corsa-lambda<λ> each")
             p.add_argument("--rho", dest="rhos", help="comma-separated SAM radii: run corsa-rho<ρ> each")

@@ -55,6 +55,8 @@ SWEEPS = {"corsa-lambda": ("corsa", "lam"), "corsa-rho": ("corsa", "rho"), "cors
           "memit-weight": ("memit", "mom2_update_weight")}
 # memit-layers<a>-<b> edits layers a..b (both included): MEMIT's range was set for 7B models, so it is tuned here.
 MEMIT_LAYERS = "memit-layers"
+# <spec>+<setting><value>: one more sweep setting of the same method, e.g. corsa-rho0.5+lambda2.
+COMBINE_MARK = "+"
 # What a method's manifest says about how its edit went, copied into the run's record beside the steps (the
 # settings used, e.g. MEMIT's layers, are already in the record's config).
 DIAGNOSTICS = ("steps_old", "subject_not_found", "target_nll_mean", "targets_converged",
@@ -73,11 +75,27 @@ def split_seed(spec: str) -> tuple[str, int | None]:
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     """A method name, a named variant, or <sweep><value> (corsa-lambda0.5, flearning-lambda0.3, ...), each
-    optionally followed by @seed<k> to train it with another seed on the same cases."""
+    optionally followed by more settings of the same method (corsa-rho0.5+lambda2+beta0.2) and by @seed<k> to
+    train it with another seed on the same cases."""
     name, seed = split_seed(spec)
     if seed is not None:
         method, overrides = parse_method(name)
         return method, {**overrides, "seed": seed}
+    head, *more = spec.split(COMBINE_MARK)
+    if more:
+        # Sweeps set one setting each; combining them is how e.g. λ is tuned at a radius other than the default.
+        method, overrides = parse_method(head)
+        settings = [n for n in (*SWEEPS, MEMIT_LAYERS) if n.startswith(f"{method}-")]
+        for part in more:
+            if not any(f"{method}-{part}".startswith(n) for n in settings):
+                known = ", ".join(f"{n[len(method) + 1:]}<value>" for n in settings) or "none"
+                raise InputError(f"'{spec}': '{COMBINE_MARK}{part}' is not a setting of {method} (known: {known})",
+                                 field="--methods")
+            _, extra = parse_method(f"{method}-{part}")
+            if extra.keys() & overrides.keys():
+                raise InputError(f"'{spec}': '{COMBINE_MARK}{part}' sets {', '.join(extra)} twice", field="--methods")
+            overrides = {**overrides, **extra}
+        return method, overrides
     if spec in VARIANTS:
         return VARIANTS[spec]
     if spec.startswith(MEMIT_LAYERS):
