@@ -16,6 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CORSA_DATA", REPO.parent / "shared" / "benchmarks"))
 
 
+from corsa import scoring  # noqa: E402
+
+REAL_BF16_SPEED = scoring.bf16_speed  # kept before the fixture below replaces it in every test
+
+
+@pytest.fixture(autouse=True)
+def bf16_is_fast(monkeypatch):
+    """Tests asked for bf16 run it on every machine: whether bf16 is fast here (scoring.use_bf16) is measured on
+    the real CPU, and on one without native bf16 every bf16 test would silently run in fp32. The tests of that
+    fallback set the speed themselves."""
+    monkeypatch.setattr(scoring, "bf16_speed", lambda device_type: 1.0)
+
+
 def bench_script(name: str):
     """A script of bench/ (not a package) imported as a module, so tests can call its main()."""
     import importlib.util

@@ -360,6 +360,41 @@ def test_bf16_autocast_trains_with_fp32_master_weights(tiny_model, tokenizer):
     assert result.curves[-1]["logp_new"] > result.curves[0]["logp_new"]
 
 
+def test_bf16_falls_back_to_fp32_where_it_is_slow(monkeypatch, capsys, tokenizer):
+    """On a CPU without native bf16 a bf16 matrix product runs ~100x slower than fp32 (a CoRSA run 25x slower):
+    --bf16 must then train exactly as fp32 does, say so once, and record that it did."""
+    from corsa import scoring
+
+    monkeypatch.setattr(scoring, "bf16_speed", lambda device_type: 0.01)
+    monkeypatch.setattr(scoring, "_WARNED", set())
+    from conftest import make_model
+
+    asked, _, _ = run(make_model(len(tokenizer)), tokenizer, epochs=2, bf16=True)
+    err = capsys.readouterr().err
+    assert err.count("running in fp32 instead") == 1 and "0.01x" in err
+    assert asked.info["bf16_used"] is False
+    plain, _, _ = run(make_model(len(tokenizer)), tokenizer, epochs=2)
+    assert [r["loss"] for r in asked.curves] == [r["loss"] for r in plain.curves]
+    assert all(torch.equal(x, y) for x, y in zip(lora_state(asked.model).values(), lora_state(plain.model).values()))
+    with scoring.autocast_context("cpu", True):
+        assert not torch.is_autocast_enabled("cpu")
+
+    monkeypatch.setattr(scoring, "bf16_speed", lambda device_type: 1.7)  # native: faster than fp32
+    assert scoring.use_bf16("cpu", True) and not scoring.use_bf16("cpu", False)
+    with scoring.autocast_context("cpu", True):
+        assert torch.is_autocast_enabled("cpu")
+
+
+def test_bf16_speed_is_measured_once_per_device_kind():
+    from conftest import REAL_BF16_SPEED
+
+    REAL_BF16_SPEED.cache_clear()
+    speed = REAL_BF16_SPEED("cpu")
+    assert speed > 0 and REAL_BF16_SPEED("cpu") == speed  # cached: measured once
+    assert REAL_BF16_SPEED.cache_info().hits == 1
+    assert REAL_BF16_SPEED("meta") == 1.0  # not measured where it cannot be
+
+
 def test_frozen_linears_are_held_in_bf16_only_inside_the_context(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -386,7 +421,7 @@ def test_frozen_linears_are_held_in_bf16_only_inside_the_context(tokenizer):
         assert all(p.dtype == torch.float32 for p in tied.parameters())
 
 
-def test_bf16_training_is_bitwise_the_same_with_frozen_linears_cast_once(monkeypatch, tokenizer):
+def test_bf16_training_is_bitwise_the_same_with_frozen_linears_cast_once(tokenizer):
     """Autocast runs a linear layer in bf16 whatever its stored dtype: casting the frozen weights once instead of
     in every forward pass must not change a single bit of the adapter, the curves, the reference or the answers."""
     from conftest import make_model
@@ -394,11 +429,11 @@ def test_bf16_training_is_bitwise_the_same_with_frozen_linears_cast_once(monkeyp
     from corsa import scoring
 
     def edit(cast_once):
-        if not cast_once:  # bf16_compute looks it up in scoring at every use
-            monkeypatch.setattr(scoring, "frozen_linears_in_bf16", lambda model: contextlib.nullcontext())
-        result, _, fmt = run(make_model(len(tokenizer)), tokenizer, epochs=2, bf16=True)
-        answers = scoring.generate(result.model, fmt, [e.prompt for e in EDITS], max_new_tokens=4, autocast=True)
-        monkeypatch.undo()
+        with pytest.MonkeyPatch.context() as mp:  # its own, so that undoing it keeps conftest's bf16_is_fast
+            if not cast_once:  # bf16_compute looks it up in scoring at every use
+                mp.setattr(scoring, "frozen_linears_in_bf16", lambda model: contextlib.nullcontext())
+            result, _, fmt = run(make_model(len(tokenizer)), tokenizer, epochs=2, bf16=True)
+            answers = scoring.generate(result.model, fmt, [e.prompt for e in EDITS], max_new_tokens=4, autocast=True)
         return result, answers
 
     (a, answers_a), (b, answers_b) = edit(True), edit(False)

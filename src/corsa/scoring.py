@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -239,10 +240,59 @@ def score_answers(model: torch.nn.Module, formatter: Formatter, pairs: Sequence[
     return out
 
 
-def autocast_context(device: torch.device | str, enabled: bool) -> Any:
-    """bf16 autocast; on CPUs with native bf16 it is about 1.5x faster here, elsewhere it may be slower."""
+# bf16 matrix products must run at least at this share of fp32's speed for --bf16 to be used. CPUs with native
+# bf16 (avx512_bf16, AMX) run them faster than fp32; CPUs without it (e.g. AMD Zen 3, measured here at 0.85
+# against 99 GFLOP/s, and a CoRSA run 25x slower) fall back to a scalar loop, so the margin either side is huge.
+BF16_MIN_SPEED = 0.5
+
+
+@functools.cache
+def bf16_speed(device_type: str) -> float:
+    """bf16 matrix-product speed as a multiple of fp32's on this kind of device (1.0 where it is not measured).
+
+    Measured once per process on 256 x 256 products, best of three: about 10 ms where bf16 is native, well under
+    a second where it is not. Measured rather than read from CPU flags, which exist only for x86."""
+    if device_type == "cuda":
+        return 1.0 if torch.cuda.is_bf16_supported() else 0.0
+    if device_type != "cpu":
+        return 1.0
+    import time
+
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(256, 256).to(dtype), torch.randn(256, 256).to(dtype)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    best(torch.float32)  # warm-up: thread pool and allocator
+    return best(torch.float32) / max(best(torch.bfloat16), 1e-9)
+
+
+def use_bf16(device: torch.device | str, requested: bool) -> bool:
+    """Whether to run in bf16: requested, and fast on this device. Otherwise fp32, said once on stderr."""
+    if not requested:
+        return False
     kind = torch.device(device).type
-    return torch.autocast(kind, dtype=torch.bfloat16, enabled=enabled)
+    speed = bf16_speed(kind)
+    if speed >= BF16_MIN_SPEED:
+        return True
+    if kind not in _WARNED:
+        _WARNED.add(kind)
+        print(f"corsa: bf16 is not fast on this {kind} (a bf16 matrix product ran at {speed:.2g}x fp32's speed; "
+              "no native bf16); running in fp32 instead", file=sys.stderr)
+    return False
+
+
+_WARNED: set[str] = set()
+
+
+def autocast_context(device: torch.device | str, enabled: bool) -> Any:
+    """bf16 autocast where it is fast (`use_bf16`); on CPUs with native bf16 a CoRSA step takes about 0.8x."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=use_bf16(device, enabled))
 
 
 @contextlib.contextmanager
@@ -250,7 +300,7 @@ def bf16_compute(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]
     """What corsa runs under `autocast_context(..., True)` runs inside this too: the frozen linear weights held in
     bf16 (bitwise the same results, fewer casts) and, on a CPU, attention in fp32 (faster there; see
     `fp32_attention`). Entered once around training or scoring, not per forward pass."""
-    if not enabled:
+    if not use_bf16(next(model.parameters()).device, enabled):
         yield
         return
     with frozen_linears_in_bf16(model), fp32_attention(model):

@@ -59,7 +59,7 @@ MEMIT_LAYERS = "memit-layers"
 COMBINE_MARK = "+"
 # What a method's manifest says about how its edit went, copied into the run's record beside the steps (the
 # settings used, e.g. MEMIT's layers, are already in the record's config).
-DIAGNOSTICS = ("steps_old", "subject_not_found", "target_nll_mean", "targets_converged",
+DIAGNOSTICS = ("bf16_used", "steps_old", "subject_not_found", "target_nll_mean", "targets_converged",
                "ties_low_rank_relative_error")
 
 

@@ -268,7 +268,8 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
             print(f"{spec} (fraction {fraction:g}): efficacy {runs[-1]['efficacy']}, forgetting "
                   f"{runs[-1]['forgetting']}, activation {runs[-1]['activation']}")
             del model
-        record = {**header, "method": spec, "method_config": dataclasses.asdict(editor.config), "runs": runs,
+        record = {**header, "method": spec, "method_config": dataclasses.asdict(editor.config),
+                  "bf16_used": first.info.get("bf16_used", False), "runs": runs,
                   "answers": {"before": before, "after_first": after_first},
                   "wall_time_s": time.perf_counter() - t0,
                   "date": artifacts.now(),

@@ -25,7 +25,7 @@ from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pa
 from corsa.optim import pcgrad, sam
 from corsa.prompts import Formatter
 from corsa.requests import load_benchmark
-from corsa.scoring import autocast_context, bf16_compute, token_logprobs
+from corsa.scoring import autocast_context, bf16_compute, token_logprobs, use_bf16
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,10 @@ def measure_model(name: str, cfg: SpeedConfig) -> dict[str, Any]:
         seconds = {k: _median_time(fn, cfg.steps, sync) for k, fn in parts.items()}
         flops = {k: _flops(parts[k]) for k in ("lora_step", "corsa_step", "forward")}
     model.train(False)
-    peak = matmul_throughput(device, torch.bfloat16 if cfg.bf16 else torch.float32)
+    bf16 = use_bf16(device, cfg.bf16)  # what the timed parts ran in: fp32 where bf16 is not fast here
+    peak = matmul_throughput(device, torch.bfloat16 if bf16 else torch.float32)
     return {
-        "model": name, "device": str(device), "batch_size": cfg.batch_size, "steps": cfg.steps, "bf16": cfg.bf16,
+        "model": name, "device": str(device), "batch_size": cfg.batch_size, "steps": cfg.steps, "bf16": bf16,
         "tokens": {"prefix": int(batch.prefix_ids.numel()), "prompts": int(batch.prompt_mask.sum()),
                    "answers": int(batch.answer_mask.sum()), "answer_rows": int(batch.answer_ids.shape[0])},
         "seconds": seconds, "ratio_corsa_over_lora": seconds["corsa_step"] / seconds["lora_step"],

@@ -33,6 +33,7 @@ from corsa.scoring import (
     score_answers,
     sum_by_row,
     token_logprobs,
+    use_bf16,
 )
 
 # Every attention and MLP projection of Llama/Gemma/Qwen-style blocks (paper A.2; the released default.json).
@@ -425,5 +426,6 @@ class CorsaEditor:
         timings["train_s"] = time.perf_counter() - t
         info: dict[str, Any] = {"timings": timings, "steps": len(curves),
                                 "epochs_run": (curves[-1]["epoch"] + 1) if curves else 0,
-                                "variant": cfg.variant, "config": asdict(cfg), "collapse": trainer.collapse}
+                                "variant": cfg.variant, "config": asdict(cfg), "collapse": trainer.collapse,
+                                "bf16_used": use_bf16(next(model.parameters()).device, cfg.bf16)}
         return EditResult(model=model, requests=requests, curves=curves, info=info)
