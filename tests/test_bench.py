@@ -114,16 +114,21 @@ def test_sweep_values_must_be_numbers(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_speed_bench_times_every_part_and_counts_flops(tmp_path, tiny_dir, capsys):
+def test_speed_bench_times_every_part_and_counts_flops(tmp_path, tiny_dir, capsys, monkeypatch):
+    from corsa import scoring
+
+    monkeypatch.setattr(scoring, "bf16_speed", lambda device_type: 0.01)  # a CPU without native bf16
     recs = [{"case_id": i, "prompt": f"p{i} lives in", "target_new": f"x{i}", "subject": f"p{i}",
              "ground_truth": f"y{i}", "rephrase_prompt": "r", "locality_prompt": "l", "locality_ground_truth": "z"}
             for i in range(4)]
     (tmp_path / "counterfact").mkdir()
     (tmp_path / "counterfact" / "easyedit-counterfact-val.json").write_text(json.dumps(recs))
     assert main(["bench", "speed", "--data", str(tmp_path), "--out", str(tmp_path / "s"), "--models", str(tiny_dir),
-                 "--steps", "2", "--batch-size", "4"]) == 0
+                 "--steps", "2", "--batch-size", "4", "--bf16"]) == 0
     record = json.loads((tmp_path / "s" / "speed.json").read_text())
     (r,) = record["results"]
+    assert r["bf16"] is False and record["versions"]["cpu"]  # what the parts really ran in, and on what
+    assert "bf16 asked for but not fast here, so fp32" in (tmp_path / "s" / "speed.md").read_text()
     assert {"lora_step", "corsa_step", "forward", "forward_1_backward", "forward_2_backwards", "reference_logprobs",
             "pcgrad", "sam_perturb_restore", "gradients_one_sam_point"} <= set(r["seconds"])
     assert all(v > 0 for v in r["seconds"].values())

@@ -101,7 +101,24 @@ def library_versions() -> dict[str, str]:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
             out[name] = "not installed"
+    out["cpu"] = cpu_name()
     return out
+
+
+def cpu_name() -> str:
+    """The CPU and the vector instructions torch uses on it: the machine behind a timing changes from day to day
+    here (AVX-512 with native bf16 on some days, AVX2 without it on others), and that decides speed and bf16."""
+    import platform
+
+    import torch
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:

@@ -75,7 +75,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                                                     "epochs in a row (default 1.0: every edit)")
     p.add_argument("--patience", type=int, help="epochs in a row the edits must stay learned before training stops "
                                                 "(default 2)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with native bf16)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with native bf16; fp32, "
+                                                       "with a note, where bf16 is slow)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "qa"],
                    help="auto: the chat template when the model has one, else the paper's 'Q: ...\\nA:' prompt")

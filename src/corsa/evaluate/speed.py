@@ -170,6 +170,12 @@ def format_speed(record: dict[str, Any]) -> str:
             + " |")
     lines += ["", (f"Medians of {record['config']['steps']} repetitions after a warm-up, batch of "
                    f"{record['config']['batch_size']} CounterFact val edits, {record['threads']} threads, bf16 "
-                   f"{record['config']['bf16']}, {record['date']}. Command: `{record['command']}`")]
+                   f"{_bf16_text(record)}, CPU {record['versions'].get('cpu', 'not recorded')}, {record['date']}. "
+                   f"Command: `{record['command']}`")]
     return "\n".join(lines)
 
+
+
+def _bf16_text(record: dict[str, Any]) -> str:
+    asked, used = record["config"]["bf16"], all(r["bf16"] for r in record["results"])
+    return "asked for but not fast here, so fp32" if asked and not used else str(used)
