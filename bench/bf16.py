@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _setup import model_and_edits  # bench/_setup.py: scripts run as `python bench/NAME.py`
+from _setup import model_and_edits, require_fast_bf16  # bench/_setup.py (scripts run as python bench/NAME.py)
 
 from corsa import artifacts, scoring
 from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference
@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out")
     args = ap.parse_args()
+    require_fast_bf16("bench/bf16.py")
     model, tok, fmt, reqs = model_and_edits(args.data, args.threads)
     idx = list(range(len(reqs)))
     cfg = CorsaConfig(rho=0.5, lr=2e-3, bf16=True)

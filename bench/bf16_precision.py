@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from _setup import model_and_edits  # bench/_setup.py: scripts run as `python bench/NAME.py`
+from _setup import model_and_edits, require_fast_bf16  # bench/_setup.py (scripts run as python bench/NAME.py)
 
 from corsa import scoring
 
 
 def main() -> None:
+    require_fast_bf16("bench/bf16_precision.py")
     model, _, fmt, reqs = model_and_edits("../shared/benchmarks", model=sys.argv[1] if len(sys.argv) > 1 else None)
     pairs = [(r.prompt, r.target_new) for r in reqs] + [(r.prompt, r.target_old) for r in reqs]
     fp32 = scoring.score_answers(model, fmt, pairs)

@@ -14,13 +14,15 @@ import statistics
 import sys
 import time
 
-from _setup import model_and_edits  # bench/_setup.py: scripts run as `python bench/NAME.py`
+from _setup import model_and_edits, require_fast_bf16  # bench/_setup.py (scripts run as python bench/NAME.py)
 from torch.profiler import ProfilerActivity, profile
 
 from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference
 
 
 def main() -> None:
+    if sys.argv[1] == "bf16":
+        require_fast_bf16("bench/profile_step.py bf16")
     model, tok, fmt, reqs = model_and_edits("../shared/benchmarks")
     cfg = CorsaConfig(rho=0.5, lr=2e-3, bf16=sys.argv[1] == "bf16")
     model = attach_lora(model, cfg)

@@ -117,7 +117,7 @@ def test_sweep_values_must_be_numbers(tmp_path, capsys):
 def test_speed_bench_times_every_part_and_counts_flops(tmp_path, tiny_dir, capsys, monkeypatch):
     from corsa import scoring
 
-    monkeypatch.setattr(scoring, "bf16_speed", lambda device_type: 0.01)  # a CPU without native bf16
+    monkeypatch.setattr(scoring, "bf16_is_fast", lambda device_type: False)  # a CPU without native bf16
     recs = [{"case_id": i, "prompt": f"p{i} lives in", "target_new": f"x{i}", "subject": f"p{i}",
              "ground_truth": f"y{i}", "rephrase_prompt": "r", "locality_prompt": "l", "locality_ground_truth": "z"}
             for i in range(4)]

@@ -240,34 +240,45 @@ def score_answers(model: torch.nn.Module, formatter: Formatter, pairs: Sequence[
     return out
 
 
-# bf16 matrix products must run at least at this share of fp32's speed for --bf16 to be used. CPUs with native
-# bf16 (avx512_bf16, AMX) run them faster than fp32; CPUs without it (e.g. AMD Zen 3, measured here at 0.85
-# against 99 GFLOP/s, and a CoRSA run 25x slower) fall back to a scalar loop, so the margin either side is huge.
+# Where bf16 cannot be known from the CPU's flags (not x86), bf16 matrix products must run at least at this share
+# of fp32's speed to be used: native bf16 runs them faster than fp32, and without it they run in a scalar loop,
+# about 100x slower (measured on an AMD Zen 3), so the margin either side is wide.
 BF16_MIN_SPEED = 0.5
+_X86 = ("x86_64", "amd64", "i386", "i686")
 
 
 @functools.cache
-def bf16_speed(device_type: str) -> float:
-    """bf16 matrix-product speed as a multiple of fp32's on this kind of device (1.0 where it is not measured).
-
-    Measured once per process on 256 x 256 products, best of three: about 10 ms where bf16 is native, well under
-    a second where it is not. Measured rather than read from CPU flags, which exist only for x86."""
+def bf16_is_fast(device_type: str) -> bool:
+    """Whether bf16 runs fast on this kind of device: on an x86 CPU, whether it has avx512_bf16 or AMX (without
+    them a CoRSA run took 25x longer in bf16 than in fp32); elsewhere on a CPU, measured once per process."""
     if device_type == "cuda":
-        return 1.0 if torch.cuda.is_bf16_supported() else 0.0
+        return torch.cuda.is_bf16_supported()
     if device_type != "cpu":
-        return 1.0
+        return True
+    import platform
+
+    flags = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if platform.machine().lower() in _X86 and all(flags):
+        return any(flag() for flag in flags)  # type: ignore[misc]
+    return measured_bf16_speed() >= BF16_MIN_SPEED
+
+
+def measured_bf16_speed(size: int = 256, products: int = 4, trials: int = 5) -> float:
+    """bf16 matrix-product speed as a multiple of fp32's on the CPU: best of `trials`, each `products` products
+    long, so that a busy machine (a thread descheduled for a few ms) does not decide it."""
     import time
 
     def best(dtype: torch.dtype) -> float:
-        a, b = torch.randn(256, 256).to(dtype), torch.randn(256, 256).to(dtype)
+        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        a @ b  # warm-up: thread pool, allocator
         times = []
-        for _ in range(3):
+        for _ in range(trials):
             t = time.perf_counter()
-            a @ b
+            for _ in range(products):
+                a @ b
             times.append(time.perf_counter() - t)
         return min(times)
 
-    best(torch.float32)  # warm-up: thread pool and allocator
     return best(torch.float32) / max(best(torch.bfloat16), 1e-9)
 
 
@@ -276,13 +287,12 @@ def use_bf16(device: torch.device | str, requested: bool) -> bool:
     if not requested:
         return False
     kind = torch.device(device).type
-    speed = bf16_speed(kind)
-    if speed >= BF16_MIN_SPEED:
+    if bf16_is_fast(kind):
         return True
     if kind not in _WARNED:
         _WARNED.add(kind)
-        print(f"corsa: bf16 is not fast on this {kind} (a bf16 matrix product ran at {speed:.2g}x fp32's speed; "
-              "no native bf16); running in fp32 instead", file=sys.stderr)
+        print(f"corsa: bf16 is not fast on this {kind} (no native bf16 instructions); running in fp32 instead",
+              file=sys.stderr)
     return False
 
 
