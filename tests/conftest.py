@@ -9,23 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from corsa import scoring
+
 torch.set_num_threads(int(os.environ.get("CORSA_TEST_THREADS", "2")))
 
 REPO = Path(__file__).resolve().parents[1]
 # The benchmarks live beside the checkout (../shared/benchmarks); CORSA_DATA overrides.
 DATA = Path(os.environ.get("CORSA_DATA", REPO.parent / "shared" / "benchmarks"))
 
-
-from corsa import scoring  # noqa: E402
-
 REAL_BF16_IS_FAST = scoring.bf16_is_fast  # kept before the fixture below replaces it in every test
 
 
 @pytest.fixture(autouse=True)
 def bf16_is_fast(monkeypatch):
-    """Tests asked for bf16 run it on every machine: whether bf16 is fast here (scoring.use_bf16) is measured on
-    the real CPU, and on one without native bf16 every bf16 test would silently run in fp32. The tests of that
-    fallback set the speed themselves."""
+    """Tests asked for bf16 run it on every machine: whether bf16 is fast (scoring.use_bf16) depends on the real
+    CPU, and on one without native bf16 every bf16 test would silently run in fp32. The tests of that fallback
+    set it themselves."""
     monkeypatch.setattr(scoring, "bf16_is_fast", lambda device_type: True)
 
 

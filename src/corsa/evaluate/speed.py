@@ -175,7 +175,6 @@ def format_speed(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-
 def _bf16_text(record: dict[str, Any]) -> str:
     asked, used = record["config"]["bf16"], all(r["bf16"] for r in record["results"])
     return "asked for but not fast here, so fp32" if asked and not used else str(used)
