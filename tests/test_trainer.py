@@ -361,7 +361,7 @@ def test_bf16_autocast_trains_with_fp32_master_weights(tiny_model, tokenizer):
 
 
 def test_bf16_falls_back_to_fp32_where_it_is_slow(monkeypatch, capsys, tokenizer):
-    """On a CPU without native bf16 a bf16 matrix product runs ~100x slower than fp32 (a CoRSA run 25x slower):
+    """On a CPU without native bf16 a bf16 matrix product runs ~100x slower than fp32 (a LoRA step ~28x slower):
     --bf16 must then train exactly as fp32 does, say so once, and record that it did."""
     from conftest import make_model
 
