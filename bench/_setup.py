@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import statistics
 import sys
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,3 +31,39 @@ def require_fast_bf16(script: str) -> None:
         print(f"{script}: this CPU has no fast bf16, so corsa runs --bf16 in fp32 here and there is nothing to "
               "measure", file=sys.stderr)
         raise SystemExit(2)
+
+
+def step_from_start(trainer: Any, idx: list[int]) -> Callable[[], None]:
+    """One optimizer step of `trainer` on edits `idx`, from the adapter it holds now, every time it is called."""
+    start = [p.detach().clone() for p in trainer.params]
+
+    def call() -> None:
+        with torch.no_grad():
+            for p, s in zip(trainer.params, start):
+                p.copy_(s)
+        trainer.model.train()
+        trainer.step(idx)
+        trainer.model.eval()
+    return call
+
+
+def interleaved(parts: dict[str, Callable[[], object]], modes: Sequence[str],
+                setting: Callable[[str], contextlib.AbstractContextManager], reps: int) -> dict[str, dict[str, float]]:
+    """Median seconds of each part under each mode, {part: {mode: s}}. The modes take turns, in an order that
+    rotates every repetition, so that the machine's drift hits all alike; each mode's setting is entered before
+    the clock starts (as it is once per training run), and each part runs once per mode first as a warm-up."""
+    seconds: dict[str, dict[str, float]] = {}
+    for name, fn in parts.items():
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        for mode in modes:
+            with setting(mode):
+                fn()
+        for rep in range(reps):
+            k = rep % len(modes)
+            for mode in list(modes[k:]) + list(modes[:k]):
+                with setting(mode):
+                    t = time.perf_counter()
+                    fn()
+                    times[mode].append(time.perf_counter() - t)
+        seconds[name] = {m: statistics.median(v) for m, v in times.items()}
+    return seconds

@@ -2,10 +2,11 @@
 
     python bench/bf16.py --data ../shared/benchmarks [--reps 7] [--threads 2] [--out results/bf16.json]
 
-With --bf16, corsa runs training and scoring inside `scoring.bf16_compute`, which adds two things to plain bf16
+With --bf16, corsa runs training and scoring inside `scoring.compute_context`, which adds two things to plain bf16
 autocast: the frozen linear weights held in bf16 for the duration (autocast would cast them again in every
 forward pass; bitwise the same numbers, tests/test_trainer.py), and on a CPU attention computed in fp32 (the CPU
-flash-attention backward is slow in bf16). On one batch of 16 CounterFact val edits this times three ways,
+flash-attention backward is slow in bf16; corsa's attention function also folds grouped-query heads, which
+bench/attention.py measures alone). On one batch of 16 CounterFact val edits this times three ways,
 "autocast" (neither lever), "cast once" (the first) and "corsa" (both):
   forward      a no-grad forward over y+ and y- (the shared batch)
   corsa_step   a CoRSA optimizer step (two SAM points), from the same adapter every time
@@ -20,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from _setup import model_and_edits, require_fast_bf16  # bench/_setup.py (scripts run as python bench/NAME.py)
+
+# bench/_setup.py (scripts run as python bench/NAME.py)
+from _setup import interleaved, model_and_edits, require_fast_bf16, step_from_start
 
 from corsa import artifacts, scoring
 from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference
@@ -50,18 +51,7 @@ def main() -> None:
     corsa = CorsaTrainer(model, pairs, cfg, tok.pad_token_id)
     lora = CorsaTrainer(model, pairs, CorsaConfig(lr=2e-3, bf16=True, use_dpo=False, use_sam=False, pcgrad=None),
                         tok.pad_token_id)
-    start = [p.detach().clone() for p in corsa.params]
     batch, _ = corsa._micro_batch(idx)
-
-    def step(trainer: CorsaTrainer) -> Callable[[], None]:
-        def call() -> None:
-            with torch.no_grad():  # every repetition starts from the same adapter
-                for p, s in zip(corsa.params, start):
-                    p.copy_(s)
-            model.train()
-            trainer.step(idx)
-            model.eval()
-        return call
 
     def forward() -> None:
         with torch.no_grad(), scoring.autocast_context("cpu", True):
@@ -72,24 +62,12 @@ def main() -> None:
             return contextlib.nullcontext()
         if mode == "cast once":
             return scoring.frozen_linears_in_bf16(model)
-        return scoring.bf16_compute(model)
+        return scoring.compute_context(model, bf16=True)
 
     parts: dict[str, Callable[[], object]] = {
-        "forward": forward, "corsa_step": step(corsa), "lora_step": step(lora),
+        "forward": forward, "corsa_step": step_from_start(corsa, idx), "lora_step": step_from_start(lora, idx),
         "generate": lambda: scoring.generate(model, fmt, [r.prompt for r in reqs], max_new_tokens=8, autocast=True)}
-    seconds: dict[str, dict[str, float]] = {}
-    for name, fn in parts.items():
-        times: dict[str, list[float]] = {m: [] for m in MODES}
-        for mode in MODES:
-            with levers(mode):
-                fn()
-        for rep in range(args.reps):
-            for mode in MODES[rep % 3:] + MODES[: rep % 3]:
-                with levers(mode):
-                    t = time.perf_counter()
-                    fn()
-                    times[mode].append(time.perf_counter() - t)
-        seconds[name] = {m: statistics.median(v) for m, v in times.items()}
+    seconds = interleaved(parts, MODES, levers, args.reps)
     ratio = {m: seconds["corsa_step"][m] / seconds["lora_step"][m] for m in MODES}
     print("| part | autocast (s) | + frozen linears cast once (s) | + attention in fp32: corsa (s) "
           "| corsa vs autocast |"

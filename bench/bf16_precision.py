@@ -5,7 +5,7 @@
 
 Teacher-forced log-probs of y+ and y- for 16 CounterFact val edits, four ways: fp32; fp32 with the attention
 function swapped for corsa's fp32 one (must be bitwise the same: the masks are built as for SDPA, including
-sliding windows); bf16 through corsa's path (`scoring.bf16_compute`: attention in fp32 on a CPU, frozen weights
+sliding windows); bf16 through corsa's path (`scoring.compute_context`: attention in fp32 on a CPU, frozen weights
 cast once); and plain bf16 autocast. Prints the largest differences between them.
 """
 
@@ -24,15 +24,15 @@ def main() -> None:
     model, _, fmt, reqs = model_and_edits("../shared/benchmarks", model=sys.argv[1] if len(sys.argv) > 1 else None)
     pairs = [(r.prompt, r.target_new) for r in reqs] + [(r.prompt, r.target_old) for r in reqs]
     fp32 = scoring.score_answers(model, fmt, pairs)
-    with scoring.fp32_attention(model):
+    with scoring.cpu_attention(model, fp32=True):
         swapped = scoring.score_answers(model, fmt, pairs)
     corsa_bf16 = scoring.score_answers(model, fmt, pairs, autocast=True)
-    real = scoring.bf16_compute
-    scoring.bf16_compute = lambda m, enabled=True: contextlib.nullcontext()  # plain autocast
+    real = scoring.compute_context
+    scoring.compute_context = lambda m, bf16=False: contextlib.nullcontext()  # plain autocast
     try:
         plain_bf16 = scoring.score_answers(model, fmt, pairs, autocast=True)
     finally:
-        scoring.bf16_compute = real
+        scoring.compute_context = real
 
     def gap(a: list[scoring.AnswerScore], b: list[scoring.AnswerScore]) -> float:
         return max(abs(x.logprob - y.logprob) for x, y in zip(a, b))

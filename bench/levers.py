@@ -11,7 +11,7 @@ CoRSA gradient point needs, with each lever switched off in turn:
   full logits     as "no sharing", but the output layer over every position (what a plain model(...) call does)
   bf16            all levers, under bf16 autocast, the frozen weights stored in fp32 (autocast casts them to bf16
                   in every forward pass)
-  bf16, corsa     all levers, under bf16 autocast inside scoring.bf16_compute, corsa's path with --bf16: the
+  bf16, corsa     all levers, under bf16 autocast inside scoring.compute_context, corsa's path with --bf16: the
                   frozen linear weights held in bf16 for the whole run, attention in fp32 (bench/bf16.py measures
                   the two apart); the run also records the largest difference between its gradients and the
                   "bf16" ones
@@ -92,7 +92,7 @@ def main() -> None:
     bf16_max_diff = None
     if bf16:
         autocast_only = point(shared, autocast=True)
-        with scoring.bf16_compute(model):
+        with scoring.compute_context(model, bf16=True):
             corsa_bf16 = point(shared, autocast=True)
         bf16_max_diff = max((a - b).abs().max().item()
                             for x, y in zip(autocast_only, corsa_bf16) for a, b in zip(x, y))
@@ -113,7 +113,7 @@ def main() -> None:
             torch._dynamo.config.recompile_limit = 4 * len(layers)
             for layer in layers:
                 layer.compile(dynamic=True)
-        with scoring.bf16_compute(model, name == "bf16, corsa"):  # set up before the clock starts
+        with scoring.compute_context(model, name == "bf16, corsa"):  # set up before the clock starts
             t = time.perf_counter()
             fn()
             first_call[name] = time.perf_counter() - t

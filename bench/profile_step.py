@@ -4,7 +4,7 @@
 
 One batch of 16 CounterFact val edits, ρ 0.5, lr 2e-3. Prints the median time of a step on 16 and on 8 edits
 (3 repetitions after a warm-up), then the profiler's table of the 25 operators with the most self CPU time for one
-16-edit step. It calls `CorsaTrainer.step` directly, outside `scoring.bf16_compute`, so `bf16` profiles plain
+16-edit step. It calls `CorsaTrainer.step` directly, outside `scoring.compute_context`, so `bf16` profiles plain
 bf16 autocast: the path corsa took before that lever, whose slow attention backward the lever removes.
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -440,7 +441,7 @@ def test_bf16_training_is_bitwise_the_same_with_frozen_linears_cast_once(tokeniz
 
     def edit(cast_once):
         with pytest.MonkeyPatch.context() as mp:  # its own, so that undoing it keeps conftest's bf16_is_fast
-            if not cast_once:  # bf16_compute looks it up in scoring at every use
+            if not cast_once:  # compute_context looks it up in scoring at every use
                 mp.setattr(scoring, "frozen_linears_in_bf16", lambda model: contextlib.nullcontext())
             result, _, fmt = run(make_model(len(tokenizer)), tokenizer, epochs=2, bf16=True)
             answers = scoring.generate(result.model, fmt, [e.prompt for e in EDITS], max_new_tokens=4, autocast=True)
@@ -461,7 +462,7 @@ def test_fp32_attention_builds_the_same_masks_and_computes_attention_in_fp32(tin
     pairs = [(e.prompt, e.target_new) for e in EDITS] + [(e.prompt, e.target_old) for e in EDITS]
     assert tiny_model.config._attn_implementation == "sdpa"
     plain = scoring.score_answers(tiny_model, fmt, pairs)
-    with scoring.fp32_attention(tiny_model):
+    with scoring.cpu_attention(tiny_model, fp32=True):
         assert tiny_model.config._attn_implementation == scoring.FP32_SDPA
         swapped = scoring.score_answers(tiny_model, fmt, pairs)
     assert tiny_model.config._attn_implementation == "sdpa"
@@ -480,6 +481,84 @@ def test_fp32_attention_builds_the_same_masks_and_computes_attention_in_fp32(tin
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16())
 
 
+def test_grouped_attention_folds_query_heads_and_matches_transformers_sdpa(tiny_model):
+    """Folding the query heads that share a key/value head into the query axis must give transformers' SDPA
+    attention's outputs and gradients, padded rows included, and must really fold (no repeated keys)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from corsa import scoring
+
+    layer = tiny_model.model.layers[0].self_attn  # 4 query heads, 2 key/value heads
+    torch.manual_seed(0)
+    q0, k0, v0 = torch.randn(3, 4, 5, 8), torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8)
+    mask = torch.ones(3, 1, 5, 7, dtype=torch.bool).tril(2)
+    mask[0, :, :, :3] = False  # left padding: the first query row of case 0 sees nothing
+    weights = torch.randn(3, 5, 4, 8)
+
+    def run(fn, m):
+        q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
+        out, _ = fn(layer, q, k, v, m, scaling=0.35, dropout=0.0)
+        (out * weights).sum().backward()
+        return out, q.grad, k.grad, v.grad
+
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, *args, **kwargs):
+        seen.append((query.shape[1], key.shape[1]))
+        return real_sdpa(query, key, *args, **kwargs)
+
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", spy):
+        folded = run(scoring._sdpa_grouped, mask)
+    assert seen == [(2, 2)]  # two folded query "heads" of 2 x 5 rows against the two key/value heads
+    for a, b in zip(folded, run(sdpa_attention_forward, mask)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert folded[0].shape == (3, 5, 4, 8)
+    # Without a mask (and for one query token) it is transformers' function.
+    for a, b in zip(run(scoring._sdpa_grouped, None), run(sdpa_attention_forward, None)):
+        assert torch.equal(a, b)
+
+
+def test_cpu_attention_nests_and_restores(tiny_model, tokenizer):
+    from corsa import scoring
+
+    with scoring.cpu_attention(tiny_model):
+        assert tiny_model.config._attn_implementation == scoring.GROUPED_SDPA
+        with scoring.cpu_attention(tiny_model, fp32=True):
+            assert tiny_model.config._attn_implementation == scoring.FP32_SDPA
+        assert tiny_model.config._attn_implementation == scoring.GROUPED_SDPA
+    assert tiny_model.config._attn_implementation == "sdpa"
+
+
+def test_cache_rows_are_selected_as_transformers_does(tiny_model):
+    """`select_cache_rows` (index_select) against the cache's own `batch_select_indices` (advanced indexing):
+    the same keys and values, and the same gradients flowing back to the prompts' cache."""
+    from transformers import DynamicCache
+
+    from corsa import scoring
+
+    owner = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    torch.manual_seed(0)
+    keys, values = torch.randn(3, 2, 4, 8), torch.randn(3, 2, 4, 8)
+
+    def select(fn):
+        k, v = keys.clone().requires_grad_(), values.clone().requires_grad_()
+        cache = DynamicCache(config=tiny_model.config)
+        for i in range(2):
+            cache.update(k * (i + 1), v * (i + 1), i)
+        fn(cache, owner)
+        out = [(layer.keys, layer.values) for layer in cache.layers]
+        sum((a * torch.arange(a.numel()).reshape(a.shape)).sum() + (b ** 2).sum() for a, b in out).backward()
+        return out, k.grad, v.grad
+
+    ours, ours_k, ours_v = select(scoring.select_cache_rows)
+    theirs, theirs_k, theirs_v = select(lambda cache, idx: cache.batch_select_indices(idx))
+    assert all(torch.equal(a, b) for x, y in zip(ours, theirs) for a, b in zip(x, y))
+    assert ours[0][0].shape[0] == 7
+    torch.testing.assert_close(ours_k, theirs_k)
+    torch.testing.assert_close(ours_v, theirs_v)
+
+
 def test_fp32_attention_leaves_other_attention_implementations_alone(tokenizer):
     from conftest import make_model
 
@@ -487,7 +566,7 @@ def test_fp32_attention_leaves_other_attention_implementations_alone(tokenizer):
 
     model = make_model(len(tokenizer))
     model.config._attn_implementation = "eager"
-    with scoring.fp32_attention(model):
+    with scoring.cpu_attention(model, fp32=True):
         assert model.config._attn_implementation == "eager"
 
 

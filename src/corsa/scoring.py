@@ -143,7 +143,7 @@ def shared_answer_logits(model: torch.nn.Module, batch: SharedBatch) -> torch.Te
     prompt_pos = c + (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)
     prompt_hidden, cache = _decode(decoder, cache, input_ids=batch.prompt_ids, attention_mask=prompt_mask,
                                    position_ids=prompt_pos)
-    cache.batch_select_indices(batch.owner)  # one copy of each prompt's keys/values per answer row
+    select_cache_rows(cache, batch.owner)  # one copy of each prompt's keys/values per answer row
     prompt_len = prompt_mask.sum(-1)[batch.owner]
     answer_pos = prompt_len[:, None] + torch.arange(batch.answer_ids.shape[1], device=prompt_len.device)
     mask = torch.cat([prompt_mask[batch.owner], batch.answer_mask], dim=1)
@@ -151,6 +151,32 @@ def shared_answer_logits(model: torch.nn.Module, batch: SharedBatch) -> torch.Te
     # Answer token k is predicted by the hidden state before it: the prompt's last one for k = 0.
     hidden = torch.cat([prompt_hidden[batch.owner, -1:], hidden], dim=1)
     return output_logits(lm, hidden[batch.rows, batch.offsets])
+
+
+def select_cache_rows(cache: Any, index: torch.Tensor) -> None:
+    """Row r of every cached key/value tensor becomes row `index[r]`, as `cache.batch_select_indices` does.
+
+    Plain key/value layers are gathered with `index_select` rather than the cache's own `keys[index]`: the same
+    values, but the backward of advanced indexing is an accumulating `index_put`, which a CPU runs serially, and
+    it took a twentieth of an fp32 CoRSA step on two cores (docs/PERFORMANCE.md, "Levers"). Other kinds of layer
+    (and caches without `layers`, as in transformers 4.x) keep their own method.
+    """
+    for layer in getattr(cache, "layers", None) or [cache]:
+        if type(layer).batch_select_indices is _plain_select() and isinstance(layer.keys, torch.Tensor) \
+                and layer.keys.numel():
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+        else:
+            layer.batch_select_indices(index)
+
+
+@functools.cache
+def _plain_select() -> Any:
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # transformers 4.x before cache layers
+        return None
+    return DynamicLayer.batch_select_indices
 
 
 def _decode(decoder: torch.nn.Module, cache: Any, **inputs: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -224,7 +250,7 @@ def score_answers(model: torch.nn.Module, formatter: Formatter, pairs: Sequence[
     """Teacher-forced scores of each (prompt, answer); stop=False leaves the end token out of the answer."""
     device = next(model.parameters()).device
     out: list[AnswerScore] = []
-    with bf16_compute(model, autocast):  # once, not in every forward
+    with compute_context(model, autocast):  # once, not in every forward
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             batch = make_shared_batch([formatter.prompt_ids(p) for p, _ in chunk],
@@ -307,14 +333,18 @@ def autocast_context(device: torch.device | str, enabled: bool) -> Any:
 
 
 @contextlib.contextmanager
-def bf16_compute(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
-    """What corsa runs under `autocast_context(..., True)` runs inside this too: the frozen linear weights held in
-    bf16 (bitwise the same results, fewer casts) and, on a CPU, attention in fp32 (faster there; see
-    `fp32_attention`). Entered once around training or scoring, not per forward pass."""
-    if not use_bf16(next(model.parameters()).device, enabled):
-        yield
+def compute_context(model: torch.nn.Module, bf16: bool = False) -> Iterator[None]:
+    """What corsa runs its forward and backward passes inside, entered once around training or scoring.
+
+    On a CPU, attention with grouped-query heads folded into the query axis (`cpu_attention`; the same outputs).
+    With bf16 (where it is fast, `use_bf16`) code run under `autocast_context(..., True)` also gets the frozen
+    linear weights held in bf16 (bitwise the same results, fewer casts) and, on a CPU, attention in fp32.
+    """
+    if not use_bf16(next(model.parameters()).device, bf16):
+        with cpu_attention(model):
+            yield
         return
-    with frozen_linears_in_bf16(model), fp32_attention(model):
+    with frozen_linears_in_bf16(model), cpu_attention(model, fp32=True):
         yield
 
 
@@ -348,54 +378,83 @@ def frozen_linears_in_bf16(model: torch.nn.Module, enabled: bool = True) -> Iter
             p.data = data
 
 
+GROUPED_SDPA = "corsa_sdpa"
 FP32_SDPA = "corsa_sdpa_fp32"
+
+
+def _sdpa_grouped(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """transformers' SDPA attention, with the query heads that share a key/value head folded into the query axis.
+
+    transformers repeats each key/value head for its query heads (`repeat_kv`) when a mask is given and more than
+    one token is queried; on a CPU the backward of those copies, and the flash-attention backward's zeroed
+    gradient buffers at the repeated size, cost more than the attention itself at corsa's short answers. Folding
+    computes every (query, key) score and softmax row as before, so the outputs are the same; only the order in
+    which gradients of the shared keys are summed changes. Anything unusual (a single query token, no mask, a
+    per-head mask, dropout, a position bias, soft-capping, attention sinks) goes to transformers' function.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, length, _ = query.shape
+    unusual = {"position_bias", "softcap", "s_aux", "sinks"} & {k for k, v in kwargs.items() if v is not None}
+    if (groups == 1 or length == 1 or attention_mask is None or attention_mask.dim() != 4
+            or attention_mask.shape[1] != 1 or kwargs.get("dropout", 0.0) or unusual
+            or key.shape[1] * groups != heads):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kv_heads, keys = key.shape[1], attention_mask.shape[-1]
+    # Head h attends with key/value head h // groups (repeat_kv's order), so a reshape groups them.
+    folded = query.reshape(batch, kv_heads, groups * length, query.shape[-1])
+    mask = attention_mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(-1, 1, groups * length, keys)
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=kwargs.get("scaling"))
+    return out.reshape(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def _sdpa_fp32(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """transformers' SDPA attention on fp32 copies of q, k and v with autocast off; the output in q's dtype."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    """`_sdpa_grouped` on fp32 copies of q, k and v with autocast off; the output in q's dtype."""
     with torch.autocast(query.device.type, enabled=False):
-        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
-                                              **kwargs)
+        out, weights = _sdpa_grouped(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
     return out.to(query.dtype), weights
 
 
 @contextlib.contextmanager
-def fp32_attention(model: torch.nn.Module) -> Iterator[None]:
-    """On a CPU, run a model that uses transformers' SDPA attention with attention in fp32 for the duration.
+def cpu_attention(model: torch.nn.Module, fp32: bool = False) -> Iterator[None]:
+    """On a CPU, run a model that uses transformers' SDPA attention with corsa's for the duration: grouped-query
+    heads folded (`_sdpa_grouped`), and with `fp32` attention computed in fp32.
 
     PyTorch's CPU flash-attention backward is several times slower in bf16 than in fp32: in a bf16 CoRSA step on
     SmolLM2 it took a quarter of the time (docs/PERFORMANCE.md). Attention is a small share of the FLOPs here (short
     sequences), so computing it in fp32 costs little and makes the step about a fifth faster; it is also more
-    precise, so results move by bf16 rounding, not more. Masks are built exactly as for SDPA. On a GPU, where bf16
-    attention is fast, and for other attention implementations, nothing changes.
+    precise, so results move by bf16 rounding, not more. Masks are built exactly as for SDPA. On a GPU, and for
+    other attention implementations, nothing changes.
     """
-    configs = {id(c): c for m in model.modules()
-               if (c := getattr(m, "config", None)) is not None and getattr(c, "_attn_implementation", None) == "sdpa"}
+    ours = ("sdpa", GROUPED_SDPA, FP32_SDPA)  # entered inside itself, the inner call's choice holds until it exits
+    configs = {id(c): (c, c._attn_implementation) for m in model.modules()
+               if (c := getattr(m, "config", None)) is not None and getattr(c, "_attn_implementation", None) in ours}
     device = next(model.parameters()).device
-    if device.type != "cpu" or not configs or not _register_fp32_sdpa():
+    if device.type != "cpu" or not configs or not _register_sdpa():
         yield
         return
-    for c in configs.values():
-        c._attn_implementation = FP32_SDPA
+    for c, _ in configs.values():
+        c._attn_implementation = FP32_SDPA if fp32 else GROUPED_SDPA
     try:
         yield
     finally:
-        for c in configs.values():
-            c._attn_implementation = "sdpa"
+        for c, before in configs.values():
+            c._attn_implementation = before
 
 
 @functools.cache
-def _register_fp32_sdpa() -> bool:
+def _register_sdpa() -> bool:
     try:  # the attention and mask registries of transformers >= 4.53
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:
         return False
-    AttentionInterface.register(FP32_SDPA, _sdpa_fp32)
-    AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)  # without a mask function, transformers passes no mask
+    for name, fn in ((GROUPED_SDPA, _sdpa_grouped), (FP32_SDPA, _sdpa_fp32)):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)  # without a mask function, transformers passes no mask
     return True
 
 
@@ -409,7 +468,7 @@ def generate(model: torch.nn.Module, formatter: Formatter, prompts: Sequence[str
     answers: list[str] = []
     if temperature > 0:
         torch.manual_seed(seed)
-    with bf16_compute(model, autocast):  # once, not for every generated token
+    with compute_context(model, autocast):  # once, not for every generated token
         for start in range(0, len(prompts), batch_size):
             ids, mask = left_pad([formatter.prompt_ids(p) for p in prompts[start : start + batch_size]], pad)
             ids, mask, width = ids.to(device), mask.to(device), ids.shape[1]

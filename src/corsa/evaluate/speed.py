@@ -25,7 +25,7 @@ from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pa
 from corsa.optim import pcgrad, sam
 from corsa.prompts import Formatter
 from corsa.requests import load_benchmark
-from corsa.scoring import autocast_context, bf16_compute, token_logprobs, use_bf16
+from corsa.scoring import autocast_context, compute_context, token_logprobs, use_bf16
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def measure_model(name: str, cfg: SpeedConfig) -> dict[str, Any]:
         "pcgrad": lambda: pcgrad.combine(grads.sft, grads.dpo, corsa_cfg.lam, "paper"),  # type: ignore[arg-type]
         "sam_perturb_restore": lambda: sam.restore(corsa.params, sam.perturb(corsa.params, direction, 0.05)),
     }
-    with bf16_compute(model, cfg.bf16):  # as training and scoring run them (a no-op in fp32)
+    with compute_context(model, cfg.bf16):  # as training and scoring run them
         seconds = {k: _median_time(fn, cfg.steps, sync) for k, fn in parts.items()}
         flops = {k: _flops(parts[k]) for k in ("lora_step", "corsa_step", "forward")}
     model.train(False)

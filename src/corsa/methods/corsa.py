@@ -28,7 +28,7 @@ from corsa.requests import EditRequest
 from corsa.scoring import (
     SharedBatch,
     autocast_context,
-    bf16_compute,
+    compute_context,
     make_shared_batch,
     score_answers,
     sum_by_row,
@@ -292,7 +292,7 @@ class CorsaTrainer:
         return cfg.lr
 
     def train(self, progress: bool = True) -> list[dict[str, float]]:
-        with bf16_compute(self.model, self.cfg.bf16):
+        with compute_context(self.model, self.cfg.bf16):
             return self._train(progress)
 
     def _train(self, progress: bool) -> list[dict[str, float]]:

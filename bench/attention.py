@@ -1,0 +1,84 @@
+"""Measure two exact CPU levers of the shared batch on the real default model, fp32, interleaved in one process.
+
+    python bench/attention.py --data ../shared/benchmarks [--reps 7] [--threads 2] [--out results/attention.json]
+
+Both change only how the same numbers are computed (tests/test_trainer.py compares them with transformers' way):
+  rows      each answer row's copy of its prompt's cached keys and values is gathered with `index_select`
+            (`scoring.select_cache_rows`) instead of the cache's own advanced indexing, whose backward is an
+            accumulating index_put
+  grouped   attention with the query heads that share a key/value head folded into the query axis
+            (`scoring._sdpa_grouped`) instead of transformers repeating the keys and values for every query head
+On one batch of 16 CounterFact val edits it times three ways, "before" (neither), "rows" (the first) and "corsa"
+(both), on a no-grad forward over y+ and y-, a CoRSA optimizer step (two SAM points) and a LoRA-SFT step, each
+step from the same adapter every time. The ways take turns (bench/_setup.py, `interleaved`); medians over --reps
+repetitions after a warm-up of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable, Iterator
+from unittest import mock
+
+import torch
+
+# bench/_setup.py (scripts run as python bench/NAME.py)
+from _setup import interleaved, model_and_edits, step_from_start
+
+from corsa import artifacts, scoring
+from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference
+
+MODES = ("before", "rows", "corsa")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    model, tok, fmt, reqs = model_and_edits(args.data, args.threads)
+    idx = list(range(len(reqs)))
+    cfg = CorsaConfig(rho=0.5, lr=2e-3)
+    model = attach_lora(model, cfg)
+    pairs = build_pairs(fmt, reqs)
+    cache_reference(model, fmt, reqs, pairs)
+    corsa = CorsaTrainer(model, pairs, cfg, tok.pad_token_id)
+    lora = CorsaTrainer(model, pairs, CorsaConfig(lr=2e-3, use_dpo=False, use_sam=False, pcgrad=None),
+                        tok.pad_token_id)
+    batch, _ = corsa._micro_batch(idx)
+
+    def forward() -> None:
+        with torch.no_grad():
+            scoring.token_logprobs(model, batch)
+
+    @contextlib.contextmanager
+    def levers(mode: str) -> Iterator[None]:
+        if mode == "corsa":
+            with scoring.cpu_attention(model):
+                yield
+            return
+        with contextlib.ExitStack() as stack:
+            if mode == "before":
+                stack.enter_context(mock.patch.object(scoring, "select_cache_rows",
+                                                      lambda cache, index: cache.batch_select_indices(index)))
+            yield
+
+    parts: dict[str, Callable[[], object]] = {
+        "forward": forward, "corsa_step": step_from_start(corsa, idx), "lora_step": step_from_start(lora, idx)}
+    seconds = interleaved(parts, MODES, levers, args.reps)
+    ratio = {m: seconds["corsa_step"][m] / seconds["lora_step"][m] for m in MODES}
+    print("| part (16 edits, fp32) | before (s) | + cache rows by index_select (s) | + grouped heads folded: corsa (s) "
+          "| corsa vs before |\n|---|---|---|---|---|")
+    for name, s in seconds.items():
+        print(f"| {name} | {s['before']:.3f} | {s['rows']:.3f} | {s['corsa']:.3f} | {s['corsa'] / s['before']:.2f}x |")
+    print(f"| CoRSA step / LoRA step | {ratio['before']:.2f}x | {ratio['rows']:.2f}x | {ratio['corsa']:.2f}x | |")
+    if args.out:
+        artifacts.write_json(args.out, {"seconds": seconds, "ratio_corsa_over_lora": ratio, "reps": args.reps,
+                                        "threads": args.threads, "versions": artifacts.library_versions()})
+
+
+if __name__ == "__main__":
+    main()
