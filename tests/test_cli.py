@@ -154,3 +154,19 @@ def test_prompt_style_is_chosen_recorded_and_reused(tmp_path, capsys, tiny_dir):
                            "chat")
     assert code == 2 and "chat template" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_a_packaged_model_whose_package_is_missing_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """Before any model is timed: `bench speed` on two models, the first not installed."""
+    from corsa import models
+
+    missing = models.PackagedModel(name="absent-1m", package="corsa-test-absent-model", module="corsa_test_absent",
+                                   gguf_file="x.gguf", install_hint="pip install corsa-test-absent-model")
+    monkeypatch.setitem(models.PACKAGED, "absent-1m", missing)
+    monkeypatch.setattr("corsa.evaluate.speed.measure_model", lambda *a: pytest.fail("timed before checking"))
+    out = tmp_path / "speed"
+    code, _, err = run_cli(capsys, "bench", "speed", "--data", tmp_path, "--models", "absent-1m,smollm2-135m",
+                           "--out", out)
+    assert code == 2 and err.count("\n") == 1
+    assert "needs the package corsa-test-absent-model: pip install corsa-test-absent-model" in err
+    assert not out.exists()

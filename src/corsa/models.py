@@ -87,7 +87,11 @@ def _gguf_path(spec: PackagedModel) -> Path:
 
 
 def _cache_dir(spec: PackagedModel) -> Path:
-    version = importlib.metadata.version(spec.package)
+    try:
+        version = importlib.metadata.version(spec.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise InputError(f"model '{spec.name}' needs the package {spec.package}: {spec.install_hint}",
+                         field="model") from None
     return cache_root() / "models" / f"{spec.name}-{version}-fp32"
 
 

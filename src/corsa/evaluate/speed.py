@@ -142,6 +142,8 @@ def _forward_backward(model: torch.nn.Module, batch: Any, trainer: CorsaTrainer,
 
 def run_speed(cfg: SpeedConfig, out: str | Path, command: str | None = None) -> dict[str, Any]:
     out = Path(out)
+    for name in cfg.models:  # a model that cannot load fails now, not after the others have been timed
+        models.resolve(name)
     results = [measure_model(name, cfg) for name in cfg.models]
     record = {"command": command, "config": dataclasses.asdict(cfg), "results": results,
               "threads": torch.get_num_threads(),
