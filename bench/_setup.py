@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import statistics
 import sys
@@ -67,3 +68,13 @@ def interleaved(parts: dict[str, Callable[[], object]], modes: Sequence[str],
                     times[mode].append(time.perf_counter() - t)
         seconds[name] = {m: statistics.median(v) for m, v in times.items()}
     return seconds
+
+
+def interleaved_args() -> argparse.Namespace:
+    """The options of the scripts that time ways of computing in turns: --data, --reps, --threads, --out."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out")
+    return ap.parse_args()

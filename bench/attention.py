@@ -16,7 +16,6 @@ repetitions after a warm-up of each.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections.abc import Callable, Iterator
 from unittest import mock
@@ -24,7 +23,7 @@ from unittest import mock
 import torch
 
 # bench/_setup.py (scripts run as python bench/NAME.py)
-from _setup import interleaved, model_and_edits, step_from_start
+from _setup import interleaved, interleaved_args, model_and_edits, step_from_start
 
 from corsa import artifacts, scoring
 from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference
@@ -33,12 +32,7 @@ MODES = ("before", "rows", "corsa")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out")
-    args = ap.parse_args()
+    args = interleaved_args()
     model, tok, fmt, reqs = model_and_edits(args.data, args.threads)
     idx = list(range(len(reqs)))
     cfg = CorsaConfig(rho=0.5, lr=2e-3)

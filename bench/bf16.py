@@ -19,14 +19,13 @@ after a warm-up of each.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections.abc import Callable
 
 import torch
 
 # bench/_setup.py (scripts run as python bench/NAME.py)
-from _setup import interleaved, model_and_edits, require_fast_bf16, step_from_start
+from _setup import interleaved, interleaved_args, model_and_edits, require_fast_bf16, step_from_start
 
 from corsa import artifacts, scoring
 from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference
@@ -35,12 +34,7 @@ MODES = ("autocast", "cast once", "corsa")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out")
-    args = ap.parse_args()
+    args = interleaved_args()
     require_fast_bf16("bench/bf16.py")
     model, tok, fmt, reqs = model_and_edits(args.data, args.threads)
     idx = list(range(len(reqs)))
