@@ -17,7 +17,7 @@ repetitions after a warm-up of each.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from unittest import mock
 
 import torch
@@ -48,17 +48,12 @@ def main() -> None:
         with torch.no_grad():
             scoring.token_logprobs(model, batch)
 
-    @contextlib.contextmanager
-    def levers(mode: str) -> Iterator[None]:
-        if mode == "corsa":
-            with scoring.cpu_attention(model):
-                yield
-            return
-        with contextlib.ExitStack() as stack:
-            if mode == "before":
-                stack.enter_context(mock.patch.object(scoring, "select_cache_rows",
-                                                      lambda cache, index: cache.batch_select_indices(index)))
-            yield
+    def levers(mode: str) -> contextlib.AbstractContextManager:
+        if mode == "before":
+            return mock.patch.object(scoring, "select_cache_rows", lambda cache, index: cache.batch_select_indices(index))
+        if mode == "rows":
+            return contextlib.nullcontext()
+        return scoring.cpu_attention(model)
 
     parts: dict[str, Callable[[], object]] = {
         "forward": forward, "corsa_step": step_from_start(corsa, idx), "lora_step": step_from_start(lora, idx)}

@@ -1,11 +1,13 @@
 """Where a CoRSA step's time goes: torch.profiler over one optimizer step on the real default model.
 
-    python bench/profile_step.py bf16|fp32     (from the repository root, benchmarks in ../shared/benchmarks)
+    python bench/profile_step.py bf16|fp32 [--shapes]   (from the repository root, benchmarks in ../shared/benchmarks)
 
 One batch of 16 CounterFact val edits, ρ 0.5, lr 2e-3. Prints the median time of a step on 16 and on 8 edits
 (3 repetitions after a warm-up), then the profiler's table of the 25 operators with the most self CPU time for one
-16-edit step. It calls `CorsaTrainer.step` directly, outside `scoring.compute_context`, so `bf16` profiles plain
-bf16 autocast: the path corsa took before that lever, whose slow attention backward the lever removes.
+16-edit step (with --shapes, the 40 operator-and-input-shape pairs with the most self CPU time). It calls
+`CorsaTrainer.step` directly, outside `scoring.compute_context`, so it profiles transformers' own attention (keys
+and values repeated for every query head) and, with `bf16`, plain bf16 autocast: the paths corsa took before
+those levers.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ def main() -> None:
             trainer.step(idx)
             times.append(time.perf_counter() - t)
         print(f"step on {size} edits: {statistics.median(times):.2f} s")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    shapes = "--shapes" in sys.argv[2:]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as prof:
         trainer.step(list(range(16)))
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(prof.key_averages(group_by_input_shape=shapes).table(sort_by="self_cpu_time_total",
+                                                                row_limit=40 if shapes else 25))
 
 
 if __name__ == "__main__":

@@ -514,7 +514,7 @@ def test_grouped_attention_folds_query_heads_and_matches_transformers_sdpa(tiny_
     for a, b in zip(folded, run(sdpa_attention_forward, mask)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert folded[0].shape == (3, 5, 4, 8)
-    # Without a mask (and for one query token) it is transformers' function.
+    # Without a mask it is transformers' function.
     for a, b in zip(run(scoring._sdpa_grouped, None), run(sdpa_attention_forward, None)):
         assert torch.equal(a, b)
 
