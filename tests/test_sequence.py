@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from corsa.evaluate.sequence import (
     build_stages,
     chain_stages,
     comparisons,
+    load_sequence_results,
     run_by_case,
     score,
 )
@@ -75,31 +77,37 @@ def test_metric_definitions_on_hand_made_answers():
     after_first = {"p1": "new1", "q1": "new1", "p2": "old2", "p3": "new3"}
     final = {"p1": "new1", "q1": "old1", "p2": "old2", "p3": "new3", "p4": "new4", "q4": "nope"}
     m = score([first, later], after_first, final, final)
-    assert m["forgetting"] == 0.5  # p1 and q1 right after update 1 (p3 is revised, p2 was never right); q1 lost
+    # Forgetting is on the edit prompts: p1 right after update 1 and still right (p3 is revised, p2 never right).
+    assert m["forgetting"] == 0.0
+    assert m["forgetting_probes"] == 0.5  # over every probe: p1 and q1 were right; q1 lost
     assert m["activation"] == pytest.approx(1 / 3)  # old gone on p1, q1, p3; back on q1
     assert m["efficacy"] == 0.0 and m["efficacy_prompt"] == 0.5  # paraphrase q4 misses; prompts p3 no, p4 yes
     assert m["revision_old"] == 1.0  # p3 still answers the answer its revision replaced
     assert m["first_efficacy"] == 0.75
     # Per fact: the pooled counts are the table's rates (p1 keeps its prompt, loses its paraphrase).
-    assert m["by_case"]["forgetting"] == {"p1": [1, 2], "p2": [0, 0]}
+    assert m["by_case"]["forgetting"] == {"p1": [0, 1], "p2": [0, 0]}
+    assert m["by_case"]["forgetting_probes"] == {"p1": [1, 2], "p2": [0, 0]}
+    assert m["counts"]["kept_prompts_correct"] == 1 and m["counts"]["kept_probes_correct"] == 2
     assert m["by_case"]["efficacy"] == {"p3": [0, 0], "p4": [0, 1]}
 
 
 def test_comparisons_give_the_forgetting_ratio_and_the_efficacy_difference():
     def record(method, forgotten):
         by_case = {"forgetting": {f"c{i}": [int(i < forgotten), 1] for i in range(10)},
+                   "forgetting_probes": {f"c{i}": [int(i < forgotten + 1), 2] for i in range(10)},
                    "efficacy": {f"e{i}": [int(i < 5), 1] for i in range(10)}}
         return {"method": method, "runs": [{"fraction": 1.0, "by_case": by_case}]}
 
     line = comparisons([record("lora", 8), record("corsa", 4)])
     assert "corsa, fraction 1: forgetting 0.50x lora's (" in line and "10 facts" in line
+    assert "on prompts and paraphrases 0.56x lora's (" in line  # (4 + 1) / 20 against (8 + 1) / 20
     assert "efficacy +0.0 points (+0.0 to +0.0, 10 edits)" in line
     assert comparisons([record("corsa", 4)]) == ""  # nothing to compare against
 
 
 def test_training_seeds_are_compared_seed_by_seed_and_pooled():
     def record(method, seed, forgotten, right):
-        by_case = {"forgetting": {f"c{i}": [int(i < forgotten), 1] for i in range(10)},
+        by_case = {"forgetting": {f"c{i}": [int(i < forgotten), 1] for i in range(10)}, "forgetting_probes": {},
                    "efficacy": {f"e{i}": [int(i < right), 1] for i in range(10)}}
         return {"method": method, "method_config": {"seed": seed}, "runs": [{"fraction": 1.0, "by_case": by_case}]}
 
@@ -133,7 +141,8 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_dir, capsys, kind):
     for r in results:
         assert [run["fraction"] for run in r["runs"]] == ([0.5, 1.0] if kind == "revise" else [1.0])
         for run in r["runs"]:
-            assert {"efficacy", "forgetting", "activation", "first_efficacy", "revision_old"} <= set(run)
+            assert {"efficacy", "forgetting", "forgetting_probes", "activation", "first_efficacy",
+                    "revision_old"} <= set(run)
         assert r["config"]["evaluate_after"] == ("all" if kind == "revise" else "each")
     if kind == "revise":
         assert results[0]["runs"][0]["n_per_stage"] == [3, 2]
@@ -144,6 +153,17 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_dir, capsys, kind):
             stored = run.pop("by_case")
             rebuilt = run_by_case(r, run)
             assert rebuilt == stored  # two stages: the answers after the last update are efficacy's
+    # Records written when `forgetting` pooled prompts and paraphrases are scored again on the edit prompts.
+    corsa_file = out / "corsa" / "results.json"
+    current = json.loads(corsa_file.read_text())
+    old = copy.deepcopy(current)
+    for run in old["runs"]:
+        run["forgetting"] = run.pop("forgetting_probes")
+        run["by_case"]["forgetting"] = run["by_case"].pop("forgetting_probes")
+    corsa_file.write_text(json.dumps(old))
+    upgraded = next(r for r in load_sequence_results(out) if r["method"] == "corsa")
+    assert upgraded["runs"] == current["runs"]
+    corsa_file.write_text(json.dumps(current))
     capsys.readouterr()
     assert main(argv) == 0 and capsys.readouterr().out.count("done earlier, skipped") == 2
     # Rows must stay paired: other facts or other training settings in the same folder are refused, not mixed.
@@ -183,3 +203,14 @@ def test_baselines_run_several_updates_on_the_tiny_model(tmp_path, tiny_dir, mon
     prepend = json.loads((out / "prepend" / "results.json").read_text())["runs"][0]
     # the first update's probes are asked with the same context after the second update, so they cannot change
     assert prepend["forgetting"] in (0.0, None)
+
+
+def test_old_records_without_their_data_keep_the_old_rate_as_forgetting_on_probes(tmp_path):
+    from corsa.evaluate.sequence import rescore_forgetting
+    run = {"fraction": 1.0, "forgetting": 0.4, "answers": {"final": {}},
+           "by_case": {"forgetting": {"c0": [2, 5]}, "efficacy": {"e0": [1, 1]}}}
+    record = {"config": {"kind": "inject", "data": str(tmp_path / "gone"), "methods": ["lora"], "fractions": [1.0]},
+              "answers": {"after_first": {}}, "runs": [run]}
+    rescore_forgetting(record, run)
+    assert run["forgetting"] is None and run["forgetting_probes"] == 0.4
+    assert run["by_case"] == {"forgetting_probes": {"c0": [2, 5]}, "efficacy": {"e0": [1, 1]}}

@@ -8,8 +8,9 @@ target the store holds for it at that moment. From the answers (docs/METRICS.md 
   efficacy     probes of the later stages' edits answered with their new target (the paper's "update efficacy",
                measured on paraphrases), right after their own update (`evaluate_after="each"`) or once after the
                last update (`"all"`); `efficacy_prompt` is the same on the edit prompts alone
-  forgetting   of the probes of first-stage facts that no later stage revised and that were correct right after
-               the first update, the share that are wrong after the last update
+  forgetting   of the first-stage facts that no later stage revised and whose edit prompt was answered right
+               after the first update, the share answered wrongly after the last update (the issue's definition,
+               and `corsa update`'s); `forgetting_probes` is the same over prompts and paraphrases together
   activation   of the probes of first-stage facts whose old answer (the one the first update overwrote) was gone
                right after the first update, the share that give it again after the last update (paper Table 5)
   revision_old of the probes of revised facts, the share still giving the answer the revision replaced
@@ -34,7 +35,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -161,6 +162,12 @@ def _share(hits: list[bool]) -> float | None:
     return sum(hits) / len(hits) if hits else None
 
 
+def _rate(counts: dict[str, list[int]]) -> float | None:
+    """Events over trials, pooled over the facts of a by_case table."""
+    trials = sum(n for _, n in counts.values())
+    return sum(e for e, _ in counts.values()) / trials if trials else None
+
+
 def kept_facts(first: list[EditRequest], later: list[EditRequest]) -> list[EditRequest]:
     """First-update facts that no later update revises: the ones forgetting is measured on."""
     revised = {r.prompt for r in later}
@@ -172,9 +179,7 @@ def score(stages: list[list[EditRequest]], after_first: dict[str, str], at_effic
     """The metrics of the module docstring from three sets of answers: right after the first update, when
     efficacy is measured, and after the last update."""
     first, later = stages[0], [r for s in stages[1:] for r in s]
-    kept = kept_facts(first, later)
-    was_right = [p for r in kept for p in probes(r) if contains(after_first[p], r.target_new)]
-    target = {p: r.target_new for r in kept for p in probes(r)}
+    cases = by_case(kept_facts(first, later), later, after_first, at_efficacy, final)
     gone = [(p, r.target_old) for r in first if r.target_old for p in probes(r)
             if not contains(after_first[p], r.target_old)]
     first_prompts = {r.prompt for r in first}
@@ -186,12 +191,15 @@ def score(stages: list[list[EditRequest]], after_first: dict[str, str], at_effic
         else _share([contains(at_efficacy[r.prompt], r.target_new) for r in later]),
         "efficacy_prompt": _share([contains(at_efficacy[r.prompt], r.target_new) for r in later]),
         "first_efficacy": _share([contains(after_first[p], r.target_new) for r in first for p in probes(r)]),
-        "forgetting": _share([not contains(final[p], target[p]) for p in was_right]),
+        "forgetting": _rate(cases["forgetting"]),
+        "forgetting_probes": _rate(cases["forgetting_probes"]),
         "activation": _share([contains(final[p], old) for p, old in gone]),
         "revision_old": _share([contains(final[p], r.target_old or "") for r in revisions for p in probes(r)]),
-        "counts": {"first": len(first), "later": len(later), "kept_probes_correct": len(was_right),
+        "counts": {"first": len(first), "later": len(later),
+                   "kept_prompts_correct": sum(n for _, n in cases["forgetting"].values()),
+                   "kept_probes_correct": sum(n for _, n in cases["forgetting_probes"].values()),
                    "overwritten_probes": len(gone)},
-        "by_case": by_case(kept, later, after_first, at_efficacy, final),
+        "by_case": cases,
     }
 
 
@@ -199,20 +207,29 @@ def case_key(r: EditRequest) -> str:
     return r.id or r.prompt
 
 
+def forgetting_by_fact(kept: list[EditRequest], after_first: dict[str, str], final: dict[str, str],
+                       asked: Callable[[EditRequest], list[str]]) -> dict[str, list[int]]:
+    """Per kept fact, [forgotten, right after the first update] over the probes `asked` names."""
+    counts = {}
+    for r in kept:
+        right = [p for p in asked(r) if contains(after_first[p], r.target_new)]
+        counts[case_key(r)] = [sum(not contains(final[p], r.target_new) for p in right), len(right)]
+    return counts
+
+
 def by_case(kept: list[EditRequest], later: list[EditRequest], after_first: dict[str, str],
             at_efficacy: dict[str, str], final: dict[str, str]) -> dict[str, dict[str, list[int]]]:
-    """Per fact, [events, probes] of forgetting (kept first-update facts) and of efficacy (later edits), for
-    intervals that resample facts rather than probes (a fact's probes succeed or fail together)."""
-    forgetting = {}
-    for r in kept:
-        right = [p for p in probes(r) if contains(after_first[p], r.target_new)]
-        forgetting[case_key(r)] = [sum(not contains(final[p], r.target_new) for p in right), len(right)]
+    """Per fact, [events, trials] of forgetting on the edit prompt and on every probe (kept first-update facts)
+    and of efficacy (later edits), for intervals that resample facts rather than probes (a fact's probes
+    succeed or fail together)."""
     efficacy = {}
     paraphrased = any(r.paraphrases for r in later)  # as score(): paraphrases when there are any, else prompts
     for r in later:
         asked = list(r.paraphrases) if paraphrased else [r.prompt]
         efficacy[case_key(r)] = [sum(contains(at_efficacy[p], r.target_new) for p in asked), len(asked)]
-    return {"forgetting": forgetting, "efficacy": efficacy}
+    return {"forgetting": forgetting_by_fact(kept, after_first, final, lambda r: [r.prompt]),
+            "forgetting_probes": forgetting_by_fact(kept, after_first, final, probes),
+            "efficacy": efficacy}
 
 
 def fold(model: torch.nn.Module) -> torch.nn.Module:
@@ -309,11 +326,30 @@ def refuse_other_runs(out: Path, header: dict[str, Any]) -> None:
 
 def load_sequence_results(out: str | Path) -> list[dict[str, Any]]:
     found = [json.loads(p.read_text()) for p in Path(out).glob("*/results.json")]
+    for record in found:
+        for run in record["runs"]:
+            if "forgetting_probes" not in run:
+                rescore_forgetting(record, run)
     return sorted(found, key=lambda r: r["date"])
 
 
+def rescore_forgetting(record: dict[str, Any], run: dict[str, Any]) -> None:
+    """Records written before 2026-12-03 held, as `forgetting`, the rate over prompts and paraphrases together:
+    that becomes `forgetting_probes`, and `forgetting` is scored again on the edit prompts from the stored
+    answers (None, with only the old counts kept, when the data to rebuild the stages is not reachable)."""
+    run["forgetting_probes"] = run["forgetting"]
+    counts = run_by_case(record, run)
+    if counts is not None:
+        run["by_case"], run["forgetting"] = counts, _rate(counts["forgetting"])
+        return
+    run["forgetting"] = None
+    if "by_case" in run:
+        run["by_case"]["forgetting_probes"] = run["by_case"].pop("forgetting")
+
+
 def format_sequence_table(results: Sequence[dict[str, Any]]) -> str:
-    keys = ["efficacy", "efficacy_prompt", "first_efficacy", "forgetting", "activation", "revision_old"]
+    keys = ["efficacy", "efficacy_prompt", "first_efficacy", "forgetting", "forgetting_probes", "activation",
+            "revision_old"]
     lines = ["| method | fraction | edits per update | " + " | ".join(keys) + " |", "|---" * (len(keys) + 3) + "|"]
     for r in results:
         for run in r["runs"]:
@@ -330,12 +366,14 @@ def format_sequence_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def run_by_case(record: dict[str, Any], run: dict[str, Any]) -> dict[str, dict[str, list[int]]] | None:
-    """A run's per-fact counts: stored by score(), or for records written before it stored them, recomputed
-    from the stored answers on stages rebuilt from the record's config (None when the data is not reachable).
-    Efficacy then needs two stages, where the model after the last update is the one efficacy is measured on
-    (its answers are then read from the final pass over every probe, generated in other batches)."""
-    if "by_case" in run:
-        return run["by_case"]
+    """A run's per-fact counts: stored by score(), or for records written before they were (or before forgetting
+    was counted on the edit prompts), recomputed from the stored answers on stages rebuilt from the record's
+    config (None when the data is not reachable). Stored efficacy counts are kept; without them efficacy needs
+    two stages, where the model after the last update is the one efficacy is measured on (its answers are then
+    read from the final pass over every probe, generated in other batches)."""
+    stored = run.get("by_case")
+    if stored is not None and "forgetting_probes" in stored:
+        return stored
     try:
         cfg = dict(record["config"])
         cfg.update(methods=tuple(cfg["methods"]), fractions=tuple(cfg["fractions"]))
@@ -346,7 +384,9 @@ def run_by_case(record: dict[str, Any], run: dict[str, Any]) -> dict[str, dict[s
     later = [r for s in used[1:] for r in s]
     final = run["answers"]["final"]
     counts = by_case(kept_facts(used[0], later), later, record["answers"]["after_first"], final, final)
-    if len(used) != 2:
+    if stored is not None and "efficacy" in stored:
+        counts["efficacy"] = stored["efficacy"]
+    elif len(used) != 2:
         counts.pop("efficacy")
     return counts
 
@@ -366,11 +406,12 @@ def paired_counts(ref: dict[str, Any], row: dict[str, Any], run: dict[str, Any]
     return None if a is None or b is None else (a, b)
 
 
-def _forgetting_units(pairs: Sequence[tuple[dict, dict]]) -> list[tuple[int, int, int, int]]:
+def _forgetting_units(pairs: Sequence[tuple[dict, dict]], key: str) -> list[tuple[int, int, int, int]]:
     """One unit per fact, its counts summed over the paired runs (seeds): resampling a fact keeps its seeds."""
-    keys = [k for k in pairs[0][0]["forgetting"] if all(k in a["forgetting"] and k in b["forgetting"]
-                                                         for a, b in pairs)]
-    return [tuple(sum(x) for x in zip(*[(*a["forgetting"][k], *b["forgetting"][k]) for a, b in pairs]))
+    if not all(key in a and key in b for a, b in pairs):
+        return []
+    keys = [k for k in pairs[0][0][key] if all(k in a[key] and k in b[key] for a, b in pairs)]
+    return [tuple(sum(x) for x in zip(*[(*a[key][k], *b[key][k]) for a, b in pairs]))
             for k in keys]  # type: ignore[misc]
 
 
@@ -387,11 +428,12 @@ def _efficacy_units(pairs: Sequence[tuple[dict, dict]]) -> list[tuple[float, flo
 
 def _comparison(pairs: Sequence[tuple[dict, dict]], against: str) -> list[str]:
     parts = []
-    units = _forgetting_units(pairs)
-    ratio = stats.rate_ratio(units) if units else None
-    if ratio is not None:
-        parts.append(f"forgetting {ratio.estimate:.2f}x {against}'s ({ratio.low:.2f} to {ratio.high:.2f}, "
-                     f"{ratio.units} facts)")
+    for key, name in (("forgetting", "forgetting"), ("forgetting_probes", "on prompts and paraphrases")):
+        units = _forgetting_units(pairs, key)
+        ratio = stats.rate_ratio(units) if units else None
+        if ratio is not None:
+            parts.append(f"{name} {ratio.estimate:.2f}x {against}'s ({ratio.low:.2f} to {ratio.high:.2f}, "
+                         f"{ratio.units} facts)")
     d = stats.bootstrap(_efficacy_units(pairs), "efficacy")
     if d is not None:
         parts.append(f"efficacy {100 * d.estimate:+.1f} points ({100 * d.low:+.1f} to {100 * d.high:+.1f}, "
