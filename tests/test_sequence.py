@@ -16,6 +16,7 @@ from corsa.evaluate.sequence import (
     chain_stages,
     comparisons,
     load_sequence_results,
+    rescore_forgetting,
     run_by_case,
     score,
 )
@@ -206,7 +207,6 @@ def test_baselines_run_several_updates_on_the_tiny_model(tmp_path, tiny_dir, mon
 
 
 def test_old_records_without_their_data_keep_the_old_rate_as_forgetting_on_probes(tmp_path):
-    from corsa.evaluate.sequence import rescore_forgetting
     run = {"fraction": 1.0, "forgetting": 0.4, "answers": {"final": {}},
            "by_case": {"forgetting": {"c0": [2, 5]}, "efficacy": {"e0": [1, 1]}}}
     record = {"config": {"kind": "inject", "data": str(tmp_path / "gone"), "methods": ["lora"], "fractions": [1.0]},
