@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="run folder; a rerun skips finished methods")
         p.add_argument("--n", type=int, default=200, help="edits in the seeded subset (MQuAKE: whole cases)")
         p.add_argument("--split", default="edit", help="CounterFact split: edit (report), val (tune), train")
+        p.add_argument("--subset", type=int, help="block k of the --seed shuffle, k = 0, 1, ...: subsets of one seed "
+                                                  "share no case (default: the seed's own draw)")
         p.add_argument("--mmlu-n", default="10", help="MMLU questions per subject, 'all' or 0 to skip")
         p.add_argument("--sample-runs", type=int, default=0, help="also evaluate with sampling at T=0.7, K runs")
         p.add_argument("--max-new-tokens", type=int, default=32)
@@ -327,6 +329,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         if args.train_seeds:
             methods = _with_seeds(methods, args.train_seeds, seed)
         cfg = BenchConfig(bench=args.bench, data=args.data, n=args.n, split=args.split, seed=seed,
+                          subset=args.subset,
                           methods=tuple(methods), model=args.model, prompt_style=args.prompt_style, mmlu_n=mmlu,
                           overrides=_method_overrides(args),
                           eval=EvalConfig(max_new_tokens=args.max_new_tokens, sample_runs=args.sample_runs,

@@ -125,6 +125,7 @@ class BenchConfig:
     n: int = 200
     split: str = "edit"  # CounterFact: tune on val, report on edit (the evaluation cases are never tuned on)
     seed: int = 0
+    subset: int | None = None  # block k of the seed's shuffle: disjoint from every other block
     methods: tuple[str, ...] = ("lora", "corsa")
     model: str | None = None
     prompt_style: PromptStyle = "auto"  # chat template when the model has one, else the paper's Q/A prompt
@@ -133,24 +134,45 @@ class BenchConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # training settings applied to every method
 
 
-def select_cases(requests: list[EditRequest], n: int, seed: int, bench: str) -> list[EditRequest]:
-    """A seeded subset of n edits. MQuAKE cases are kept whole (their multi-hop questions need every rewrite)."""
+def select_cases(requests: list[EditRequest], n: int, seed: int, bench: str, subset: int | None = None
+                 ) -> list[EditRequest]:
+    """A seeded subset of n edits. MQuAKE cases are kept whole (their multi-hop questions need every rewrite).
+
+    With `subset` k the data is shuffled once by `seed` and cut into consecutive blocks of n: block k. Blocks of
+    one seed never share a case, so a result can be checked on a second, disjoint subset (subset None keeps the
+    original draw, so earlier runs' case ids are reproduced).
+    """
     rng = random.Random(seed)
+    if subset is not None and subset < 0:
+        raise InputError("must be >= 0", field="--subset")
     if bench != "mquake":
-        if n >= len(requests):
-            return list(requests)
-        return [requests[i] for i in sorted(rng.sample(range(len(requests)), n))]
+        if subset is None:
+            if n >= len(requests):
+                return list(requests)
+            return [requests[i] for i in sorted(rng.sample(range(len(requests)), n))]
+        order = list(range(len(requests)))
+        rng.shuffle(order)
+        block = order[subset * n : (subset + 1) * n]
+        if len(block) < n:
+            raise InputError(f"the data has {len(requests)} cases, too few for subset {subset} of {n}",
+                             field="--subset")
+        return [requests[i] for i in sorted(block)]
     by_case: dict[Any, list[EditRequest]] = {}
     for r in requests:
         by_case.setdefault(r.meta["case_id"], []).append(r)
     order = list(by_case)
     rng.shuffle(order)
-    picked: list[EditRequest] = []
+    blocks: list[list[EditRequest]] = [[]]
     for case in order:
-        if len(picked) >= n:
-            break
-        picked += by_case[case]
-    return picked
+        if len(blocks[-1]) >= n:
+            if subset is None or len(blocks) > subset:
+                break
+            blocks.append([])
+        blocks[-1] += by_case[case]
+    k = subset or 0
+    if k >= len(blocks) or len(blocks[k]) < n:
+        raise InputError(f"the data has too few cases for subset {k} of {n} edits", field="--subset")
+    return blocks[k]
 
 
 def multihop(model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest],
@@ -205,8 +227,9 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
     out = Path(out)
     methods = [(spec, *parse_method(spec)) for spec in cfg.methods]  # fail on a typo before any work
     requests, skipped = load_benchmark_with_report(cfg.bench, cfg.data, cfg.split)
-    chosen = select_cases(requests, cfg.n, cfg.seed, cfg.bench)
+    chosen = select_cases(requests, cfg.n, cfg.seed, cfg.bench, cfg.subset)
     header = {"bench": cfg.bench, "data": str(cfg.data), "split": cfg.split, "n": len(chosen), "seed": cfg.seed,
+              "subset": cfg.subset,
               "skipped_in_file": skipped, "case_ids": [r.id for r in chosen], "command": command,
               "model": cfg.model or models.DEFAULT_MODEL, "prompt_style": cfg.prompt_style,
               "eval_config": dataclasses.asdict(cfg.eval),
