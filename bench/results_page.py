@@ -221,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "summarize":
             summary = write_summary(args.run_dir, args.out, commit=args.commit, log=args.log)
+            args.out.chmod(0o644)  # a file to commit and share, not the private temp file it was written as
             print(f"wrote {args.out}: {len(summary['rows'])} rows, {summary['n']} cases")
             return 0
         page = args.page.read_text()
@@ -228,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"results_page: {e}", file=sys.stderr)
         return 2
+    mode = args.page.stat().st_mode
     artifacts.write_text(args.page, updated)
+    args.page.chmod(mode)  # the temp file behind the atomic write is private (0600); keep the page's own mode
     print(f"rewrote the generated part of {args.page}")
     return 0
 
