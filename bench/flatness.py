@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from corsa import artifacts
-from corsa.editing import load_edited, set_threads
+from corsa.editing import set_threads
+from corsa.loading import load_edited
 from corsa.evaluate.runner import load_results
 from corsa.methods.corsa import CorsaTrainer, build_pairs
 from corsa.methods.lora import lora_config

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from corsa import artifacts, models
-from corsa.editing import load_edited, set_threads
+from corsa.editing import set_threads
+from corsa.loading import load_edited
 from corsa.evaluate.mmlu import MMLUConfig, evaluate_mmlu
 from corsa.evaluate.runner import load_results
 from corsa.evaluate.stats import mmlu_line

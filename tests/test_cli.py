@@ -59,7 +59,7 @@ def test_existing_out_is_refused_without_overwrite(tmp_path, capsys):
 def test_ablation_flags_do_not_apply_to_lora(tmp_path, capsys):
     code, _, err = run_cli(capsys, "edit", edits_file(tmp_path, {"prompt": "q?", "target_new": "a"}), "--out",
                            tmp_path / "run", "--method", "lora", "--no-sam")
-    assert code == 2 and "do not apply" in err
+    assert code == 2 and "--no-sam does not apply to --method lora" in err
 
 
 def test_stop_share_outside_0_1_and_patience_under_1_are_refused(tmp_path, capsys):
@@ -147,7 +147,7 @@ def test_prompt_style_is_chosen_recorded_and_reused(tmp_path, capsys, tiny_dir):
                                "--prompt-style", style)
         assert code == 0, err
         assert json.loads((out / "edit_manifest.json").read_text())["prompt_style"] == expected
-    from corsa.editing import load_edited
+    from corsa.loading import load_edited
 
     assert load_edited(tmp_path / "run-qa")[1].style == "qa"  # `corsa ask --adapter` asks in the trained form
     code, _, err = run_cli(capsys, "edit", path, "--out", tmp_path / "x", "--model", tiny_dir, "--prompt-style",

@@ -68,9 +68,9 @@ def test_every_baseline_in_one_bench_run(tmp_path, tiny_dir, capsys):
     facts = tmp_path / "f.jsonl"
     facts.write_text('{"prompt": "sky?", "target_new": "green", "target_old": "blue"}\n')
     assert main(["edit", str(facts), "--out", str(tmp_path / "x"), "--model", tiny_dir, "--merge-scale", "0.3"]) == 2
-    assert "apply to --method merge" in capsys.readouterr().err
+    assert "applies to --method merge" in capsys.readouterr().err
     assert main(["edit", str(facts), "--out", str(tmp_path / "x"), "--model", tiny_dir, "--memit-weight", "9"]) == 2
-    assert "apply to --method memit" in capsys.readouterr().err
+    assert "applies to --method memit" in capsys.readouterr().err
     methods = "lora,flearning,merge,merge-ties,prepend,corsa"
     assert main(["bench", "single", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(tmp_path / "b"),
                  "--n", "2", "--methods", methods, "--model", tiny_dir, "--mmlu-n", "0", "--quiet", "--epochs", "1",

@@ -140,10 +140,28 @@ def test_a_second_writer_is_refused(tmp_path, tiny_dir, capsys):
     assert store.Store(root).head == 1
 
 
+# A child process that runs a real update and stops at `point`, told through update's on_stage callback (no hook
+# in the library): it reports the point on stderr and sleeps there until it is killed.
+STOPPING_UPDATE = """
+import sys, time
+import torch
+from corsa import store
+from corsa.requests import read_edits
+root, facts, model, point = sys.argv[1:5]
+torch.set_num_threads(1)
+
+def stop_at(stage):
+    if stage == point:
+        print(f"corsa-store-paused:{stage}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+store.update(root, read_edits(facts), model=model, progress=False, on_stage=stop_at, epochs=1, lr=1e-2)
+"""
+
+
 def _update_killed_at(point, root, facts, tiny_dir):
-    env = {**os.environ, "CORSA_STORE_PAUSE": point, "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, "-m", "corsa.cli", "update", str(root), str(facts), "--model", tiny_dir, "--quiet",
-           "--epochs", "1", "--lr", "1e-2", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-c", STOPPING_UPDATE, str(root), str(facts), tiny_dir, point]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
         for line in proc.stderr:  # wait until the process stands exactly at the point

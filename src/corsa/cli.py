@@ -13,12 +13,11 @@ from corsa.errors import InputError
 
 
 def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Config fields the user set; anything left unset keeps the method's paper default."""
+    """Config fields the user set; anything left unset keeps the method's default (its preset, else the paper's)."""
     out: dict[str, Any] = {}
-    for flag, field in (("epochs", "epochs"), ("seed", "seed"), ("lr", "lr"), ("lam", "lam"), ("rho", "rho"),
-                        ("beta", "beta"), ("batch_size", "batch_size"), ("micro_batch_size", "micro_batch_size"),
-                        ("warmup_steps", "warmup_steps"), ("lr_schedule", "lr_schedule"),
-                        ("stop_share", "learned_share"), ("patience", "patience")):
+    for flag, field in (("epochs", "epochs"), ("seed", "seed"), ("lr", "lr"), ("batch_size", "batch_size"),
+                        ("micro_batch_size", "micro_batch_size"), ("warmup_steps", "warmup_steps"),
+                        ("lr_schedule", "lr_schedule"), ("stop_share", "learned_share"), ("patience", "patience")):
         if getattr(args, flag, None) is not None:
             out[field] = getattr(args, flag)
     if args.bf16:
@@ -27,29 +26,17 @@ def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["stop_when_learned"] = False
     if not hasattr(args, "method"):  # `corsa demo` runs both methods with their defaults
         return out
-    memit_flags = {"stats_data": args.memit_stats, "mom2_update_weight": args.memit_weight}
-    if any(v is not None for v in memit_flags.values()):
-        if args.method != "memit":
-            raise InputError("--memit-stats and --memit-weight apply to --method memit", field="--method")
-        out.update({k: v for k, v in memit_flags.items() if v is not None})
-    merge_flags = {"merge": args.merge, "scale": args.merge_scale, "density": args.merge_density}
-    if any(v is not None for v in merge_flags.values()):
-        if args.method != "merge":
-            raise InputError("--merge, --merge-scale and --merge-density apply to --method merge", field="--method")
-        out.update({k: v for k, v in merge_flags.items() if v is not None})
-    if args.method == "corsa":
-        if args.no_sam:
-            out["use_sam"] = False
-        if args.no_dpo:
-            out["use_dpo"] = False
-            out["pcgrad"] = None  # PCGrad has no second objective to resolve against; recorded in the manifest
-        if args.no_pcgrad:
-            out["pcgrad"] = None
-        elif args.pcgrad and not args.no_dpo:
-            out["pcgrad"] = args.pcgrad
-    elif args.no_sam or args.no_dpo or args.no_pcgrad or args.pcgrad:
-        raise InputError("--no-sam, --no-dpo, --no-pcgrad and --pcgrad switch parts of CoRSA off; "
-                         f"they do not apply to --method {args.method}", field="--method")
+    from corsa.methods.registry import options
+
+    for flag, (option, methods) in options().items():  # in each method's declared order
+        given = getattr(args, option.dest)
+        if given is None or given is False:
+            continue
+        if args.method not in methods:
+            raise InputError(f"{flag} does not apply to --method {args.method}; it applies to --method "
+                             f"{' and '.join(methods)}", field="--method")
+        out[option.field] = given if option.type is not None else option.value
+        out.update(option.also)
     return out
 
 
@@ -81,28 +68,25 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "qa"],
                    help="auto: the chat template when the model has one, else the paper's 'Q: ...\\nA:' prompt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--preset", default="auto", choices=["auto", "paper"],
+                   help="auto (default): the best setting measured for a known model (smollm2-135m: CoRSA ρ 0.5, lr "
+                        "2e-3 and LoRA lr 2e-3 for one update; ρ 0.5, lr 2e-4, --stop-share 0.95 for a store; "
+                        "provenance in each manifest), else the paper's; paper: appendix A.2 exactly. Flags you set "
+                        "override it")
 
 
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="corsa", choices=["corsa", "lora", "flearning", "merge", "memit", "prepend"],
-                   help="corsa (default), lora (the paper's LoRA-SFT baseline), flearning (forget, then learn), "
-                        "merge (R-SFT, then merged back towards the base), memit (locate and edit MLP weights) or "
-                        "prepend (the fact written in front of the question; no training)")
-    p.add_argument("--memit-stats", help="memit: benchmarks folder whose CounterFact train split gives the key "
-                                         "statistics (e.g. ../shared/benchmarks)")
-    p.add_argument("--memit-weight", type=float, help="memit: weight of the key statistics against the edits "
-                                                      "(default: tuned per model, else EasyEdit's 15000)")
-    p.add_argument("--merge", choices=["task_arithmetic", "ties"], help="merge: how to merge (task_arithmetic)")
-    p.add_argument("--merge-scale", type=float, help="merge: weight of the fine-tuning delta (default 0.85)")
-    p.add_argument("--merge-density", type=float, help="merge ties: share of delta entries kept (default 0.2)")
-    p.add_argument("--lambda", dest="lam", type=float,
-                   help="corsa: weight of the DPO term (paper: 1.0); flearning: the forgetting coefficient")
-    p.add_argument("--rho", type=float, help="SAM radius (paper: 0.05)")
-    p.add_argument("--beta", type=float, help="DPO temperature (paper: 0.1)")
-    p.add_argument("--no-sam", action="store_true", help="ablation: plain step instead of SAM")
-    p.add_argument("--no-dpo", action="store_true", help="ablation: SFT only (PCGrad then has nothing to resolve)")
-    p.add_argument("--no-pcgrad", action="store_true", help="ablation: add the SFT and DPO gradients unchanged")
-    p.add_argument("--pcgrad", choices=["paper", "official"], help="PCGrad variant (default: paper, Algorithm 1)")
+    # Choices, help and each method's own flags come from the method registry (corsa/methods/registry.py).
+    from corsa.methods import REGISTRY
+    from corsa.methods.registry import options
+
+    p.add_argument("--method", default="corsa", choices=list(REGISTRY),
+                   help="; ".join(spec.help for spec in REGISTRY.values()))
+    for flag, (option, methods) in options().items():
+        if option.type is None:
+            p.add_argument(flag, dest=option.dest, action="store_true", help=option.help)
+        else:
+            p.add_argument(flag, dest=option.dest, type=option.type, choices=option.choices, help=option.help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,6 +242,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         check_writable(args.out, args.overwrite)
         requests = _requests(args)
         out, result = edit(requests, args.out, method=args.method, model=args.model, overwrite=args.overwrite,
+                           preset=args.preset,
                            progress=not args.quiet, command=command, prompt_style=args.prompt_style,
                            **overrides)
         last = result.curves[-1] if result.curves else {}
@@ -272,7 +257,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         return _store_command(args, command)
     if args.command == "ask":
         from corsa import models
-        from corsa.editing import load_edited
+        from corsa.loading import load_edited
         from corsa.prompts import Formatter
         from corsa.scoring import generate
 
@@ -312,7 +297,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                 evaluate_after=args.eval_after,
                 n_revise=args.n_revise if revise else 0, chains=args.chains if revise else None,
                 fractions=tuple(_number(v, "--fractions") for v in args.fractions.split(",")) if revise else (1.0,),
-                max_new_tokens=args.max_new_tokens, overrides=_method_overrides(args))
+                max_new_tokens=args.max_new_tokens, preset=args.preset, overrides=_method_overrides(args))
             run_sequence(seq, args.out, progress=not args.quiet, command=command)
             return 0
         if args.bench_command == "single":
@@ -331,7 +316,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         cfg = BenchConfig(bench=args.bench, data=args.data, n=args.n, split=args.split, seed=seed,
                           subset=args.subset,
                           methods=tuple(methods), model=args.model, prompt_style=args.prompt_style, mmlu_n=mmlu,
-                          overrides=_method_overrides(args),
+                          preset=args.preset, overrides=_method_overrides(args),
                           eval=EvalConfig(max_new_tokens=args.max_new_tokens, sample_runs=args.sample_runs,
                                           seed=seed, autocast=args.bf16))
         run_bench(cfg, args.out, progress=not args.quiet, command=command)
@@ -377,6 +362,7 @@ def _store_command(args: argparse.Namespace, command: str) -> int:
         overrides = _method_overrides(args)
         requests = _requests(args)
         v = store.update(args.store, requests, method=args.method, model=args.model, prompt_style=args.prompt_style,
+                         preset=args.preset,
                          progress=not args.quiet, command=command, **overrides)
         m = v.metrics
         forgetting = "n/a" if m["forgetting"] is None else f"{m['forgetting']:.0%}"

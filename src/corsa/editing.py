@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from pathlib import Path
@@ -11,10 +10,9 @@ from typing import Any
 
 import torch
 
-from corsa import artifacts, distributed, models
-from corsa.errors import InputError
-from corsa.methods import EditResult, make_editor
-from corsa.methods.prepend import CONTEXT_FILE, PrependFormatter
+from corsa import artifacts, distributed, models, presets
+from corsa.methods import Editor, EditResult, MethodSpec, get, make_editor
+from corsa.methods.base import CONTEXT_FILE
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, check_lengths
 from corsa.scoring import contains, generate
@@ -53,13 +51,17 @@ def set_threads(threads: int | None) -> None:
 
 def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa", model: str | None = None,
          overwrite: bool = False, progress: bool = True, command: str | None = None,
-         prompt_style: PromptStyle = "auto", **overrides: Any) -> tuple[Path, EditResult]:
+         prompt_style: PromptStyle = "auto", preset: str = "auto", **overrides: Any) -> tuple[Path, EditResult]:
     """Train an adapter on `requests` and write it to `out` (PEFT adapter + edit_manifest.json), atomically.
 
-    Under torchrun (several processes) training is split across them; see corsa.distributed."""
+    Settings: the method's defaults, then the model's preset (`preset="auto"`; "paper" for appendix A.2 as
+    written), then `overrides`. Under torchrun (several processes) training is split across them; see
+    corsa.distributed."""
     distributed.setup()
     artifacts.check_writable(out, overwrite)
-    editor = make_editor(method, **overrides)  # a bad config fails here, before the model is loaded
+    chosen = presets.choose(preset, model, "edit")
+    spec = get(method)
+    editor = make_editor(method, **presets.settings(chosen, method, overrides))  # a bad config fails here
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -70,8 +72,7 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
     check_lengths(requests, formatter.prompt_length, models.context_length(base, tok))
 
     t = time.perf_counter()
-    bf16 = bool(getattr(editor.config, "bf16", False))
-    requests = mine_old_answers(base, formatter, requests, autocast=bf16)
+    requests = mine_old_answers(base, formatter, requests, autocast=bool(getattr(editor.config, "bf16", False)))
     timings["mining_s"] = time.perf_counter() - t
 
     result = editor.edit(base, formatter, requests, progress=progress)
@@ -80,63 +81,49 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
     if distributed.is_main():  # under torchrun every process holds the same adapter; one writes it
         t = time.perf_counter()
         with artifacts.atomic_dir(out, overwrite) as tmp:
-            if isinstance(result.formatter, PrependFormatter):  # no weights changed: the facts are the output
-                artifacts.write_json(tmp / CONTEXT_FILE, result.formatter.record())
-            else:
-                result.model.save_pretrained(str(tmp))
+            save_result(spec, result, tmp)
             timings["save_s"] = time.perf_counter() - t
-            manifest = {
-                "format": "corsa-edit/1",
-                "created": artifacts.now(),
-                "command": command,
-                "method": editor.name,
-                "model": {"name": model or models.DEFAULT_MODEL, "path": path},
-                "prompt_style": formatter.style,
-                "seed": editor.config.seed,
-                "processes": distributed.world_size(),
-                "config": dataclasses.asdict(editor.config),
-                **result.info,
-                "edits": [r.to_dict() for r in result.requests],
-                "mined_old_answers": {r.id or str(i): r.target_old for i, r in enumerate(result.requests)
-                                      if r.old_mined},
-                "already_new_before_edit": [r.id or str(i) for i, r in enumerate(result.requests)
-                                            if r.old_mined and contains(r.target_old or "", r.target_new)],
-                "curves": result.curves,
-                "timings": timings,
-                "wall_time_s": time.perf_counter() - t_start,
-                "versions": artifacts.library_versions(),
-            }
-            artifacts.write_json(tmp / artifacts.MANIFEST, manifest)
+            write_manifest(tmp, editor=editor, result=result, preset=chosen, command=command,
+                           model={"name": model or models.DEFAULT_MODEL, "path": path}, style=formatter.style,
+                           timings=timings, wall_time_s=time.perf_counter() - t_start)
     distributed.barrier()
     return Path(out), result
 
 
-def load_edited(run_dir: str | Path, model: str | None = None) -> tuple[torch.nn.Module, Formatter]:
-    """A base model with the adapter of a run folder (or any PEFT adapter folder) loaded, ready to answer."""
-    from peft import PeftModel
+def save_result(spec: MethodSpec, result: EditResult, folder: Path) -> None:
+    """What an edit leaves: the PEFT adapter, or for an in-context method the context it asks with."""
+    if spec.output == "context":
+        assert spec.save_context is not None  # MethodSpec checks it
+        artifacts.write_json(folder / CONTEXT_FILE, spec.save_context(result.formatter))
+    else:
+        result.model.save_pretrained(str(folder))
 
-    run_dir = Path(run_dir)
-    if (run_dir / "store.db").exists():  # a store: its current version
-        from corsa.store import Store
 
-        store = Store(run_dir)
-        try:
-            return store.load()
-        finally:
-            store.close()
-    style = "auto"
-    if (run_dir / artifacts.MANIFEST).exists():
-        manifest = artifacts.read_manifest(run_dir)
-        model = model or manifest["model"]["name"]
-        style = manifest.get("prompt_style", "auto")
-    elif (run_dir / "adapter_config.json").exists():
-        model = model or json.loads((run_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    elif not (run_dir / CONTEXT_FILE).exists():
-        raise InputError(f"{run_dir} holds no adapter (no adapter_config.json)", field="--adapter")
-    base, tok, _ = models.load_model(model)
-    if (run_dir / CONTEXT_FILE).exists():  # an in-context edit: the base model, asked with the facts in front
-        record = json.loads((run_dir / CONTEXT_FILE).read_text())
-        return base, PrependFormatter(tok, style, context=record["context"], template=record["template"])
-    edited = PeftModel.from_pretrained(base, str(run_dir))
-    edited.eval()
-    return edited, Formatter(tok, style)
+def write_manifest(folder: Path, *, editor: Editor, result: EditResult, preset: presets.Preset, command: str | None,
+                   model: dict[str, Any], style: str, timings: dict[str, float], wall_time_s: float,
+                   **extra: Any) -> None:
+    """edit_manifest.json, the one record of how an adapter was made, for `corsa edit` and a store's versions
+    alike (`extra`: what only one of them knows, e.g. a store version's number, parent and metrics)."""
+    requests = result.requests
+    artifacts.write_json(folder / artifacts.MANIFEST, {
+        "format": "corsa-edit/1",
+        "created": artifacts.now(),
+        "command": command,
+        "method": editor.name,
+        "model": model,
+        "prompt_style": style,
+        "seed": editor.config.seed,
+        "processes": distributed.world_size(),
+        "preset": preset.record(),
+        **result.info,
+        "config": dataclasses.asdict(editor.config),
+        **extra,
+        "edits": [r.to_dict() for r in requests],
+        "mined_old_answers": {r.id or str(i): r.target_old for i, r in enumerate(requests) if r.old_mined},
+        "already_new_before_edit": [r.id or str(i) for i, r in enumerate(requests)
+                                    if r.old_mined and contains(r.target_old or "", r.target_new)],
+        "curves": result.curves,
+        "timings": timings,
+        "wall_time_s": wall_time_s,
+        "versions": artifacts.library_versions(),
+    })

@@ -25,17 +25,18 @@ import json
 import os
 import shutil
 import sqlite3
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from corsa import artifacts, models
+from corsa import artifacts, models, presets
+from corsa.editing import mine_old_answers, save_result, write_manifest
 from corsa.errors import InputError
+from corsa.methods import REGISTRY, get, make_editor
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, check_lengths
 from corsa.scoring import contains, generate
@@ -77,14 +78,8 @@ CREATE TABLE IF NOT EXISTS answers (
 );
 """
 
-# Crash tests stop the process at these points (CORSA_STORE_PAUSE=<point>) and kill it there with SIGKILL.
-PAUSE_POINTS = ("locked", "trained", "adapter-written", "committed")
-
-
-def _pause(point: str) -> None:
-    if os.environ.get("CORSA_STORE_PAUSE") == point:
-        print(f"corsa-store-paused:{point}", file=sys.stderr, flush=True)
-        time.sleep(3600)
+# The points an update passes, in order, reported to its `on_stage` callback (progress display, crash tests).
+STAGES = ("locked", "trained", "adapter-written", "committed")
 
 
 @dataclass(frozen=True)
@@ -296,19 +291,24 @@ def plan_update(store: Store, requests: list[EditRequest]) -> tuple[list[EditReq
 
 def update(root: str | Path, requests: list[EditRequest], *, method: str = "corsa", model: str | None = None,
            prompt_style: PromptStyle = "auto", progress: bool = True, command: str | None = None,
-           **overrides: Any) -> Version:
+           preset: str = "auto", on_stage: Callable[[str], None] | None = None, **overrides: Any) -> Version:
     """Continue the store's head adapter on `requests` (creating the store on first use) and record the result
-    as a new version. The DPO reference is the model as it was before this update (base + head adapter)."""
-    from corsa.editing import mine_old_answers
-    from corsa.methods import CONTINUABLE, make_editor
+    as a new version. The DPO reference is the model as it was before this update (base + head adapter).
 
-    if method not in CONTINUABLE:
+    Settings: the method's defaults, then the model's `update` preset (or `preset="paper"`), then `overrides`.
+    `on_stage(name)` is called as the update passes each of STAGES."""
+
+    if not get(method).continues:
+        continuing = [m.name for m in REGISTRY.values() if m.continues]
         raise InputError(f"a store keeps one adapter that every update continues; {method} does not produce "
-                         f"one (use {' or '.join(CONTINUABLE)})", field="--method")
-    editor = make_editor(method, **overrides)  # a bad config fails before anything is loaded or locked
+                         f"one (use {' or '.join(continuing)})", field="--method")
+    stage = on_stage or (lambda name: None)
+    chosen = presets.choose(preset, model, "update")
+    # a bad config fails before anything is loaded or locked
+    editor = make_editor(method, **presets.settings(chosen, method, overrides))
     t_start = time.perf_counter()
     with locked(root, create=True) as store:
-        _pause("locked")
+        stage("locked")
         if not store.initialised:
             store._init(model, prompt_style)
         elif model is not None and model != store.meta("model"):
@@ -328,7 +328,7 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
         before.update(_answer_all(edited, formatter, missing))
 
         result = editor.edit(edited, formatter, requests, progress=progress)
-        _pause("trained")
+        stage("trained")
         held_after = {**held_before, **{r.prompt: r.target_new for r in requests}}
         after = _answer_all(result.model, formatter, list(held_after))
         metrics = update_metrics(requests, held_before, before, after)
@@ -338,15 +338,13 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
         v = int(store.db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions").fetchone()[0])
         rel = f"versions/v{v:04d}"
         with artifacts.atomic_dir(store.root / rel) as tmp:
-            result.model.save_pretrained(str(tmp))
-            artifacts.write_json(tmp / artifacts.MANIFEST, {
-                "format": "corsa-edit/1", "created": artifacts.now(), "command": command, "method": editor.name,
-                "model": {"name": store.meta("model")}, "prompt_style": formatter.style, "store_version": v,
-                "parent_version": parent, "config": dataclasses.asdict(editor.config),
-                "edits": [r.to_dict() for r in requests], "curves": result.curves, "metrics": metrics,
-                "versions": artifacts.library_versions()})
+            save_result(get(method), result, tmp)
+            write_manifest(tmp, editor=editor, result=result, preset=chosen, command=command,
+                           model={"name": store.meta("model")}, style=formatter.style,
+                           timings=metrics["timings"], wall_time_s=time.perf_counter() - t_start,
+                           store_version=v, parent_version=parent, metrics=metrics)
         sha = adapter_sha256(store.root / rel)
-        _pause("adapter-written")
+        stage("adapter-written")
         with store.transaction():
             store.db.execute(
                 "INSERT INTO versions (version, parent, kind, created, method, config, command, adapter, sha256, "
@@ -361,7 +359,7 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
                                  [(parent, p, a) for p, a in before.items()])
             store.db.executemany("INSERT INTO answers VALUES (?, ?, ?)", [(v, p, a) for p, a in after.items()])
             store.db.execute("UPDATE store SET value = ? WHERE key = 'head'", (str(v),))
-        _pause("committed")
+        stage("committed")
         return store.version(v)
 
 

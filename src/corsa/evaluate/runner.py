@@ -21,46 +21,21 @@ from typing import Any
 
 import torch
 
-from corsa import artifacts, models
+from corsa import artifacts, models, presets
 from corsa.editing import edit
 from corsa.errors import InputError
 from corsa.evaluate import plots
 from corsa.evaluate.metrics import HEADLINE, METRICS, EvalConfig, evaluate, with_other_targets
 from corsa.evaluate.stats import SEED_MARK, differences_line, mmlu_line, seeds_line
+from corsa.methods import REGISTRY
+from corsa.methods.registry import variant_names
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark_with_report
 from corsa.scoring import contains, generate
 
-# Named variants: the paper's ablations (Table 9) and the PCGrad variant of the released code.
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "lora": ("lora", {}),
-    "corsa": ("corsa", {}),
-    "corsa-no-sam": ("corsa", {"use_sam": False}),
-    "corsa-no-dpo": ("corsa", {"use_dpo": False, "pcgrad": None}),
-    "corsa-no-pcgrad": ("corsa", {"pcgrad": None}),
-    "corsa-official-pcgrad": ("corsa", {"pcgrad": "official"}),
-    "flearning": ("flearning", {}),
-    "prepend": ("prepend", {}),
-    "merge": ("merge", {}),
-    "merge-ties": ("merge", {"merge": "ties"}),
-    "memit": ("memit", {}),
-}
-ABLATION = ["corsa", "corsa-no-sam", "corsa-no-dpo", "corsa-no-pcgrad", "lora"]
-
-
-# Sweeps: corsa-<name><value> sets one CoRSA hyperparameter (paper Figure 5 sweeps lambda; A.2 tunes rho).
-# flearning-lambda<v> sweeps F-Learning's forgetting coefficient (tuned on CounterFact val).
-SWEEPS = {"corsa-lambda": ("corsa", "lam"), "corsa-rho": ("corsa", "rho"), "corsa-beta": ("corsa", "beta"),
-          "flearning-lambda": ("flearning", "lam"), "merge-scale": ("merge", "scale"),
-          "memit-weight": ("memit", "mom2_update_weight")}
-# memit-layers<a>-<b> edits layers a..b (both included): MEMIT's range was set for 7B models, so it is tuned here.
-MEMIT_LAYERS = "memit-layers"
+ABLATION = ["corsa", "corsa-no-sam", "corsa-no-dpo", "corsa-no-pcgrad", "lora"]  # paper Table 9
 # <spec>+<setting><value>: one more sweep setting of the same method, e.g. corsa-rho0.5+lambda2.
 COMBINE_MARK = "+"
-# What a method's manifest says about how its edit went, copied into the run's record beside the steps (the
-# settings used, e.g. MEMIT's layers, are already in the record's config).
-DIAGNOSTICS = ("bf16_used", "steps_old", "subject_not_found", "target_nll_mean", "targets_converged",
-               "ties_low_rank_relative_error")
 
 
 def split_seed(spec: str) -> tuple[str, int | None]:
@@ -73,10 +48,15 @@ def split_seed(spec: str) -> tuple[str, int | None]:
     return name, int(seed)
 
 
+def sweep_names() -> list[str]:
+    """Every sweep as it is written in --methods, e.g. corsa-rho<value>, memit-layers<first>-<last>."""
+    return [f"{spec.name}-{sweep.key}{sweep.form}" for spec in REGISTRY.values() for sweep in spec.sweeps]
+
+
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """A method name, a named variant, or <sweep><value> (corsa-lambda0.5, flearning-lambda0.3, ...), each
+    """A method name, a named variant, or <method>-<setting><value> (corsa-lambda0.5, memit-layers3-5, ...), each
     optionally followed by more settings of the same method (corsa-rho0.5+lambda2+beta0.2) and by @seed<k> to
-    train it with another seed on the same cases."""
+    train it with another seed on the same cases. Every name comes from the method registry."""
     name, seed = split_seed(spec)
     if seed is not None:
         method, overrides = parse_method(name)
@@ -85,10 +65,10 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     if more:
         # Sweeps set one setting each; combining them is how e.g. λ is tuned at a radius other than the default.
         method, overrides = parse_method(head)
-        settings = [n for n in (*SWEEPS, MEMIT_LAYERS) if n.startswith(f"{method}-")]
+        keys = [sweep.key for sweep in REGISTRY[method].sweeps]
         for part in more:
-            if not any(f"{method}-{part}".startswith(n) for n in settings):
-                known = ", ".join(f"{n[len(method) + 1:]}<value>" for n in settings) or "none"
+            if not any(part.startswith(k) for k in keys):
+                known = ", ".join(f"{s.key}{s.form}" for s in REGISTRY[method].sweeps) or "none"
                 raise InputError(f"'{spec}': '{COMBINE_MARK}{part}' is not a setting of {method} (known: {known})",
                                  field="--methods")
             _, extra = parse_method(f"{method}-{part}")
@@ -96,26 +76,27 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
                 raise InputError(f"'{spec}': '{COMBINE_MARK}{part}' sets {', '.join(extra)} twice", field="--methods")
             overrides = {**overrides, **extra}
         return method, overrides
-    if spec in VARIANTS:
-        return VARIANTS[spec]
-    if spec.startswith(MEMIT_LAYERS):
-        first, dash, last = spec[len(MEMIT_LAYERS):].partition("-")
-        if first.isdigit() and dash and last.isdigit() and int(first) <= int(last):
-            return "memit", {"layers": tuple(range(int(first), int(last) + 1))}
-    for prefix, (method, config_field) in SWEEPS.items():
-        if spec.startswith(prefix):
-            try:
-                return method, {config_field: float(spec[len(prefix):])}
-            except ValueError:
-                break
-    raise InputError(f"unknown method '{spec}' (known: {', '.join(VARIANTS)}, "
-                     f"{', '.join(f'{n}<value>' for n in SWEEPS)}, {MEMIT_LAYERS}<first>-<last>)", field="--methods")
+    named = variant_names()
+    if spec in named:
+        method, overrides = named[spec]
+        return method, dict(overrides)
+    for method in REGISTRY.values():
+        for sweep in method.sweeps:
+            prefix = f"{method.name}-{sweep.key}"
+            if spec.startswith(prefix):
+                try:
+                    return method.name, {sweep.field: sweep.parse(spec[len(prefix):])}
+                except ValueError:
+                    break
+    raise InputError(f"unknown method '{spec}' (known: {', '.join(named)}, "
+                     f"{', '.join(sweep_names())})", field="--methods")
 
 
 def method_overrides(method: str, variant: dict[str, Any], common: dict[str, Any], data: str) -> dict[str, Any]:
-    """The config overrides a benchmark hands a method: the run's, then the variant's; MEMIT also gets the
-    benchmarks folder, whose CounterFact train split feeds its key statistics."""
-    return {**common, **({"stats_data": data} if method == "memit" else {}), **variant}
+    """The config overrides a benchmark hands a method: the run's, then the variant's; a method that reads the
+    benchmarks folder (MEMIT's key statistics) gets it in its `data_field`."""
+    field_name = REGISTRY[method].data_field
+    return {**common, **({field_name: data} if field_name else {}), **variant}
 
 
 @dataclass(frozen=True)
@@ -130,6 +111,7 @@ class BenchConfig:
     model: str | None = None
     prompt_style: PromptStyle = "auto"  # chat template when the model has one, else the paper's Q/A prompt
     mmlu_n: int | None = 10  # questions per subject; None = all 14,042
+    preset: str = "auto"  # the settings `corsa edit` would use on this model (corsa.presets), or "paper"
     eval: EvalConfig = field(default_factory=EvalConfig)
     overrides: dict[str, Any] = field(default_factory=dict)  # training settings applied to every method
 
@@ -226,6 +208,7 @@ def _evaluate_all(model: torch.nn.Module, formatter: Formatter, tokenizer: Any, 
 def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, command: str | None = None) -> Path:
     out = Path(out)
     methods = [(spec, *parse_method(spec)) for spec in cfg.methods]  # fail on a typo before any work
+    preset = presets.choose(cfg.preset, cfg.model, "edit")
     requests, skipped = load_benchmark_with_report(cfg.bench, cfg.data, cfg.split)
     chosen = select_cases(requests, cfg.n, cfg.seed, cfg.bench, cfg.subset)
     header = {"bench": cfg.bench, "data": str(cfg.data), "split": cfg.split, "n": len(chosen), "seed": cfg.seed,
@@ -233,7 +216,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
               "skipped_in_file": skipped, "case_ids": [r.id for r in chosen], "command": command,
               "model": cfg.model or models.DEFAULT_MODEL, "prompt_style": cfg.prompt_style,
               "eval_config": dataclasses.asdict(cfg.eval),
-              "mmlu_n_per_subject": cfg.mmlu_n}
+              "mmlu_n_per_subject": cfg.mmlu_n, "preset": preset.record()}
     out.mkdir(parents=True, exist_ok=True)
     print(f"{cfg.bench}/{cfg.split}: {len(chosen)} edits (seed {cfg.seed}); methods: {', '.join(cfg.methods)}")
 
@@ -260,7 +243,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
         t = time.perf_counter()
         adapter, result = edit(chosen, out / spec / "adapter", method=method, model=cfg.model, overwrite=True,
                                progress=progress, command=command, prompt_style=cfg.prompt_style,
-                               **method_overrides(method, overrides, cfg.overrides, cfg.data))
+                               preset=cfg.preset, **method_overrides(method, overrides, cfg.overrides, cfg.data))
         edit_s = time.perf_counter() - t
         tok = models.load_tokenizer(models.resolve(cfg.model))
         asked = result.formatter or Formatter(tok, cfg.prompt_style)  # in-context methods bring their own
@@ -269,7 +252,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
         record = {**header, "method": spec, "config": manifest["config"], "train": {
             "steps": manifest["steps"], "epochs_run": manifest["epochs_run"], "timings": manifest["timings"],
             "final": manifest["curves"][-1] if manifest["curves"] else {},
-            **{k: manifest[k] for k in DIAGNOSTICS if k in manifest}}, **ev}
+            **{k: manifest[k] for k in REGISTRY[method].diagnostics if k in manifest}}, **ev}
         record["timings"]["edit_s"] = edit_s
         record["wall_time_s"] = time.perf_counter() - t
         artifacts.write_json(res_file, _stamp(record))

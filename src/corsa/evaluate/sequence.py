@@ -42,11 +42,11 @@ from typing import Any, Literal
 
 import torch
 
-from corsa import artifacts, models
+from corsa import artifacts, models, presets
 from corsa.errors import InputError
 from corsa.evaluate import plots, stats
 from corsa.evaluate.runner import commands_line, method_overrides, parse_method, select_cases
-from corsa.methods import CONTINUABLE, make_editor
+from corsa.methods import REGISTRY, make_editor
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark, read_edits
 from corsa.scoring import contains, generate
@@ -68,6 +68,7 @@ class SequenceConfig:
     fractions: tuple[float, ...] = (1.0,)  # share of each later stage's edits used (Figure 3)
     chains: str | None = None  # revise: a JSONL of edit requests with `chain`, instead of chains from CounterFact
     max_new_tokens: int = 32
+    preset: str = "auto"  # the settings `corsa update` would use on this model (corsa.presets), or "paper"
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -241,10 +242,11 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
                  command: str | None = None) -> Path:
     out = Path(out)
     methods = [(spec, *parse_method(spec)) for spec in cfg.methods]
+    preset = presets.choose(cfg.preset, cfg.model, "update")
     stages = build_stages(cfg)
     header = {"bench": cfg.kind, "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "overrides"},
               "overrides": cfg.overrides, "command": command, "model": cfg.model or models.DEFAULT_MODEL,
-              "stages": [[r.id for r in s] for s in stages]}
+              "stages": [[r.id for r in s] for s in stages], "preset": preset.record()}
     refuse_other_runs(out, header)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{cfg.kind}: stages of {', '.join(str(len(s)) for s in stages)} edits; methods {', '.join(cfg.methods)}")
@@ -254,7 +256,8 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
             print(f"{spec}: done earlier, skipped")
             continue
         t0 = time.perf_counter()
-        editor = make_editor(method, **method_overrides(method, overrides, cfg.overrides, cfg.data))
+        editor = make_editor(method, **presets.settings(preset, method, method_overrides(method, overrides,
+                                                                                          cfg.overrides, cfg.data)))
         base, tok, _ = models.load_model(cfg.model)
         formatter = Formatter(tok, cfg.prompt_style)
         everything = [r for s in stages for r in s]
@@ -270,7 +273,7 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
             at_efficacy: dict[str, str] = {}
             steps = [first.info.get("steps")]
             for stage in used[1:]:
-                if method not in CONTINUABLE:
+                if not REGISTRY[method].continues:
                     model = fold(model)
                 result = editor.edit(model, asks, stage, progress=progress)
                 model, asks = result.model, result.formatter or asks

@@ -10,6 +10,9 @@ import torch
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 
+# What an in-context method writes instead of an adapter (MethodSpec.output == "context").
+CONTEXT_FILE = "context.json"
+
 
 @dataclass
 class EditResult:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from corsa import distributed
 from corsa.methods.base import EditResult
+from corsa.methods.registry import MethodSpec, Option, Sweep, register
 from corsa.optim import losses, pcgrad, sam
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
@@ -429,3 +430,29 @@ class CorsaEditor:
                                 "variant": cfg.variant, "config": asdict(cfg), "collapse": trainer.collapse,
                                 "bf16_used": use_bf16(next(model.parameters()).device, cfg.bf16)}
         return EditResult(model=model, requests=requests, curves=curves, info=info)
+
+
+register(MethodSpec(
+    "corsa", CorsaConfig, CorsaEditor,
+    help="CoRSA (default): SFT + DPO on a LoRA adapter with SAM and PCGrad (paper section 3)",
+    options=(
+        Option("--lambda", "lam", "corsa: weight of the DPO term (paper: 1.0); flearning: the forgetting "
+               "coefficient", type=float),
+        Option("--rho", "rho", "SAM radius (paper: 0.05)", type=float),
+        Option("--beta", "beta", "DPO temperature (paper: 0.1)", type=float),
+        Option("--pcgrad", "pcgrad", "PCGrad variant (default: paper, Algorithm 1)", type=str,
+               choices=("paper", "official")),
+        # Applied in this order, so a switch that drops PCGrad wins over --pcgrad.
+        Option("--no-pcgrad", "pcgrad", "ablation: add the SFT and DPO gradients unchanged", value=None),
+        Option("--no-dpo", "use_dpo", "ablation: SFT only (PCGrad then has nothing to resolve)", value=False,
+               also={"pcgrad": None}),
+        Option("--no-sam", "use_sam", "ablation: plain step instead of SAM", value=False),
+    ),
+    # The paper's ablations (Table 9) and the PCGrad variant of the released code.
+    variants={"corsa-no-sam": {"use_sam": False}, "corsa-no-dpo": {"use_dpo": False, "pcgrad": None},
+              "corsa-no-pcgrad": {"pcgrad": None}, "corsa-official-pcgrad": {"pcgrad": "official"}},
+    # Paper Figure 5 sweeps lambda; A.2 tunes rho.
+    sweeps=(Sweep("lambda", "lam"), Sweep("rho", "rho"), Sweep("beta", "beta")),
+    continues=True,
+    diagnostics=("bf16_used",),
+))

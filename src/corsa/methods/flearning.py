@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from corsa.methods.base import EditResult
+from corsa.methods.registry import MethodSpec, Option, Sweep, register
 from corsa.methods.corsa import CorsaConfig, CorsaTrainer, Pair, attach_lora, lora_layers
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
@@ -127,3 +128,13 @@ class FLearningEditor:
                 m.lora_B["default"].weight.copy_(torch.cat([b_new, -cfg.lam * b_old], dim=1))
         combined.eval()
         return combined
+
+
+register(MethodSpec(
+    "flearning", flearning_config, FLearningEditor,
+    help="flearning: forget the old answers, then learn the new ones (Ni et al. 2024)",
+    options=(Option("--lambda", "lam", "corsa: weight of the DPO term (paper: 1.0); flearning: the forgetting "
+                    "coefficient", type=float),),
+    sweeps=(Sweep("lambda", "lam"),),  # tuned on CounterFact val
+    diagnostics=("bf16_used", "steps_old"),
+))

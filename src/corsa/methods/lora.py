@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from corsa.methods.corsa import CorsaConfig, CorsaEditor
+from corsa.methods.registry import MethodSpec, register
 
 
 def lora_config(**overrides: Any) -> CorsaConfig:
@@ -21,3 +22,8 @@ class LoraEditor(CorsaEditor):
 
     def __init__(self, config: CorsaConfig | None = None):
         super().__init__(config or lora_config())
+
+
+register(MethodSpec("lora", lora_config, LoraEditor,
+                    help="lora: the paper's LoRA-SFT baseline (the same adapter, SFT alone)",
+                    continues=True, diagnostics=("bf16_used",)))

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from corsa import artifacts, models
 from corsa.methods.base import EditResult
+from corsa.methods.registry import MethodSpec, Option, Sweep, register
 from corsa.methods.corsa import lora_layers
 from corsa.prompts import QA_TEMPLATE, Formatter
 from corsa.requests import EditRequest, load_benchmark
@@ -387,3 +388,23 @@ class MemitEditor:
         peft_model.eval()
         return peft_model
 
+
+def layer_range(text: str) -> tuple[int, ...]:
+    """'3-5' -> (3, 4, 5): MEMIT's layer range was set for 7B models, so benchmarks tune it (memit-layers3-5)."""
+    first, dash, last = text.partition("-")
+    if not (first.isdigit() and dash and last.isdigit() and int(first) <= int(last)):
+        raise ValueError(f"'{text}' is not a layer range <first>-<last>")
+    return tuple(range(int(first), int(last) + 1))
+
+
+register(MethodSpec(
+    "memit", memit_config, MemitEditor,
+    help="memit: locate and edit MLP weights (Meng et al. 2023)",
+    options=(Option("--memit-stats", "stats_data", "memit: benchmarks folder whose CounterFact train split gives "
+                    "the key statistics (e.g. ../shared/benchmarks)", type=str),
+             Option("--memit-weight", "mom2_update_weight", "memit: weight of the key statistics against the edits "
+                    "(default: tuned per model, else EasyEdit's 15000)", type=float)),
+    sweeps=(Sweep("weight", "mom2_update_weight"), Sweep("layers", "layers", layer_range, "<first>-<last>")),
+    data_field="stats_data",
+    diagnostics=("subject_not_found", "target_nll_mean", "targets_converged"),
+))

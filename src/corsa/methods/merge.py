@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from corsa.methods.base import EditResult
+from corsa.methods.registry import MethodSpec, Option, Sweep, register
 from corsa.methods.corsa import CorsaConfig, CorsaEditor, lora_layers
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
@@ -111,3 +112,17 @@ class MergeEditor:
             a.copy_(new_a.to(a.dtype))
             b.copy_(new_b.to(b.dtype))
         return errors
+
+
+register(MethodSpec(
+    "merge", merge_config, MergeEditor,
+    help="merge: robust SFT, then merged back towards the base (Li et al. 2025)",
+    options=(Option("--merge", "merge", "merge: how to merge (task_arithmetic)", type=str,
+                    choices=("task_arithmetic", "ties")),
+             Option("--merge-scale", "scale", "merge: weight of the fine-tuning delta (default 0.85)", type=float),
+             Option("--merge-density", "density", "merge ties: share of delta entries kept (default 0.2)",
+                    type=float)),
+    variants={"merge-ties": {"merge": "ties"}},
+    sweeps=(Sweep("scale", "scale"),),
+    diagnostics=("bf16_used", "ties_low_rank_relative_error"),
+))

@@ -17,11 +17,9 @@ from typing import Any
 import torch
 
 from corsa.methods.base import EditResult
+from corsa.methods.registry import MethodSpec, register
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
-
-CONTEXT_FILE = "context.json"
-
 
 @dataclass(frozen=True)
 class PrependConfig:
@@ -84,3 +82,16 @@ class PrependEditor:
 def prepend_config(**overrides: Any) -> PrependConfig:
     """Training settings (epochs, lr, ...) do not apply; only `template` and `seed` are read."""
     return PrependConfig(**{k: v for k, v in overrides.items() if k in ("template", "seed")})
+
+
+def save_context(formatter: PrependFormatter) -> dict[str, Any]:
+    return formatter.record()
+
+
+def load_context(tokenizer: Any, style: str, record: dict[str, Any]) -> PrependFormatter:
+    return PrependFormatter(tokenizer, style, context=record["context"], template=record["template"])
+
+
+register(MethodSpec("prepend", prepend_config, PrependEditor,
+                    help="prepend: the fact written in front of the question; no training",
+                    output="context", save_context=save_context, load_context=load_context))

@@ -1,0 +1,88 @@
+"""Settings presets: what `corsa edit` and `corsa update` use on a model unless the user sets something else.
+
+The method configs keep the paper's appendix A.2 values as their defaults (`--preset paper` uses exactly those).
+Those were tuned on 4-8B models; on a model we have measured, the tool defaults to the best setting measured for
+it, per scenario (one update of many facts, or a store updated again and again), with where the setting comes
+from. Precedence, lowest first: the method's own defaults, the preset, the user's flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal
+
+from corsa import models
+from corsa.errors import InputError
+
+Scenario = Literal["edit", "update"]
+JOURNAL = "docs/log/2026-11-24-to-12-03-journal.md"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    settings: Mapping[str, Mapping[str, Any]]  # method -> config overrides; a method not named keeps its defaults
+    source: str  # provenance: the command, split and date the setting was chosen on
+
+    def for_method(self, method: str) -> dict[str, Any]:
+        return dict(self.settings.get(method, {}))
+
+    def record(self) -> dict[str, Any]:
+        """What a manifest or a benchmark record says about the preset."""
+        return {"name": self.name, "settings": {m: dict(s) for m, s in self.settings.items()}, "source": self.source}
+
+
+PAPER = Preset("paper", MappingProxyType({}),
+               "CoRSA paper appendix A.2 (LoRA r 32, alpha 64; lr 2e-4; batch 16; λ 1; β 0.1; ρ 0.05; PCGrad at "
+               "both SAM points), the defaults of the method configs")
+
+# (model, scenario) -> preset. Only settings measured on that model are here; other models get PAPER.
+_BY_MODEL: dict[tuple[str, Scenario], Preset] = {
+    ("smollm2-135m", "edit"): Preset(
+        "smollm2-135m-edit",
+        MappingProxyType({"corsa": {"rho": 0.5, "lr": 2e-3}, "lora": {"lr": 2e-3}}),
+        "chosen on CounterFact `val` (n = 64, seed-0 subset): ρ 0.5 from `corsa bench ablation --rho 0.5,2 "
+        "--split val --n 64` against the paper's 0.05 (2026-11-25), then lr 2e-3 for both methods from `corsa bench single --split val "
+        "--n 64 --methods lora,corsa-rho0.5 --lr 1e-4|2e-4|5e-4|1e-3|2e-3|4e-3` (2026-11-30), where both methods' "
+        f"generality peaks ({JOURNAL}, 'Looking for the generality gap' and 'The learning rate')"),
+    ("smollm2-135m", "update"): Preset(
+        "smollm2-135m-update",
+        MappingProxyType({"corsa": {"rho": 0.5, "lr": 2e-4, "learned_share": 0.95},
+                          "lora": {"lr": 2e-4, "learned_share": 0.95}}),
+        "the one setting that met the forgetting bar in both kinds of update, 2 training seeds at 64 + 64 edits: "
+        "`corsa bench revise|inject --data ../shared/benchmarks --n 64 --n2 64 --methods lora,corsa-rho0.5 "
+        "--stop-share 0.95 --train-seeds 0,1` (2026-12-03). Chosen in view of CounterFact `edit` results, not "
+        f"`val` ({JOURNAL}, 'Both kinds of update at ρ 0.5, lr 2e-4, ...')"),
+}
+PRESETS: Mapping[tuple[str, Scenario], Preset] = MappingProxyType(_BY_MODEL)
+
+
+def model_key(model: str | None) -> str | None:
+    """The packaged model a name refers to ('smollm2' -> 'smollm2-135m'), None for folders and hub ids."""
+    name = (model or models.DEFAULT_MODEL).lower()
+    key = models.ALIASES.get(name, name)
+    return key if key in models.PACKAGED else None
+
+
+def choose(preset: str, model: str | None, scenario: Scenario) -> Preset:
+    """`auto`: the model's measured preset for the scenario, else the paper's; `paper`: the paper's."""
+    if preset == "paper":
+        return PAPER
+    if preset != "auto":
+        raise InputError(f"unknown preset '{preset}' (auto or paper)", field="--preset")
+    return PRESETS.get((model_key(model) or "", scenario), PAPER)
+
+
+def settings(preset: Preset, method: str, user: Mapping[str, Any]) -> dict[str, Any]:
+    """A method's config overrides: the preset's, then the user's on top."""
+    return {**preset.for_method(method), **user}
+
+
+def describe() -> str:
+    """One line per preset, for `--help`."""
+    lines = [f"{model} ({scenario}): " + "; ".join(f"{m} " + ", ".join(f"{k}={v}" for k, v in s.items())
+                                                  for m, s in p.settings.items())
+             for (model, scenario), p in PRESETS.items()]
+    return "; ".join(lines)
