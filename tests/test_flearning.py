@@ -1,5 +1,6 @@
 """F-Learning on the tiny model: the forget step pushes the old answers down, and the result is one standard
-LoRA adapter that reproduces theta - lam * delta_old + delta_new on the unchanged base weights."""
+LoRA adapter that reproduces theta - lam * delta_old + delta_new on the unchanged base weights, with both deltas
+trained again here, apart from the editor."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from corsa.methods import flearning as fl
 from corsa.methods import make_editor
-from corsa.methods.corsa import lora_layers
+from corsa.methods.corsa import CorsaTrainer, Pair, attach_lora, lora_layers
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 from corsa.scoring import score_answers
@@ -36,23 +37,53 @@ def test_forget_step_lowers_the_old_answers(tiny_model, tokenizer, monkeypatch):
     assert all(a < b for a, b in zip(seen["after_forget"], before))
 
 
+def _sft_delta(model, pairs, cfg, pad_id):
+    """Train one F-Learning phase with the trainer's public pieces and return s * B A per LoRA layer."""
+    peft_model = attach_lora(model, cfg)
+    CorsaTrainer(peft_model, pairs, cfg, pad_id).train(False)
+    with torch.no_grad():
+        return {name: m.scaling["default"] * (m.lora_B["default"].weight @ m.lora_A["default"].weight)
+                for name, m in lora_layers(peft_model).items()}
+
+
+def _shifted(model, *terms):
+    """A copy of `model` with sum(coef * delta) added to its weights."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for coef, deltas in terms:
+            for name, d in deltas.items():
+                out.get_submodule(name).weight.add_(d, alpha=coef)
+    return out
+
+
 def test_result_is_one_adapter_equal_to_the_weight_arithmetic(tiny_model, tokenizer):
     fmt = Formatter(tokenizer)
     original = copy.deepcopy(tiny_model)
-    editor = make_editor("flearning", lam=0.5, **FAST)
+    lam = 0.5
+    editor = make_editor("flearning", lam=lam, **FAST)
     result = editor.edit(tiny_model, fmt, list(EDITS), progress=False)
-    cfg = editor.config
-    assert result.model.peft_config["default"].r == 2 * cfg.sft.lora_r
-    # Rebuild theta - lam * delta_old + delta_new by hand from the two halves of the combined adapter.
-    by_hand = copy.deepcopy(original)
-    with torch.no_grad():
-        for name, m in lora_layers(result.model).items():
-            w = by_hand.get_submodule(name).weight
-            w.add_(m.lora_B["default"].weight @ m.lora_A["default"].weight, alpha=m.scaling["default"])
-            assert torch.allclose(m.get_base_layer().weight, original.get_submodule(name).weight, atol=1e-6)
-    ids = torch.tensor([fmt.prompt_ids("capital of fr?") + fmt.answer_ids("rome")])
-    with torch.no_grad():
-        assert torch.allclose(result.model(input_ids=ids).logits, by_hand(input_ids=ids).logits, atol=1e-4)
+    cfg, pad = editor.config.sft, tokenizer.pad_token_id
+    assert result.model.peft_config["default"].r == 2 * cfg.lora_r
+    for name, m in lora_layers(result.model).items():  # a standard adapter on the base weights as they were
+        assert torch.allclose(m.get_base_layer().weight, original.get_submodule(name).weight, atol=1e-6)
+
+    # The two phases again, outside the editor, so the expected weights do not come from its combination code.
+    old_pairs = [Pair(fmt.prompt_ids(r.prompt), fmt.answer_ids(r.target_old), None) for r in EDITS]
+    new_pairs = [Pair(fmt.prompt_ids(r.prompt), fmt.answer_ids(r.target_new), None) for r in EDITS]
+    delta_old = _sft_delta(copy.deepcopy(original), old_pairs, cfg, pad)
+    delta_new = _sft_delta(_shifted(original, (-lam, delta_old)), new_pairs, cfg, pad)
+    expected = _shifted(original, (-lam, delta_old), (1.0, delta_new))
+
+    wrong = [_shifted(original, (1.0, delta_new)), _shifted(original, (lam, delta_old), (1.0, delta_new))]
+    for r in EDITS:
+        ids = torch.tensor([fmt.prompt_ids(r.prompt) + fmt.answer_ids(r.target_new)])
+        with torch.no_grad():
+            edited = result.model(input_ids=ids).logits
+            assert torch.allclose(edited, expected(input_ids=ids).logits, atol=1e-4)
+            # Without the forget term, or with its sign flipped, the logits must be far outside that tolerance,
+            # or this comparison could not catch either mistake.
+            for model in wrong:
+                assert (model(input_ids=ids).logits - edited).abs().max() > 1e-2
     assert result.info["steps_old"] > 0 and result.curves
 
 

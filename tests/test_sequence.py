@@ -182,7 +182,10 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_dir, capsys, kind):
 
 def test_baselines_run_several_updates_on_the_tiny_model(tmp_path, tiny_dir, monkeypatch):
     """F-Learning, MEMIT and merging fold the earlier update into the weights and edit again; prepend keeps
-    telling the earlier facts. Each must learn the second update's edits on top of the first."""
+    telling the earlier facts. The methods that train must have learned every update's edits."""
+    from corsa.evaluate.sequence import probes
+    from corsa.scoring import contains
+
     monkeypatch.setenv("CORSA_CACHE", str(tmp_path / "cache"))
     counterfact(tmp_path, n=8)
     mquake(tmp_path)
@@ -193,17 +196,39 @@ def test_baselines_run_several_updates_on_the_tiny_model(tmp_path, tiny_dir, mon
     (tmp_path / "counterfact" / "easyedit-counterfact-train.json").write_text(json.dumps(train))
     out = tmp_path / "run"
     methods = ["flearning", "memit", "merge", "prepend"]
+    # One epoch at the paper's lr teaches the tiny model nothing; lr 1e-2 learns both edits of an update within
+    # the first epochs, and early stopping ends training there.
     assert main(["bench", "inject", "--data", str(tmp_path), "--out", str(out), "--n", "2", "--n2", "2",
-                 "--model", tiny_dir, "--epochs", "1", "--quiet", "--max-new-tokens", "3",
+                 "--model", tiny_dir, "--epochs", "10", "--lr", "1e-2", "--quiet", "--max-new-tokens", "3",
                  "--methods", ",".join(methods)]) == 0
-    for m in methods:
-        record = json.loads((out / m / "results.json").read_text())
+    stages = build_stages(SequenceConfig("inject", str(tmp_path), n=2, n2=2))
+    records = {m: json.loads((out / m / "results.json").read_text()) for m in methods}
+    for m, record in records.items():
         run = record["runs"][0]
-        assert run["n_per_stage"] == [2, 2] and run["efficacy_prompt"] is not None
-        assert len(run["steps"]) == 2
-    prepend = json.loads((out / "prepend" / "results.json").read_text())["runs"][0]
-    # the first update's probes are asked with the same context after the second update, so they cannot change
-    assert prepend["forgetting"] in (0.0, None)
+        assert record["stages"] == [[r.id for r in s] for s in stages], m
+        assert run["n_per_stage"] == [2, 2] and len(run["steps"]) == 2, m
+        assert run["efficacy_prompt"] is not None, m
+
+    def learned(answers, stage):
+        return sum(contains(answers[r.prompt], r.target_new) for r in stage) / len(stage)
+
+    for m in ("flearning", "merge"):
+        record, run = records[m], records[m]["runs"][0]
+        assert all(run["steps"]), m
+        assert learned(record["answers"]["after_first"], stages[0]) == 1.0, m
+        assert run["efficacy_prompt"] == 1.0, m  # the second update's prompts, asked right after it
+    # A random two-layer model cannot show that MEMIT or prepend learned anything: its attention barely carries
+    # MEMIT's edit of the subject's residual to the answer (MEMIT's own search for that residual stays ~4.8 nats
+    # from the new answers), and nothing in it copies an answer from its context. test_memit shows MEMIT raising
+    # the new answers on a deeper tiny model. Prepend can show that the facts are told: the answers change, and
+    # the first update's facts are still told after the second.
+    prepend = records["prepend"]
+    before, after_first = prepend["answers"]["before"], prepend["answers"]["after_first"]
+    final = prepend["runs"][0]["answers"]["final"]
+    first_probes = [p for r in stages[0] for p in probes(r)]
+    assert any(after_first[p] != before[p] for p in first_probes)
+    assert all(final[p] == after_first[p] for p in first_probes)
+    assert any(final[p] != before[p] for r in stages[1] for p in probes(r))
 
 
 def test_old_records_without_their_data_keep_the_old_rate_as_forgetting_on_probes(tmp_path):
