@@ -28,7 +28,7 @@ import torch
 from _setup import interleaved, interleaved_args, model_and_edits, require_fast_bf16, step_from_start
 
 from corsa import artifacts, scoring
-from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference
+from corsa.methods.corsa import CorsaConfig, CorsaTrainer, build_trainer, pair_batch
 
 MODES = ("autocast", "cast once", "corsa")
 
@@ -39,13 +39,11 @@ def main() -> None:
     model, tok, fmt, reqs = model_and_edits(args.data, args.threads)
     idx = list(range(len(reqs)))
     cfg = CorsaConfig(rho=0.5, lr=2e-3, bf16=True)
-    model = attach_lora(model, cfg)
-    pairs = build_pairs(fmt, reqs)
-    cache_reference(model, fmt, reqs, pairs, autocast=True)
-    corsa = CorsaTrainer(model, pairs, cfg, tok.pad_token_id)
-    lora = CorsaTrainer(model, pairs, CorsaConfig(lr=2e-3, bf16=True, use_dpo=False, use_sam=False, pcgrad=None),
-                        tok.pad_token_id)
-    batch, _ = corsa._micro_batch(idx)
+    corsa = build_trainer(model, fmt, reqs, cfg)
+    model = corsa.model
+    lora = CorsaTrainer(model, corsa.pairs, CorsaConfig(lr=2e-3, bf16=True, use_dpo=False, use_sam=False, pcgrad=None),
+                        fmt.pad_id)
+    batch = pair_batch(corsa.pairs, idx, cfg.use_dpo, fmt.pad_id).batch
 
     def forward() -> None:
         with torch.no_grad(), scoring.autocast_context("cpu", True):

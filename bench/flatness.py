@@ -33,7 +33,7 @@ from corsa import artifacts
 from corsa.editing import set_threads
 from corsa.loading import load_edited
 from corsa.evaluate.runner import load_results
-from corsa.methods.corsa import CorsaTrainer, build_pairs
+from corsa.methods.corsa import build_trainer
 from corsa.methods.lora import lora_config
 from corsa.optim import sam
 from corsa.requests import EditRequest, load_benchmark_with_report
@@ -75,9 +75,8 @@ def measure(model: torch.nn.Module, formatter: Any, requests: list[EditRequest],
         "sft_loss": loss0, "fallback": {}, "random_loss": {}, "sharpness": {},
     }
     # The SFT gradient at the adapter, through the trainer's own batching (one forward + one backward per batch).
-    trainer = CorsaTrainer(model, build_pairs(formatter, requests), lora_config(bf16=bf16),
-                           formatter.tokenizer.pad_token_id)
-    trainer.params = params
+    trainer = build_trainer(model, formatter, requests, lora_config(bf16=bf16))
+    trainer.params = params  # the loaded adapter's weights, which PEFT loads as not trainable
     grad = trainer.gradients(list(range(len(requests)))).total
     assert grad is not None
     gen = torch.Generator().manual_seed(0)

@@ -19,7 +19,7 @@ import time
 from _setup import model_and_edits, require_fast_bf16  # bench/_setup.py (scripts run as python bench/NAME.py)
 from torch.profiler import ProfilerActivity, profile
 
-from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference
+from corsa.methods.corsa import CorsaConfig, build_trainer
 
 
 def main() -> None:
@@ -27,10 +27,8 @@ def main() -> None:
         require_fast_bf16("bench/profile_step.py bf16")
     model, tok, fmt, reqs = model_and_edits("../shared/benchmarks")
     cfg = CorsaConfig(rho=0.5, lr=2e-3, bf16=sys.argv[1] == "bf16")
-    model = attach_lora(model, cfg)
-    pairs = build_pairs(fmt, reqs)
-    cache_reference(model, fmt, reqs, pairs, cfg.bf16)
-    trainer = CorsaTrainer(model, pairs, cfg, tok.pad_token_id)
+    trainer = build_trainer(model, fmt, reqs, cfg)
+    model = trainer.model
     model.train()
     for size in (16, 8):
         idx = list(range(size))

@@ -272,7 +272,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from corsa.demo import run_demo
 
         run_demo(args.out, model=args.model, progress=not args.quiet, prompt_style=args.prompt_style,
-                 **_method_overrides(args))
+                 preset=args.preset, **_method_overrides(args))
         return 0
     if args.command == "bench":
         from corsa.evaluate.metrics import EvalConfig

@@ -41,7 +41,8 @@ def format_table(columns: dict[str, dict[str, Any]]) -> str:
 
 
 def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = ("lora", "corsa"), model: str | None = None,
-             progress: bool = True, prompt_style: PromptStyle = "auto", **overrides: Any) -> dict[str, Any]:
+             progress: bool = True, prompt_style: PromptStyle = "auto", preset: str = "auto",
+             **overrides: Any) -> dict[str, Any]:
     out = Path(out)
     requests = demo_edits()
     print(f"corsa demo: {len(requests)} counterfactual edits, model {model or models.DEFAULT_MODEL}")
@@ -53,7 +54,7 @@ def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = ("lora
         t = time.perf_counter()
         run_dir, result = edit(requests, out / method, method=method, model=model, overwrite=True,
                                progress=progress, command=f"corsa demo ({method})", prompt_style=prompt_style,
-                               **overrides)
+                               preset=preset, **overrides)
         columns[method] = evaluate(result.model, result.formatter or formatter, result.requests,
                                    reference=columns["base"])
         runs[method] = {"adapter": str(run_dir), "wall_time_s": time.perf_counter() - t,

@@ -17,6 +17,15 @@ QA_TEMPLATE = "Q: {question}\nA:"
 PromptStyle = Literal["auto", "chat", "qa"]
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (padding is always masked out, so any
+    real id serves; many causal-LM tokenizers have no pad token)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    return int(pad)
+
+
 @dataclass
 class Formatter:
     tokenizer: Any
@@ -33,6 +42,10 @@ class Formatter:
     @property
     def stop_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        return pad_token_id(self.tokenizer)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         if self.style == "chat":

@@ -255,7 +255,7 @@ def score_answers(model: torch.nn.Module, formatter: Formatter, pairs: Sequence[
             chunk = pairs[start : start + batch_size]
             batch = make_shared_batch([formatter.prompt_ids(p) for p, _ in chunk],
                                       [(k, formatter.answer_ids(a, stop)) for k, (_, a) in enumerate(chunk)],
-                                      formatter.tokenizer.pad_token_id).to(device)
+                                      formatter.pad_id).to(device)
             with autocast_context(device, autocast):
                 logp, top = token_logprobs(model, batch)
             sums, hits = sum_by_row(logp, batch), sum_by_row((top == batch.targets).long(), batch)
@@ -464,7 +464,7 @@ def generate(model: torch.nn.Module, formatter: Formatter, prompts: Sequence[str
     """Answers to prompts: greedy by default; temperature > 0 samples (the released CoRSA code samples at 0.7)."""
     device = next(model.parameters()).device
     tok = formatter.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else formatter.stop_id
+    pad = formatter.pad_id
     answers: list[str] = []
     if temperature > 0:
         torch.manual_seed(seed)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from corsa.errors import InputError
 from corsa.models import context_length
+from corsa.prompts import pad_token_id
 from corsa.scoring import (
     causal_lm,
     common_prefix_length,
@@ -211,7 +212,7 @@ def evaluate_mmlu(model: torch.nn.Module, tokenizer: Any, data: str | Path, conf
     folder = data_folder(data)
     questions = load_mmlu(folder, config.n_per_subject, config.seed)
     letters = letter_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")
     limit = config.max_tokens or context_length(causal_lm(model), tokenizer)

@@ -21,7 +21,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from corsa import artifacts, models
-from corsa.methods.corsa import CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference
+from corsa.methods.corsa import (
+    CorsaConfig,
+    CorsaTrainer,
+    PairBatch,
+    build_trainer,
+    cache_reference,
+    merged_direction,
+    pair_batch,
+)
 from corsa.optim import pcgrad, sam
 from corsa.prompts import Formatter
 from corsa.requests import load_benchmark
@@ -77,12 +85,10 @@ def measure_model(name: str, cfg: SpeedConfig) -> dict[str, Any]:
     requests = load_benchmark("counterfact", cfg.data, "val")[: cfg.batch_size]
     corsa_cfg = CorsaConfig(bf16=cfg.bf16, seed=cfg.seed, batch_size=cfg.batch_size)
     lora_cfg = dataclasses.replace(corsa_cfg, use_dpo=False, use_sam=False, pcgrad=None)
-    model = attach_lora(model, corsa_cfg)
-    pairs = build_pairs(formatter, requests)
+    corsa = build_trainer(model, formatter, requests, corsa_cfg)
+    model, pairs = corsa.model, corsa.pairs
+    lora = CorsaTrainer(model, pairs, lora_cfg, formatter.pad_id)
     idx = list(range(len(pairs)))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    corsa = CorsaTrainer(model, pairs, corsa_cfg, pad)
-    lora = CorsaTrainer(model, pairs, lora_cfg, pad)
     # Steps change the adapter; every repetition must see the same weights, so each timed call restores them.
     start = [p.detach().clone() for p in corsa.params]
 
@@ -94,16 +100,17 @@ def measure_model(name: str, cfg: SpeedConfig) -> dict[str, Any]:
             return fn()
         return call
 
-    batch, _ = corsa._micro_batch(idx)
+    pb = pair_batch(pairs, idx, corsa_cfg.use_dpo, formatter.pad_id)
+    batch = pb.batch
     grads = corsa.gradients(idx)
-    direction, _ = corsa.direction(grads)
+    direction, _ = merged_direction(grads, corsa_cfg)
     parts: dict[str, Callable[[], Any]] = {
         "reference_logprobs": lambda: cache_reference(model, formatter, requests, pairs, cfg.bf16),
         "lora_step": fresh(lambda: lora.step(idx)),
         "corsa_step": fresh(lambda: corsa.step(idx)),
         "forward": lambda: _forward(model, batch, cfg.bf16),
-        "forward_1_backward": lambda: _forward_backward(model, batch, corsa, idx, ("sft",)),
-        "forward_2_backwards": lambda: _forward_backward(model, batch, corsa, idx, ("sft", "dpo")),
+        "forward_1_backward": lambda: _forward_backward(model, pb, corsa, ("sft",)),
+        "forward_2_backwards": lambda: _forward_backward(model, pb, corsa, ("sft", "dpo")),
         "gradients_one_sam_point": lambda: corsa.gradients(idx),
         "pcgrad": lambda: pcgrad.combine(grads.sft, grads.dpo, corsa_cfg.lam, "paper"),  # type: ignore[arg-type]
         "sam_perturb_restore": lambda: sam.restore(corsa.params, sam.perturb(corsa.params, direction, 0.05)),
@@ -129,12 +136,12 @@ def _forward(model: torch.nn.Module, batch: Any, bf16: bool) -> None:
         token_logprobs(model, batch)
 
 
-def _forward_backward(model: torch.nn.Module, batch: Any, trainer: CorsaTrainer, idx: list[int],
-                      which: tuple[str, ...]) -> None:
+def _forward_backward(model: torch.nn.Module, pb: PairBatch, trainer: CorsaTrainer, which: tuple[str, ...]) -> None:
     """One forward and one backward per objective, as a CoRSA gradient point does (SFT alone: a LoRA step's)."""
+    batch = pb.batch
     with autocast_context(trainer.device, trainer.cfg.bf16):
         tok_logp, _ = token_logprobs(model, batch)
-    new = batch.rows < len(idx)
+    new = torch.isin(batch.rows, pb.new_rows)
     losses = {"sft": -tok_logp[new].mean(), "dpo": -tok_logp[~new].mean() if (~new).any() else tok_logp.sum() * 0}
     for k, name in enumerate(which):
         torch.autograd.grad(losses[name], trainer.params, retain_graph=k < len(which) - 1, allow_unused=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -163,8 +164,116 @@ class Grads:
     exact: dict[int, bool] = field(default_factory=dict)  # pair index -> new answer fully argmax
 
 
+def algorithm_1_step(gradients: Callable[[], Grads], params: list[torch.Tensor], opt: torch.optim.Optimizer,
+                     cfg: CorsaConfig) -> tuple[dict[str, float], Grads]:
+    """One iteration of CoRSA, the paper's Algorithm 1 (appendix C.2). `gradients()` evaluates line 3's two
+    gradients on this iteration's minibatch (line 2) at the parameters' current values.
+
+         3  g_SFT <- grad L_SFT(phi; B_new),   g_DPO <- grad L_DPO(phi; B_pairs, theta, beta)
+       4-8  PCGrad at phi: dp <- g_SFT . g_DPO; if dp < 0, project g_SFT off g_DPO, then g_DPO off the
+            projected g_SFT (the same dp); g_PC <- g_1 + lambda g_2
+         9  eps <- rho g_PC / (||g_PC|| + eps0),   phi~ <- phi + eps
+        10  g~_SFT, g~_DPO at phi~
+     11-15  PCGrad at phi~: g~_PC <- g~_1 + lambda g~_2
+        16  phi <- phi - eta g~_PC     (from phi itself; clipped and taken by AdamW, as in the paper's runs)
+
+    Switches give the paper's ablations: use_sam=False skips lines 9-15 (the step uses g_PC), pcgrad=None adds
+    the gradients unchanged, use_dpo=False leaves the one objective of LoRA-SFT. Returns the step's statistics
+    and line 3's gradients (whose `exact` says which edits the batch already reproduces).
+    """
+    g = gradients()  # line 3
+    d, info = merged_direction(g, cfg)  # lines 4-8
+    record = {**g.stats, **info}
+    if cfg.use_sam:
+        saved = sam.perturb(params, d, cfg.rho, cfg.sam_eps)  # line 9
+        g_tilde = gradients()  # line 10
+        d, info_tilde = merged_direction(g_tilde, cfg)  # lines 11-15
+        sam.restore(params, saved)  # back to phi exactly, so line 16 starts from it
+        record.update({f"perturbed_{k}": v for k, v in {**g_tilde.stats, **info_tilde}.items()
+                       if k in ("sft_loss", "dpo_loss", "grad_cos", "conflict")})
+    for p, x in zip(params, d):  # line 16
+        p.grad = x.to(p.dtype)
+    if cfg.max_grad_norm:
+        record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return record, g
+
+
+def merged_direction(g: Grads, cfg: CorsaConfig) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """Algorithm 1 lines 4-8 (and 11-15): the PCGrad-merged direction, or the plain gradient of L."""
+    if g.total is not None:
+        return g.total, {}
+    assert g.sft is not None and g.dpo is not None
+    cos = pcgrad.dot(g.sft, g.dpo) / (pcgrad.dot(g.sft, g.sft).sqrt() * pcgrad.dot(g.dpo, g.dpo).sqrt() + 1e-30)
+    d, conflict = pcgrad.combine(g.sft, g.dpo, cfg.lam, cfg.pcgrad, cfg.pcgrad_eps)
+    return d, {"grad_cos": float(cos), "conflict": float(conflict)}
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """Pairs as the rows of one SharedBatch: every prompt runs once, its y+ and y- after it. Which row holds
+    whose answer is recorded here, so the losses never depend on an order convention."""
+
+    batch: SharedBatch
+    pairs: list[int]  # the pairs in the batch; pairs[k]'s y+ is row new_rows[k]
+    new_rows: torch.Tensor
+    dpo_pairs: list[int]  # the pairs that also have a y- to push down; dpo_pairs[k]'s y- is row old_rows[k]
+    dpo_new_rows: torch.Tensor  # and its y+ row
+    old_rows: torch.Tensor
+
+    def to(self, device: torch.device) -> PairBatch:
+        return PairBatch(self.batch.to(device), self.pairs, self.new_rows.to(device), self.dpo_pairs,
+                         self.dpo_new_rows.to(device), self.old_rows.to(device))
+
+
+def pair_batch(pairs: list[Pair], idx: list[int], use_dpo: bool, pad_id: int) -> PairBatch:
+    """The pairs `idx` as one batch (one forward pass for every y+ and y-)."""
+    dpo = [i for i in idx if use_dpo and pairs[i].old is not None]
+    answers = [(k, pairs[i].new) for k, i in enumerate(idx)]
+    answers += [(idx.index(i), pairs[i].old) for i in dpo]  # type: ignore[misc]
+    batch = make_shared_batch([pairs[i].prompt for i in idx], answers, pad_id)
+    return PairBatch(batch, list(idx), torch.arange(len(idx)), dpo, torch.tensor([idx.index(i) for i in dpo],
+                     dtype=torch.long), torch.arange(len(idx), len(idx) + len(dpo)))
+
+
+@dataclass
+class BatchLosses:
+    """One micro-batch's share of the batch losses (already divided by the whole batch's counts)."""
+
+    sft: torch.Tensor
+    dpo: torch.Tensor | None
+    stats: dict[str, float]
+    exact: dict[int, bool]  # pair -> its new answer is the argmax at every token
+
+
+def batch_losses(model: torch.nn.Module, pb: PairBatch, pairs: list[Pair], cfg: CorsaConfig, n_tokens: int,
+                 n_pairs: int, n_batch: int) -> BatchLosses:
+    """L_SFT and L_DPO (paper eqs. 2-3) of one micro-batch, as its share of the batch means: n_tokens new-answer
+    tokens, n_pairs DPO pairs and n_batch edits in the whole batch, so micro-batches add up to the batch."""
+    batch = pb.batch
+    with autocast_context(batch.targets.device, cfg.bf16):
+        tok_logp, top = token_logprobs(model, batch)
+    seq_logp = sum_by_row(tok_logp, batch)
+    is_new = torch.zeros(batch.n_rows, dtype=torch.bool, device=batch.rows.device)
+    is_new[pb.new_rows] = True
+    sft = losses.sft_loss(tok_logp[is_new[batch.rows]], n_tokens)
+    misses = sum_by_row((top != batch.targets).long(), batch)
+    stats = {"sft_loss": sft.item(), "logp_new": seq_logp[pb.new_rows].sum().item() / n_batch}
+    exact = {i: bool(misses[row] == 0) for i, row in zip(pb.pairs, pb.new_rows.tolist())}
+    if not pb.dpo_pairs:
+        return BatchLosses(sft, None, stats, exact)
+    ref_new = torch.tensor([pairs[i].ref_new for i in pb.dpo_pairs], device=seq_logp.device)
+    ref_old = torch.tensor([pairs[i].ref_old for i in pb.dpo_pairs], device=seq_logp.device)
+    pol_new, pol_old = seq_logp[pb.dpo_new_rows], seq_logp[pb.old_rows]
+    dpo = losses.dpo_loss(pol_new, pol_old, ref_new, ref_old, cfg.beta, n_pairs)
+    stats.update(dpo_loss=dpo.item(), logp_old=pol_old.sum().item() / n_pairs,
+                 dpo_margin=losses.dpo_margin(pol_new, pol_old, ref_new, ref_old).sum().item() / n_pairs)
+    return BatchLosses(sft, dpo, stats, exact)
+
+
 class CorsaTrainer:
-    """Trains the trainable (LoRA) parameters of `model` on `pairs` with Algorithm 1."""
+    """Trains the trainable (LoRA) parameters of `model` on `pairs` with Algorithm 1 (`algorithm_1_step`)."""
 
     def __init__(self, model: torch.nn.Module, pairs: list[Pair], cfg: CorsaConfig, pad_id: int):
         self.model, self.pairs, self.cfg, self.pad_id = model, pairs, cfg, pad_id
@@ -173,72 +282,43 @@ class CorsaTrainer:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.collapse: dict[str, Any] | None = None  # set when the divergence guard stopped training
-
-    # --- gradients --------------------------------------------------------------------------------------
-    def _micro_batch(self, idx: list[int]) -> tuple[SharedBatch, list[int]]:
-        """y+ rows for every pair, then y- rows for the pairs that have one, in one batch (one forward).
-
-        Each prompt is run once and shared by its answers, and the prompts' common prefix (a chat template's
-        system turn) once for the whole batch (SharedBatch).
-        """
-        dpo_idx = [i for i in idx if self.cfg.use_dpo and self.pairs[i].old is not None]
-        answers = [(k, self.pairs[i].new) for k, i in enumerate(idx)]
-        answers += [(idx.index(i), self.pairs[i].old) for i in dpo_idx]  # type: ignore[misc]
-        batch = make_shared_batch([self.pairs[i].prompt for i in idx], answers, self.pad_id)
-        return batch.to(self.device), dpo_idx
+        self.timings: dict[str, float] = {}  # set by build_trainer
 
     def gradients(self, idx: list[int]) -> Grads:
-        """grad L_SFT and grad L_DPO over the batch `idx` (Algorithm 1 lines 3 and 10).
+        """grad L_SFT and grad L_DPO over the batch `idx` (Algorithm 1 lines 3 and 10), or their weighted sum
+        when PCGrad is off.
 
-        Micro-batches contribute their share of the full-batch means, so the result does not depend on the
-        micro-batch size. Both gradients come from one forward pass and two backward passes through it. Under
-        torchrun each process takes a shard of the batch and the sums are all-reduced here, before PCGrad and
-        SAM see them, so any number of processes gives the one-process result.
+        The batch is cut into micro-batches (memory only: each adds its share of the batch means, so the result
+        does not depend on their size), each gives both gradients from one forward and two backward passes, and
+        under torchrun each process takes a shard of the batch and the sums are all-reduced here, before PCGrad
+        and SAM see them, so any number of processes gives the one-process result.
         """
         cfg = self.cfg
         separate = cfg.use_dpo and cfg.pcgrad is not None
+        names = ["sft", "dpo"] if separate else ["total"]
         n_tokens = sum(len(self.pairs[i].new) for i in idx)
         n_pairs = sum(1 for i in idx if cfg.use_dpo and self.pairs[i].old is not None)
         acc: dict[str, list[torch.Tensor]] = {}
         stats = {"sft_loss": 0.0, "dpo_loss": 0.0, "logp_new": 0.0, "logp_old": 0.0, "dpo_margin": 0.0}
         exact: dict[int, bool] = {}
         local = distributed.shard(idx)
-        step = cfg.micro_batch_size or len(idx)
-        for start in range(0, len(local), step):
-            part = local[start : start + step]
-            batch, dpo_idx = self._micro_batch(part)
-            with autocast_context(self.device, cfg.bf16):
-                tok_logp, top = token_logprobs(self.model, batch)
-            hit = top == batch.targets
-            seq_logp = sum_by_row(tok_logp, batch)
-            is_new = batch.rows < len(part)
-            sft = losses.sft_loss(tok_logp[is_new], n_tokens)
-            terms = {"sft": sft}
-            misses = sum_by_row((~hit).long(), batch)
-            exact.update({i: bool(misses[k] == 0) for k, i in enumerate(part)})
-            stats["sft_loss"] += sft.item()
-            stats["logp_new"] += seq_logp[: len(part)].sum().item() / len(idx)
-            if dpo_idx:
-                ref_new = torch.tensor([self.pairs[i].ref_new for i in dpo_idx], device=self.device)
-                ref_old = torch.tensor([self.pairs[i].ref_old for i in dpo_idx], device=self.device)
-                rows_new = torch.tensor([part.index(i) for i in dpo_idx], device=self.device)
-                pol_new, pol_old = seq_logp[rows_new], seq_logp[len(part):]
-                dpo = losses.dpo_loss(pol_new, pol_old, ref_new, ref_old, cfg.beta, n_pairs)
-                terms["dpo"] = dpo
-                stats["dpo_loss"] += dpo.item()
-                stats["logp_old"] += pol_old.sum().item() / n_pairs
-                stats["dpo_margin"] += losses.dpo_margin(pol_new, pol_old, ref_new, ref_old).sum().item() / n_pairs
+        size = cfg.micro_batch_size or len(idx)
+        for start in range(0, len(local), size):
+            pb = pair_batch(self.pairs, local[start : start + size], cfg.use_dpo, self.pad_id).to(self.device)
+            part = batch_losses(self.model, pb, self.pairs, cfg, n_tokens, n_pairs, len(idx))
+            for k, v in part.stats.items():
+                stats[k] += v
+            exact.update(part.exact)
             if separate:
-                wanted = {"sft": terms["sft"], "dpo": terms.get("dpo")}
+                wanted = {"sft": part.sft, "dpo": part.dpo}
             else:
-                wanted = {"total": terms["sft"] + cfg.lam * terms["dpo"] if "dpo" in terms else terms["sft"]}
-            names = [k for k, v in wanted.items() if v is not None]
-            for n, name in enumerate(names):
-                g = torch.autograd.grad(wanted[name], self.params, retain_graph=n < len(names) - 1,
+                wanted = {"total": part.sft if part.dpo is None else part.sft + cfg.lam * part.dpo}
+            present = [k for k, v in wanted.items() if v is not None]
+            for n, name in enumerate(present):
+                g = torch.autograd.grad(wanted[name], self.params, retain_graph=n < len(present) - 1,
                                         allow_unused=True)
                 g = [torch.zeros_like(p) if x is None else x for p, x in zip(self.params, g)]
                 acc[name] = g if name not in acc else pcgrad.add(acc[name], g)
-        names = ["sft", "dpo"] if separate else ["total"]
         for name in names:  # every process reduces the same list, even when its shard had nothing for one of them
             if name not in acc:
                 acc[name] = [torch.zeros_like(p) for p in self.params]
@@ -250,34 +330,10 @@ class CorsaTrainer:
             return Grads(grads["sft"], grads["dpo"], None, stats, exact)
         return Grads(None, None, grads["total"], stats, exact)
 
-    def direction(self, g: Grads) -> tuple[list[torch.Tensor], dict[str, float]]:
-        """Algorithm 1 lines 4-8 (and 11-15): the PCGrad-merged direction, or the plain gradient of L."""
-        if g.total is not None:
-            return g.total, {}
-        assert g.sft is not None and g.dpo is not None
-        cos = pcgrad.dot(g.sft, g.dpo) / (pcgrad.dot(g.sft, g.sft).sqrt() * pcgrad.dot(g.dpo, g.dpo).sqrt() + 1e-30)
-        d, conflict = pcgrad.combine(g.sft, g.dpo, self.cfg.lam, self.cfg.pcgrad, self.cfg.pcgrad_eps)
-        return d, {"grad_cos": float(cos), "conflict": float(conflict)}
-
-    # --- Algorithm 1 --------------------------------------------------------------------------------------
     def step(self, idx: list[int]) -> dict[str, float]:
+        """One optimizer step on the batch `idx`."""
         cfg = self.cfg
-        g = self.gradients(idx)  # line 3
-        d, info = self.direction(g)  # lines 4-8
-        record = {**g.stats, **info}
-        if cfg.use_sam:
-            saved = sam.perturb(self.params, d, cfg.rho, cfg.sam_eps)  # line 9
-            g_tilde = self.gradients(idx)  # line 10
-            d, info_tilde = self.direction(g_tilde)  # lines 11-15
-            sam.restore(self.params, saved)  # back to phi before the update, exactly
-            record.update({f"perturbed_{k}": v for k, v in {**g_tilde.stats, **info_tilde}.items()
-                           if k in ("sft_loss", "dpo_loss", "grad_cos", "conflict")})
-        for p, x in zip(self.params, d):  # line 16, through AdamW as in the paper's experiments
-            p.grad = x.to(p.dtype)
-        if cfg.max_grad_norm:
-            record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        record, g = algorithm_1_step(lambda: self.gradients(idx), self.params, self.opt, cfg)
         record["loss"] = record["sft_loss"] + cfg.lam * record["dpo_loss"]
         record["margin"] = record["logp_new"] - record["logp_old"] if cfg.use_dpo else 0.0
         self.last_exact = g.exact
@@ -400,6 +456,24 @@ def cache_reference(model: torch.nn.Module, formatter: Formatter, requests: list
         pairs[i].ref_old = s.logprob
 
 
+def build_trainer(model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest],
+                  cfg: CorsaConfig) -> CorsaTrainer:
+    """Everything before the first step, in one place: a fresh LoRA adapter (or the one `model` already carries,
+    which a later update continues), the edits as token pairs, the DPO reference log-probs from the model as it
+    is now, and the trainer. `trainer.model` is the model being trained."""
+    t = time.perf_counter()
+    if not hasattr(model, "peft_config"):
+        model = attach_lora(model, cfg)
+    pairs = build_pairs(formatter, requests)
+    setup_s = time.perf_counter() - t
+    t = time.perf_counter()
+    if cfg.use_dpo:
+        cache_reference(model, formatter, requests, pairs, cfg.bf16)
+    trainer = CorsaTrainer(model, pairs, cfg, formatter.pad_id)
+    trainer.timings = {"setup_s": setup_s, "reference_s": time.perf_counter() - t}
+    return trainer
+
+
 class CorsaEditor:
     """Editor protocol implementation: attach (or continue) a LoRA adapter and train it with CoRSA."""
 
@@ -411,25 +485,15 @@ class CorsaEditor:
     def edit(self, model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest], *,
              progress: bool = True) -> EditResult:
         cfg = self.config
-        timings: dict[str, float] = {}
+        trainer = build_trainer(model, formatter, requests, cfg)
         t = time.perf_counter()
-        if not hasattr(model, "peft_config"):
-            model = attach_lora(model, cfg)
-        pairs = build_pairs(formatter, requests)
-        timings["setup_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if cfg.use_dpo:
-            cache_reference(model, formatter, requests, pairs, cfg.bf16)
-        timings["reference_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        trainer = CorsaTrainer(model, pairs, cfg, formatter.tokenizer.pad_token_id)
         curves = trainer.train(progress)
-        timings["train_s"] = time.perf_counter() - t
+        timings = {**trainer.timings, "train_s": time.perf_counter() - t}
         info: dict[str, Any] = {"timings": timings, "steps": len(curves),
                                 "epochs_run": (curves[-1]["epoch"] + 1) if curves else 0,
                                 "variant": cfg.variant, "config": asdict(cfg), "collapse": trainer.collapse,
-                                "bf16_used": use_bf16(next(model.parameters()).device, cfg.bf16)}
-        return EditResult(model=model, requests=requests, curves=curves, info=info)
+                                "bf16_used": use_bf16(trainer.device, cfg.bf16)}
+        return EditResult(model=trainer.model, requests=requests, curves=curves, info=info)
 
 
 register(MethodSpec(

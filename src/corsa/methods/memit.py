@@ -39,7 +39,7 @@ from corsa import artifacts, models
 from corsa.methods.base import EditResult
 from corsa.methods.registry import MethodSpec, Option, Sweep, register
 from corsa.methods.corsa import lora_layers
-from corsa.prompts import QA_TEMPLATE, Formatter
+from corsa.prompts import QA_TEMPLATE, Formatter, pad_token_id
 from corsa.requests import EditRequest, load_benchmark
 from corsa.scoring import causal_lm, left_pad, output_logits
 
@@ -179,7 +179,7 @@ def second_moments(model: torch.nn.Module, tokenizer: Any, layers: tuple[int, ..
     sums = {layer: torch.zeros(blocks[layer].mlp.down_proj.in_features, blocks[layer].mlp.down_proj.in_features,
                                dtype=torch.float64, device=device) for layer in layers}
     count = 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     for start in range(0, len(texts), cfg.batch_size):
         ids, mask = left_pad([tokenizer(t)["input_ids"] for t in texts[start : start + cfg.batch_size]], pad)
         ids, mask = ids.to(device), mask.to(device)
@@ -274,7 +274,7 @@ class MemitEditor:
         cfg = self.config
         lm, layer = causal_lm(model), decoder_layers(model)[last]
         device = next(model.parameters()).device
-        pad = formatter.tokenizer.pad_token_id if formatter.tokenizer.pad_token_id is not None else formatter.stop_id
+        pad = formatter.pad_id
         answers = [formatter.answer_ids(r.target_new) for r in requests]
         seqs = [p + a for p, a in zip(prompts, answers)]
         kl_seqs = [formatter.tokenizer(f"{r.subject or r.prompt} is a")["input_ids"] for r in requests]
@@ -342,7 +342,7 @@ class MemitEditor:
         the base weights as they were."""
         cfg = self.config
         blocks = decoder_layers(model)
-        pad = formatter.tokenizer.pad_token_id if formatter.tokenizer.pad_token_id is not None else formatter.stop_id
+        pad = formatter.pad_id
         rows = torch.arange(len(prompts), device=zs.device)
         at = torch.tensor(positions, device=zs.device)
         originals = {layer: blocks[layer].mlp.down_proj.weight.detach().clone() for layer in layers}
