@@ -76,7 +76,7 @@ class FLearningEditor:
 
     def _train(self, model: torch.nn.Module, formatter: Formatter, pairs: list[Pair],
                progress: bool) -> list[dict[str, float]]:
-        trainer = CorsaTrainer(model, pairs, self.config.sft, formatter.tokenizer.pad_token_id)
+        trainer = CorsaTrainer(model, pairs, self.config.sft, formatter.pad_id)
         return trainer.train(progress)
 
     def edit(self, model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest], *,
