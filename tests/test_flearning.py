@@ -25,14 +25,14 @@ def test_forget_step_lowers_the_old_answers(tiny_model, tokenizer, monkeypatch):
     old = [(r.prompt, r.target_old) for r in EDITS]
     before = [s.logprob for s in score_answers(tiny_model, fmt, old)]
     seen = {}
-    real_shift = fl._shift_base
+    real_shift = fl.shift_base
 
     def spy(plain, deltas, scale):
         real_shift(plain, deltas, scale)
         if scale < 0:  # right after the forget step, before learning the new answers
             seen["after_forget"] = [s.logprob for s in score_answers(plain, fmt, old)]
 
-    monkeypatch.setattr(fl, "_shift_base", spy)
+    monkeypatch.setattr(fl, "shift_base", spy)
     make_editor("flearning", lam=1.0, **FAST).edit(tiny_model, fmt, list(EDITS), progress=False)
     assert all(a < b for a, b in zip(seen["after_forget"], before))
 
@@ -115,4 +115,4 @@ def test_cli_edit_and_bench_with_flearning(tmp_path, tiny_dir, capsys):
     capsys.readouterr()
     assert main(["edit", str(facts), "--out", str(tmp_path / "x"), "--model", tiny_dir, "--method", "flearning",
                  "--no-sam"]) == 2
-    assert "do not apply to --method flearning" in capsys.readouterr().err
+    assert "--no-sam does not apply to --method flearning" in capsys.readouterr().err

@@ -25,7 +25,7 @@ import torch
 
 from corsa.methods.base import EditResult
 from corsa.methods.registry import MethodSpec, Option, Sweep, register
-from corsa.methods.corsa import CorsaConfig, CorsaTrainer, Pair, attach_lora, lora_layers
+from corsa.methods.corsa import CorsaConfig, attach_lora, build_trainer, lora_layers
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 
@@ -53,13 +53,13 @@ Deltas = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module path -> (
 
 
 @torch.no_grad()
-def _deltas(model: torch.nn.Module) -> Deltas:
+def lora_deltas(model: torch.nn.Module) -> Deltas:
     return {name: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone(),
                    float(m.scaling["default"])) for name, m in lora_layers(model).items()}
 
 
 @torch.no_grad()
-def _shift_base(plain: torch.nn.Module, deltas: Deltas, scale: float) -> None:
+def shift_base(plain: torch.nn.Module, deltas: Deltas, scale: float) -> None:
     """weight += scale * s * B A in a model without LoRA layers."""
     for name, (a, b, s) in deltas.items():
         w = plain.get_submodule(name).weight
@@ -74,11 +74,6 @@ class FLearningEditor:
     def __init__(self, config: FLearningConfig | None = None):
         self.config = config or FLearningConfig()
 
-    def _train(self, model: torch.nn.Module, formatter: Formatter, pairs: list[Pair],
-               progress: bool) -> list[dict[str, float]]:
-        trainer = CorsaTrainer(model, pairs, self.config.sft, formatter.pad_id)
-        return trainer.train(progress)
-
     def edit(self, model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest], *,
              progress: bool = True) -> EditResult:
         cfg = self.config
@@ -89,22 +84,21 @@ class FLearningEditor:
             raise ValueError(f"F-Learning needs the old answer of every edit ({missing[0].prompt!r} has none)")
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        # Both phases are SFT (no y-): phase 1 on the old answers, phase 2 on the new ones.
-        old_pairs = [Pair(formatter.prompt_ids(r.prompt), formatter.answer_ids(r.target_old or ""), None)
-                     for r in requests]
-        new_pairs = [Pair(formatter.prompt_ids(r.prompt), formatter.answer_ids(r.target_new), None) for r in requests]
-
-        peft_model = attach_lora(model, cfg.sft)
-        old_curves = self._train(peft_model, formatter, old_pairs, progress)
-        old = _deltas(peft_model)
+        # Both phases are LoRA-SFT (no y-): phase 1 on the old answers, phase 2 on the new ones.
+        trainer = build_trainer(model, formatter, [EditRequest(r.prompt, r.target_old or "") for r in requests],
+                                cfg.sft)
+        old_curves = trainer.train(progress)
+        peft_model = trainer.model
+        old = lora_deltas(peft_model)
         timings["learn_old_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         base = peft_model.unload()  # the plain model again, base weights untouched so far
-        _shift_base(base, old, -cfg.lam)  # forget: theta' = theta - lam * delta_old
-        peft_model = attach_lora(base, cfg.sft)
-        new_curves = self._train(peft_model, formatter, new_pairs, progress)
-        new = _deltas(peft_model)
+        shift_base(base, old, -cfg.lam)  # forget: theta' = theta - lam * delta_old
+        trainer = build_trainer(base, formatter, [EditRequest(r.prompt, r.target_new) for r in requests], cfg.sft)
+        new_curves = trainer.train(progress)
+        peft_model = trainer.model
+        new = lora_deltas(peft_model)
         timings["forget_and_learn_s"] = time.perf_counter() - t
 
         combined = self._as_one_adapter(peft_model, old, new)
@@ -117,7 +111,7 @@ class FLearningEditor:
         """theta - lam * delta_old + delta_new as one rank-2r LoRA on the original base weights."""
         cfg = self.config
         base = peft_model.unload()
-        _shift_base(base, old, +cfg.lam)  # the original base weights back (to float rounding; a saved adapter is
+        shift_base(base, old, +cfg.lam)  # the original base weights back (to float rounding; a saved adapter is
         # applied to the base weights as loaded, so this only matters for evaluating this process's model)
         wide = dataclasses.replace(cfg.sft, lora_r=2 * cfg.sft.lora_r, lora_alpha=2 * cfg.sft.lora_alpha)
         combined = attach_lora(base, wide)
