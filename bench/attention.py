@@ -7,10 +7,10 @@ Both change only how the same numbers are computed (tests/test_trainer.py compar
             (`scoring.select_cache_rows`) instead of the cache's own advanced indexing, whose backward is an
             accumulating index_put
   grouped   attention with the query heads that share a key/value head folded into the query axis
-            (`scoring._sdpa_grouped`) instead of transformers repeating the keys and values for every query head
+            (`scoring.sdpa_grouped`) instead of transformers repeating the keys and values for every query head
 On one batch of 16 CounterFact val edits it times three ways, "before" (neither), "rows" (the first) and "corsa"
 (both), on a no-grad forward over y+ and y-, a CoRSA optimizer step (two SAM points) and a LoRA-SFT step, each
-step from the same adapter every time. The ways take turns (bench/_setup.py, `interleaved`); medians over --reps
+step from the same adapter every time. The ways take turns (bench/common.py, `interleaved`); medians over --reps
 repetitions after a warm-up of each.
 """
 
@@ -22,8 +22,8 @@ from unittest import mock
 
 import torch
 
-# bench/_setup.py (scripts run as python bench/NAME.py)
-from _setup import interleaved, interleaved_args, model_and_edits, step_from_start
+# bench/common.py (scripts run as python bench/NAME.py)
+from common import interleaved, interleaved_args, model_and_edits, step_from_start
 
 from corsa import artifacts, scoring
 from corsa.methods.corsa import CorsaConfig, CorsaTrainer, build_trainer, pair_batch

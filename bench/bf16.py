@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-# bench/_setup.py (scripts run as python bench/NAME.py)
-from _setup import interleaved, interleaved_args, model_and_edits, require_fast_bf16, step_from_start
+# bench/common.py (scripts run as python bench/NAME.py)
+from common import interleaved, interleaved_args, model_and_edits, require_fast_bf16, step_from_start
 
 from corsa import artifacts, scoring
 from corsa.methods.corsa import CorsaConfig, CorsaTrainer, build_trainer, pair_batch

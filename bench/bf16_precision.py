@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from _setup import model_and_edits, require_fast_bf16  # bench/_setup.py (scripts run as python bench/NAME.py)
+from common import model_and_edits, require_fast_bf16  # bench/common.py (scripts run as python bench/NAME.py)
 
 from corsa import scoring
 

@@ -33,7 +33,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from _setup import model_and_edits  # bench/_setup.py: scripts run as `python bench/NAME.py`
+from common import model_and_edits  # bench/common.py: scripts run as `python bench/NAME.py`
 
 from corsa import artifacts, scoring
 from corsa.methods.corsa import CorsaConfig, attach_lora

@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 
-from _setup import model_and_edits, require_fast_bf16  # bench/_setup.py (scripts run as python bench/NAME.py)
+from common import model_and_edits, require_fast_bf16  # bench/common.py (scripts run as python bench/NAME.py)
 from torch.profiler import ProfilerActivity, profile
 
 from corsa.methods.corsa import CorsaConfig, build_trainer

@@ -475,7 +475,7 @@ def test_fp32_attention_builds_the_same_masks_and_computes_attention_in_fp32(tin
     mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
     layer = tiny_model.model.layers[0].self_attn
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, _ = scoring._sdpa_fp32(layer, q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, scaling=0.35)
+        out, _ = scoring.sdpa_fp32(layer, q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, scaling=0.35)
     ref, _ = sdpa_attention_forward(layer, q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), mask,
                                     scaling=0.35)
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16())
@@ -509,13 +509,13 @@ def test_grouped_attention_folds_query_heads_and_matches_transformers_sdpa(tiny_
         return real_sdpa(query, key, *args, **kwargs)
 
     with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", spy):
-        folded = run(scoring._sdpa_grouped, mask)
+        folded = run(scoring.sdpa_grouped, mask)
     assert seen == [(2, 2)]  # two folded query "heads" of 2 x 5 rows against the two key/value heads
     for a, b in zip(folded, run(sdpa_attention_forward, mask)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert folded[0].shape == (3, 5, 4, 8)
     # Without a mask it is transformers' function.
-    for a, b in zip(run(scoring._sdpa_grouped, None), run(sdpa_attention_forward, None)):
+    for a, b in zip(run(scoring.sdpa_grouped, None), run(sdpa_attention_forward, None)):
         assert torch.equal(a, b)
 
 

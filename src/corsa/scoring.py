@@ -382,7 +382,7 @@ GROUPED_SDPA = "corsa_sdpa"
 FP32_SDPA = "corsa_sdpa_fp32"
 
 
-def _sdpa_grouped(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def sdpa_grouped(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """transformers' SDPA attention, with the query heads that share a key/value head folded into the query axis.
 
@@ -410,18 +410,18 @@ def _sdpa_grouped(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     return out.reshape(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-def _sdpa_fp32(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def sdpa_fp32(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """`_sdpa_grouped` on fp32 copies of q, k and v with autocast off; the output in q's dtype."""
+    """`sdpa_grouped` on fp32 copies of q, k and v with autocast off; the output in q's dtype."""
     with torch.autocast(query.device.type, enabled=False):
-        out, weights = _sdpa_grouped(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+        out, weights = sdpa_grouped(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
     return out.to(query.dtype), weights
 
 
 @contextlib.contextmanager
 def cpu_attention(model: torch.nn.Module, fp32: bool = False) -> Iterator[None]:
     """On a CPU, run a model that uses transformers' SDPA attention with corsa's for the duration: grouped-query
-    heads folded (`_sdpa_grouped`), and with `fp32` attention computed in fp32.
+    heads folded (`sdpa_grouped`), and with `fp32` attention computed in fp32.
 
     PyTorch's CPU flash-attention backward is several times slower in bf16 than in fp32: in a bf16 CoRSA step on
     SmolLM2 it took a quarter of the time (docs/PERFORMANCE.md). Attention is a small share of the FLOPs here (short
@@ -452,7 +452,7 @@ def _register_sdpa() -> bool:
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:
         return False
-    for name, fn in ((GROUPED_SDPA, _sdpa_grouped), (FP32_SDPA, _sdpa_fp32)):
+    for name, fn in ((GROUPED_SDPA, sdpa_grouped), (FP32_SDPA, sdpa_fp32)):
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, sdpa_mask)  # without a mask function, transformers passes no mask
     return True
