@@ -33,7 +33,7 @@ MODES = ("before", "rows", "corsa")
 
 def main() -> None:
     args = interleaved_args()
-    model, tok, fmt, reqs = model_and_edits(args.data, args.threads)
+    model, _, fmt, reqs = model_and_edits(args.data, args.threads)
     idx = list(range(len(reqs)))
     cfg = CorsaConfig(rho=0.5, lr=2e-3)
     corsa = build_trainer(model, fmt, reqs, cfg)

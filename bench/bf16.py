@@ -36,7 +36,7 @@ MODES = ("autocast", "cast once", "corsa")
 def main() -> None:
     args = interleaved_args()
     require_fast_bf16("bench/bf16.py")
-    model, tok, fmt, reqs = model_and_edits(args.data, args.threads)
+    model, _, fmt, reqs = model_and_edits(args.data, args.threads)
     idx = list(range(len(reqs)))
     cfg = CorsaConfig(rho=0.5, lr=2e-3, bf16=True)
     corsa = build_trainer(model, fmt, reqs, cfg)

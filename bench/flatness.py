@@ -31,8 +31,8 @@ import torch
 
 from corsa import artifacts
 from corsa.editing import set_threads
-from corsa.loading import load_edited
 from corsa.evaluate.runner import load_results
+from corsa.loading import load_edited
 from corsa.methods.corsa import build_trainer
 from corsa.methods.lora import lora_config
 from corsa.optim import sam

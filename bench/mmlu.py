@@ -22,10 +22,10 @@ from typing import Any
 
 from corsa import artifacts, models
 from corsa.editing import set_threads
-from corsa.loading import load_edited
 from corsa.evaluate.mmlu import MMLUConfig, evaluate_mmlu
 from corsa.evaluate.runner import load_results
 from corsa.evaluate.stats import mmlu_line
+from corsa.loading import load_edited
 
 
 def score_run(folder: Path, data: str | None, n_per_subject: int | None,

@@ -25,7 +25,7 @@ from corsa.methods.corsa import CorsaConfig, build_trainer
 def main() -> None:
     if sys.argv[1] == "bf16":
         require_fast_bf16("bench/profile_step.py bf16")
-    model, tok, fmt, reqs = model_and_edits("../shared/benchmarks")
+    model, _, fmt, reqs = model_and_edits("../shared/benchmarks")
     cfg = CorsaConfig(rho=0.5, lr=2e-3, bf16=sys.argv[1] == "bf16")
     trainer = build_trainer(model, fmt, reqs, cfg)
     model = trainer.model

@@ -34,8 +34,9 @@ def test_corsa_edit_and_ask_on_the_default_model(tmp_path, capsys):
     from peft import PeftModel
 
     from corsa import models
+    from corsa.answers import contains
     from corsa.prompts import Formatter
-    from corsa.scoring import contains, generate
+    from corsa.scoring import generate
 
     base, tok, _ = models.load_model()
     edited = PeftModel.from_pretrained(base, str(out))  # plain PEFT loading

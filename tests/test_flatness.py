@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from corsa.cli import main
 from conftest import bench_script
 from test_bench import counterfact
+
+from corsa.cli import main
 
 
 def test_flatness_of_a_bench_run(tmp_path, tiny_dir, monkeypatch):

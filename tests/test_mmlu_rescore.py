@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
-from corsa.cli import main
-from corsa.evaluate.runner import load_results
 from conftest import bench_script
 from test_bench import counterfact
 from test_mmlu import write_mmlu
+
+from corsa.cli import main
+from corsa.evaluate.runner import load_results
 
 
 def test_bench_keeps_mmlu_per_question_and_rescoring_pairs_it_with_the_base(tmp_path, tiny_dir, monkeypatch):

@@ -183,8 +183,8 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_dir, capsys, kind):
 def test_baselines_run_several_updates_on_the_tiny_model(tmp_path, tiny_dir, monkeypatch):
     """F-Learning, MEMIT and merging fold the earlier update into the weights and edit again; prepend keeps
     telling the earlier facts. The methods that train must have learned every update's edits."""
+    from corsa.answers import contains
     from corsa.evaluate.sequence import probes
-    from corsa.scoring import contains
 
     monkeypatch.setenv("CORSA_CACHE", str(tmp_path / "cache"))
     counterfact(tmp_path, n=8)

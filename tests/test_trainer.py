@@ -12,8 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from corsa.methods import make_editor
-from corsa.methods.corsa import (CorsaConfig, CorsaTrainer, attach_lora, build_pairs, cache_reference, collapsed,
-                                 learned_enough)
+from corsa.methods.corsa import (
+    CorsaConfig,
+    CorsaTrainer,
+    attach_lora,
+    build_pairs,
+    cache_reference,
+    collapsed,
+    learned_enough,
+)
 from corsa.optim import pcgrad
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest

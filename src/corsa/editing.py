@@ -11,11 +11,12 @@ from typing import Any
 import torch
 
 from corsa import artifacts, distributed, models, presets
+from corsa.answers import contains
 from corsa.methods import Editor, EditResult, MethodSpec, get, make_editor
 from corsa.methods.base import CONTEXT_FILE
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, check_lengths
-from corsa.scoring import contains, generate
+from corsa.scoring import generate
 
 
 def mine_old_answers(model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest], *,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from corsa.answers import same_answer
 from corsa.errors import InputError
 
 Benchmark = Literal["counterfact", "zsre", "mquake"]
@@ -83,11 +84,6 @@ class EditRequest:
 
 FIELDS = ("prompt", "target_new", "target_old", "subject", "paraphrases", "neighborhood", "id", "chain")
 REQUIRED = ("prompt", "target_new")
-
-
-def _same(a: str, b: str) -> bool:
-    # "Paris" and " paris" are the same answer to a person, so they must not count as an edit.
-    return a.strip().casefold() == b.strip().casefold()
 
 
 def _type(value: Any) -> str:
@@ -172,11 +168,11 @@ def parse_request(obj: Any, path: str, line: int) -> EditRequest:
         chain=at.texts(obj["chain"], "chain") if "chain" in obj else (),
         source=f"{path}:{line}",
     )
-    if req.target_old is not None and _same(req.target_new, req.target_old):
+    if req.target_old is not None and same_answer(req.target_new, req.target_old):
         raise at.error("is the same as target_old; an edit must change the answer", "target_new")
     answers = [req.target_new, *req.chain]
     for i in range(1, len(answers)):
-        if _same(answers[i], answers[i - 1]):
+        if same_answer(answers[i], answers[i - 1]):
             raise at.error("repeats the answer before it; each step of a chain must change the answer",
                            f"chain[{i - 1}]")
     return req
@@ -215,7 +211,7 @@ def read_jsonl(path: str | Path) -> list[EditRequest]:
             raise InputError(f"invalid JSON: {exc.msg} at column {exc.colno}", path=name, line=lineno) from None
         req = parse_request(obj, name, lineno)
         key = req.prompt.strip()
-        if key in seen_prompt and not _same(seen_prompt[key][1], req.target_new):
+        if key in seen_prompt and not same_answer(seen_prompt[key][1], req.target_new):
             first, target = seen_prompt[key]
             raise InputError(f"same prompt as line {first}, which asks for '{target}' instead of "
                              f"'{req.target_new}'; one prompt can have only one new answer",
@@ -420,7 +416,7 @@ def _unusable(req: EditRequest) -> bool:
     """A benchmark record our JSONL reader would refuse: blank text, or a "new" answer that is the old one."""
     texts = [req.prompt, req.target_new, req.target_old or "", req.subject or "", *req.paraphrases]
     texts += [t for n in req.neighborhood for t in (n.prompt, n.answer)]
-    return any(not t.strip() for t in texts) or _same(req.target_new, req.target_old or "")
+    return any(not t.strip() for t in texts) or same_answer(req.target_new, req.target_old or "")
 
 
 def load_benchmark_with_report(name: Benchmark, location: str | Path,
@@ -450,7 +446,7 @@ def load_benchmark_with_report(name: Benchmark, location: str | Path,
         for req in convert(_Record(data, where, index)):
             key = req.prompt.strip()
             if (_unusable(req) or req.id in seen_id
-                    or (key in seen_prompt and not _same(seen_prompt[key], req.target_new))):
+                    or (key in seen_prompt and not same_answer(seen_prompt[key], req.target_new))):
                 skipped += 1
                 continue
             seen_prompt.setdefault(key, req.target_new)

@@ -480,8 +480,3 @@ def generate(model: torch.nn.Module, formatter: Formatter, prompts: Sequence[str
             for row in out[:, width:]:
                 answers.append(formatter.clean(tok.decode(row, skip_special_tokens=True)))
     return answers
-
-
-def contains(answer: str, target: str) -> bool:
-    """The generation-based success test used by the released CoRSA evaluation: case-insensitive containment."""
-    return target.strip().lower() in answer.lower()

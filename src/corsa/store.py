@@ -34,12 +34,14 @@ from typing import Any
 import torch
 
 from corsa import artifacts, models, presets
+from corsa.answers import contains, same_answer
 from corsa.editing import mine_old_answers, save_result, write_manifest
 from corsa.errors import InputError
+from corsa.evaluate.metrics import forgotten
 from corsa.methods import REGISTRY, get, make_editor
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, check_lengths
-from corsa.scoring import contains, generate
+from corsa.scoring import generate
 
 DB = "store.db"
 FORMAT = "corsa-store/1"
@@ -281,7 +283,7 @@ def plan_update(store: Store, requests: list[EditRequest]) -> tuple[list[EditReq
             out.append(r)
             sources.append("user" if r.target_old is not None else "mined")
             continue
-        if current.strip().lower() == r.target_new.strip().lower():
+        if same_answer(current, r.target_new):
             raise InputError(f"'{r.target_new}' is already the store's answer to this prompt (version "
                              f"{store.head})", path=r.source, field="target_new")
         out.append(dataclasses.replace(r, target_old=current, old_mined=False))
@@ -372,8 +374,7 @@ def update_metrics(requests: list[EditRequest], held_before: dict[str, str], bef
     """
     revised = {r.prompt for r in requests}
     kept = {p: t for p, t in held_before.items() if p not in revised}
-    correct_before = [p for p, t in kept.items() if contains(before.get(p, ""), t)]
-    forgotten = [p for p in correct_before if not contains(after[p], kept[p])]
+    correct_before, lost = forgotten(kept, before, after)
     revisions = [r for r in requests if r.prompt in held_before]
     return {
         "efficacy": sum(contains(after[r.prompt], r.target_new) for r in requests) / len(requests),
@@ -383,8 +384,8 @@ def update_metrics(requests: list[EditRequest], held_before: dict[str, str], bef
                             / len(revisions)) if revisions else None,
         "n_stored_before": len(kept),
         "correct_before": len(correct_before),
-        "forgetting": len(forgotten) / len(correct_before) if correct_before else None,
-        "forgotten": forgotten,
+        "forgetting": len(lost) / len(correct_before) if correct_before else None,
+        "forgotten": lost,
         "retained_accuracy": (sum(contains(after[p], t) for p, t in kept.items()) / len(kept)) if kept else None,
     }
 

@@ -1,11 +1,15 @@
 """Record CoRSA training on the tiny model with the code as it is before the issue-27 refactor."""
-import json, sys
+import json
+import sys
+
 sys.path.insert(0, "tests")
 import torch
 from conftest import make_model, make_tokenizer
+
 from corsa.methods import make_editor
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
+
 torch.set_num_threads(1)
 EDITS = [EditRequest("capital of fr?", "rome", "paris"), EditRequest("capital of de?", "oslo", "berlin"),
          EditRequest("sky colour?", "green", "blue"), EditRequest("2+2?", "five", "four"),

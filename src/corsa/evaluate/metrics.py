@@ -13,16 +13,17 @@ docs/METRICS.md defines each metric; the tables headline the generation family (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import mean, pstdev
 from typing import Any
 
 import torch
 
+from corsa.answers import bare, contains, normalize
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
-from corsa.scoring import contains, generate, score_answers
+from corsa.scoring import generate, score_answers
 
 # name -> what it measures. Order = table order.
 METRICS: dict[str, str] = {
@@ -130,9 +131,18 @@ def evaluate(model: torch.nn.Module, formatter: Formatter, requests: list[EditRe
     return {"summary": summary, "counts": counts, "cases": cases}
 
 
+def forgotten(held: Mapping[str, str], before: Mapping[str, str], after: Mapping[str, str]
+              ) -> tuple[list[str], list[str]]:
+    """Forgetting, the one definition the store and the multi-update benchmarks share (docs/METRICS.md): of the
+    held facts (prompt -> the target the model should give), those answered correctly `before` an update, and
+    of those, the ones answered wrongly `after` it. Returns (correct before, forgotten)."""
+    correct = [p for p, t in held.items() if contains(before.get(p, ""), t)]
+    return correct, [p for p in correct if not contains(after[p], held[p])]
+
+
 def mark_other_targets(cases: list[dict[str, Any]]) -> None:
     """Set each case's `gen.other_target` from its stored paraphrase answers and every case's target_new."""
-    targets = {c["target_new"].strip().lower() for c in cases}
+    targets = {normalize(c["target_new"]) for c in cases}
     for c in cases:
         c["gen.other_target"] = [other_target(a, c["target_new"], targets) for a in c["answers"]["paraphrases"]]
 
@@ -153,9 +163,8 @@ def other_target(answer: str, own: str, targets: set[str]) -> bool:
     """The answer is, word for word, another edit's new target (not its own): the edits were learned but bound
     to the wrong prompt. Exact match, not containment, so that a long answer that merely mentions a common target
     ("... in France ...") is not counted. DPO only pushes the *old* answer down; this failure is out of its reach."""
-    said = answer.strip().rstrip(".!").strip().lower()
-    own = own.strip().lower()
-    return said != own and said in targets
+    said = bare(answer)
+    return said != normalize(own) and said in targets
 
 
 def _agreement(post: Sequence[int], pre: Sequence[int]) -> float:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from corsa import artifacts, models, presets
+from corsa.answers import contains
 from corsa.editing import edit
 from corsa.errors import InputError
 from corsa.evaluate import plots
@@ -31,7 +32,7 @@ from corsa.methods import REGISTRY
 from corsa.methods.registry import variant_names
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark_with_report
-from corsa.scoring import contains, generate
+from corsa.scoring import generate
 
 ABLATION = ["corsa", "corsa-no-sam", "corsa-no-dpo", "corsa-no-pcgrad", "lora"]  # paper Table 9
 # <spec>+<setting><value>: one more sweep setting of the same method, e.g. corsa-rho0.5+lambda2.

@@ -43,13 +43,15 @@ from typing import Any, Literal
 import torch
 
 from corsa import artifacts, models, presets
+from corsa.answers import contains, normalize
 from corsa.errors import InputError
 from corsa.evaluate import plots, stats
+from corsa.evaluate.metrics import forgotten
 from corsa.evaluate.runner import commands_line, method_overrides, parse_method, select_cases
 from corsa.methods import REGISTRY, make_editor
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark, read_edits
-from corsa.scoring import contains, generate
+from corsa.scoring import generate
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,9 @@ def revision_stages(pool: list[EditRequest], cfg: SequenceConfig) -> list[list[E
         r = pool[i]
         if len(chains) == cfg.n_revise:
             break
-        answers = {r.target_new.lower(), (r.target_old or "").lower()}
-        partner = next((o.target_new for o in by_relation[relation(r)] if o.target_new.lower() not in answers), None)
+        answers = {normalize(r.target_new), normalize(r.target_old or "")}
+        partner = next((o.target_new for o in by_relation[relation(r)] if normalize(o.target_new) not in answers),
+                       None)
         if partner is not None:
             chains.append((r, partner))
             used.add(r.prompt)
@@ -213,8 +216,8 @@ def forgetting_by_fact(kept: list[EditRequest], after_first: dict[str, str], fin
     """Per kept fact, [forgotten, right after the first update] over the probes `asked` names."""
     counts = {}
     for r in kept:
-        right = [p for p in asked(r) if contains(after_first[p], r.target_new)]
-        counts[case_key(r)] = [sum(not contains(final[p], r.target_new) for p in right), len(right)]
+        right, lost = forgotten({p: r.target_new for p in asked(r)}, after_first, final)
+        counts[case_key(r)] = [len(lost), len(right)]
     return counts
 
 

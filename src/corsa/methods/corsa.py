@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from corsa import distributed
+from corsa.answers import contains
 from corsa.methods.base import EditResult
 from corsa.methods.registry import MethodSpec, Option, Sweep, register
 from corsa.optim import losses, pcgrad, sam
@@ -436,7 +437,7 @@ def build_pairs(formatter: Formatter, requests: list[EditRequest]) -> list[Pair]
     for r in requests:
         # An old answer that already contains the new one (say, mined from a model that knows it) would make
         # DPO push the new answer down; such an edit is trained with SFT only.
-        usable_old = r.target_old is not None and r.target_new.strip().lower() not in r.target_old.lower()
+        usable_old = r.target_old is not None and not contains(r.target_old, r.target_new)
         pairs.append(Pair(formatter.prompt_ids(r.prompt), formatter.answer_ids(r.target_new),
                           formatter.answer_ids(r.target_old) if usable_old else None))  # type: ignore[arg-type]
     return pairs

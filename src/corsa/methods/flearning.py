@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from corsa.methods.base import EditResult
-from corsa.methods.registry import MethodSpec, Option, Sweep, register
 from corsa.methods.corsa import CorsaConfig, attach_lora, build_trainer, lora_layers
+from corsa.methods.registry import MethodSpec, Option, Sweep, register
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 

@@ -37,12 +37,11 @@ from safetensors.torch import load_file, save_file
 
 from corsa import artifacts, models
 from corsa.methods.base import EditResult
-from corsa.methods.registry import MethodSpec, Option, Sweep, register
 from corsa.methods.corsa import lora_layers
+from corsa.methods.registry import MethodSpec, Option, Sweep, register
 from corsa.prompts import QA_TEMPLATE, Formatter, pad_token_id
 from corsa.requests import EditRequest, load_benchmark
 from corsa.scoring import causal_lm, left_pad, output_logits
-
 
 STOP_NLL = 5e-2  # an edit's z stops moving once its answer's mean NLL is below this (EasyEdit's value)
 EASYEDIT_WEIGHT = 15000.0  # mom2_update_weight of EasyEdit's Llama-2-7B file

@@ -24,8 +24,8 @@ from typing import Any, Literal
 import torch
 
 from corsa.methods.base import EditResult
-from corsa.methods.registry import MethodSpec, Option, Sweep, register
 from corsa.methods.corsa import CorsaConfig, CorsaEditor, lora_layers
+from corsa.methods.registry import MethodSpec, Option, Sweep, register
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 

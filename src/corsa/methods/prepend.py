@@ -21,6 +21,7 @@ from corsa.methods.registry import MethodSpec, register
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 
+
 @dataclass(frozen=True)
 class PrependConfig:
     template: str = "New fact: {fact}\n{query}"
