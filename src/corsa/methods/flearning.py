@@ -10,7 +10,7 @@ standard PEFT adapter like every other method's, loadable on the original base w
 
 No code was released; lam (the forgetting coefficient) is not given in what we could read, so it is a setting
 to sweep on CounterFact `val` (the reference doc suggests {0.1, 0.3, 0.5, 1.0}); on SmolLM2 0.5 was the best of
-0.1, 0.5 and 1.0 (docs/RESULTS.md). Both phases use the LoRA-SFT
+0.1, 0.5 and 1.0 (the journal, docs/log/). Both phases use the LoRA-SFT
 baseline's configuration (paper A.2 values).
 """
 
@@ -32,7 +32,7 @@ from corsa.requests import EditRequest
 
 @dataclass(frozen=True)
 class FLearningConfig:
-    lam: float = 0.5  # not reported by the paper; the best of 0.1/0.5/1.0 on CounterFact val (docs/RESULTS.md)
+    lam: float = 0.5  # not reported by the paper; the best of 0.1/0.5/1.0 on CounterFact val (the journal, docs/log/)
     # Each phase is the LoRA-SFT baseline (r 32, alpha 64, lr 2e-4, batch 16; paper A.2).
     sft: CorsaConfig = field(default_factory=lambda: CorsaConfig(use_dpo=False, use_sam=False, pcgrad=None))
     seed: int = 0

@@ -46,7 +46,7 @@ from corsa.scoring import causal_lm, left_pad, output_logits
 STOP_NLL = 5e-2  # an edit's z stops moving once its answer's mean NLL is below this (EasyEdit's value)
 EASYEDIT_WEIGHT = 15000.0  # mom2_update_weight of EasyEdit's Llama-2-7B file
 # (model_type, hidden_size, layers) -> w. SmolLM2-135M: 150, the best edit success of 15000/1500/150/15 on
-# CounterFact val (docs/RESULTS.md); 15000 made 17 % of those edits stick. With 1536 key dimensions against
+# CounterFact val (the journal, docs/log/); 15000 made 17 % of those edits stick. With 1536 key dimensions against
 # Llama-2-7B's 11008, the corpus second moment covers the edits' keys far more, so w must be smaller.
 TUNED_WEIGHTS = {("llama", 576, 30): 150.0}
 

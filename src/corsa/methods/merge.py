@@ -34,7 +34,7 @@ from corsa.requests import EditRequest
 class MergeConfig:
     merge: Literal["task_arithmetic", "ties"] = "task_arithmetic"
     # Interpolation towards the base model: 1 = the fine-tuned model, 0 = the base model. The paper gives no value;
-    # 0.85 is the most merging of 0.5/0.7/0.85 that keeps >= 95 % of CounterFact val edits (docs/RESULTS.md).
+    # 0.85 is the most merging of 0.5/0.7/0.85 that keeps >= 95 % of CounterFact val edits (the journal, docs/log/).
     scale: float = 0.85
     density: float = 0.2  # ties: share of each layer's delta entries kept (TIES paper default top-20%)
     # R-SFT: LoRA-SFT with the stop-when-learned rule; a higher cap so every edit is learned before merging.
