@@ -44,8 +44,8 @@ _BY_MODEL: dict[tuple[str, Scenario], Preset] = {
         "smollm2-135m-edit",
         MappingProxyType({"corsa": {"rho": 0.5, "lr": 2e-3}, "lora": {"lr": 2e-3}}),
         "chosen on CounterFact `val` (n = 64, seed-0 subset): ρ 0.5 from `corsa bench ablation --rho 0.5,2 "
-        "--split val --n 64` against the paper's 0.05 (2026-11-25), then lr 2e-3 for both methods from `corsa bench single --split val "
-        "--n 64 --methods lora,corsa-rho0.5 --lr 1e-4|2e-4|5e-4|1e-3|2e-3|4e-3` (2026-11-30), where both methods' "
+        "--split val --n 64` against the paper's 0.05 (2026-11-25), then lr 2e-3 for both methods from "
+        "`corsa bench single --split val --n 64 --methods lora,corsa-rho0.5 --lr 1e-4|2e-4|5e-4|1e-3|2e-3|4e-3` (2026-11-30), where both methods' "
         f"generality peaks ({JOURNAL}, 'Looking for the generality gap' and 'The learning rate')"),
     ("smollm2-135m", "update"): Preset(
         "smollm2-135m-update",

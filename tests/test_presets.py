@@ -1,0 +1,52 @@
+"""Presets: what `corsa edit` and `corsa update` use by default on a known model, the paper's values on request,
+the user's flags on top, and the manifest saying which."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from corsa import presets
+from corsa.cli import main
+from corsa.errors import InputError
+from corsa.methods import make_editor
+
+
+def test_known_model_gets_its_measured_setting_and_paper_gets_appendix_a2():
+    edit = presets.choose("auto", None, "edit")  # None: the default model
+    assert edit is presets.choose("auto", "SmolLM2", "edit")  # aliases name the same model
+    assert presets.settings(edit, "corsa", {}) == {"rho": 0.5, "lr": 2e-3}
+    assert presets.settings(edit, "lora", {"lr": 1e-3}) == {"lr": 1e-3}  # the user's flag wins
+    assert presets.settings(edit, "memit", {}) == {}  # methods the preset does not name keep their defaults
+    assert presets.choose("auto", None, "update").for_method("corsa")["learned_share"] == 0.95
+    paper = presets.choose("paper", None, "edit")
+    cfg = make_editor("corsa", **presets.settings(paper, "corsa", {})).config
+    assert (cfg.rho, cfg.lr, cfg.lam, cfg.beta, cfg.batch_size, cfg.lora_r, cfg.lora_alpha) == (
+        0.05, 2e-4, 1.0, 0.1, 16, 32, 64)  # appendix A.2
+    assert presets.choose("auto", "/some/local/model", "edit") is presets.PAPER
+    with pytest.raises(InputError):
+        presets.choose("fast", None, "edit")
+
+
+def test_help_states_the_presets_that_are_in_force(capsys):
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for preset in presets.PRESETS.values():
+        for values in preset.settings.values():
+            said = [f"ρ {values['rho']}"] if "rho" in values else []
+            said.append("lr " + f"{values['lr']:.0e}".replace("e-0", "e-"))
+            if "learned_share" in values:
+                said.append(f"--stop-share {values['learned_share']}")
+            assert all(x in help_text for x in said), (said, help_text)
+
+
+def test_the_manifest_records_the_preset(tmp_path, tiny_dir):
+    facts = tmp_path / "f.jsonl"
+    facts.write_text('{"prompt": "sky?", "target_new": "green", "target_old": "blue"}\n')
+    assert main(["edit", str(facts), "--out", str(tmp_path / "run"), "--model", tiny_dir, "--epochs", "1",
+                 "--preset", "paper", "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "run" / "edit_manifest.json").read_text())
+    assert manifest["preset"]["name"] == "paper" and manifest["config"]["rho"] == 0.05
+    assert "appendix A.2" in manifest["preset"]["source"]
