@@ -75,6 +75,7 @@ def test_a_registered_method_is_found_everywhere(toy, tmp_path, tiny_dir, capsys
                  "--max-new-tokens", "2"]) == 0
     sweep = json.loads((tmp_path / "b" / "toy-scale0.2" / "results.json").read_text())
     assert sweep["config"]["scale"] == 0.2 and sweep["train"]["toy"] is True
+    assert sweep["schema"] == "corsa-bench-single/1"
 
     assert main(["update", str(tmp_path / "kb"), str(facts), "--model", tiny_dir, "--method", "toy", "--quiet"]) == 0
     s = store.Store(tmp_path / "kb")

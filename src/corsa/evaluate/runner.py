@@ -264,7 +264,12 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
     return out
 
 
+# Written into every results.json; bumped when a field changes meaning, so a reader can tell old records apart.
+RESULT_SCHEMA = "corsa-bench-single/1"
+
+
 def _stamp(record: dict[str, Any]) -> dict[str, Any]:
+    record["schema"] = RESULT_SCHEMA
     record["date"] = artifacts.now()
     record["versions"] = artifacts.library_versions()
     return record

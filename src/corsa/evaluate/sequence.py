@@ -296,11 +296,14 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
                   "answers": {"before": before, "after_first": after_first},
                   "wall_time_s": time.perf_counter() - t0,
                   "date": artifacts.now(),
-                  "versions": artifacts.library_versions()}
+                  "versions": artifacts.library_versions(), "schema": RESULT_SCHEMA}
         artifacts.write_json(res_file, record)
         del first, base
     write_sequence_report(out)
     return out
+
+
+RESULT_SCHEMA = "corsa-bench-sequence/1"  # in every results.json; bumped when a field changes meaning
 
 
 # What must match for a rerun to add methods to a folder's table: the rows are compared with each other.

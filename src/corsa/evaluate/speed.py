@@ -155,7 +155,7 @@ def run_speed(cfg: SpeedConfig, out: str | Path, command: str | None = None) -> 
     record = {"command": command, "config": dataclasses.asdict(cfg), "results": results,
               "threads": torch.get_num_threads(),
               "date": artifacts.now(),
-              "versions": artifacts.library_versions()}
+              "versions": artifacts.library_versions(), "schema": "corsa-bench-speed/1"}
     out.mkdir(parents=True, exist_ok=True)
     artifacts.write_json(out / "speed.json", record)
     artifacts.write_text(out / "speed.md", format_speed(record) + "\n")
