@@ -11,7 +11,7 @@ import torch
 
 from corsa.methods import flearning as fl
 from corsa.methods import make_editor
-from corsa.methods.corsa import CorsaTrainer, Pair, attach_lora, lora_layers
+from corsa.methods.corsa import build_trainer, lora_layers
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 from corsa.scoring import score_answers
@@ -37,13 +37,13 @@ def test_forget_step_lowers_the_old_answers(tiny_model, tokenizer, monkeypatch):
     assert all(a < b for a, b in zip(seen["after_forget"], before))
 
 
-def _sft_delta(model, pairs, cfg, pad_id):
-    """Train one F-Learning phase with the trainer's public pieces and return s * B A per LoRA layer."""
-    peft_model = attach_lora(model, cfg)
-    CorsaTrainer(peft_model, pairs, cfg, pad_id).train(False)
+def _sft_delta(model, fmt, requests, cfg):
+    """Train one F-Learning phase with the public trainer and return s * B A per LoRA layer."""
+    trainer = build_trainer(model, fmt, requests, cfg)
+    trainer.train(False)
     with torch.no_grad():
         return {name: m.scaling["default"] * (m.lora_B["default"].weight @ m.lora_A["default"].weight)
-                for name, m in lora_layers(peft_model).items()}
+                for name, m in lora_layers(trainer.model).items()}
 
 
 def _shifted(model, *terms):
@@ -62,16 +62,16 @@ def test_result_is_one_adapter_equal_to_the_weight_arithmetic(tiny_model, tokeni
     lam = 0.5
     editor = make_editor("flearning", lam=lam, **FAST)
     result = editor.edit(tiny_model, fmt, list(EDITS), progress=False)
-    cfg, pad = editor.config.sft, tokenizer.pad_token_id
+    cfg = editor.config.sft
     assert result.model.peft_config["default"].r == 2 * cfg.lora_r
     for name, m in lora_layers(result.model).items():  # a standard adapter on the base weights as they were
         assert torch.allclose(m.get_base_layer().weight, original.get_submodule(name).weight, atol=1e-6)
 
     # The two phases again, outside the editor, so the expected weights do not come from its combination code.
-    old_pairs = [Pair(fmt.prompt_ids(r.prompt), fmt.answer_ids(r.target_old), None) for r in EDITS]
-    new_pairs = [Pair(fmt.prompt_ids(r.prompt), fmt.answer_ids(r.target_new), None) for r in EDITS]
-    delta_old = _sft_delta(copy.deepcopy(original), old_pairs, cfg, pad)
-    delta_new = _sft_delta(_shifted(original, (-lam, delta_old)), new_pairs, cfg, pad)
+    to_old = [EditRequest(r.prompt, r.target_old) for r in EDITS]
+    to_new = [EditRequest(r.prompt, r.target_new) for r in EDITS]
+    delta_old = _sft_delta(copy.deepcopy(original), fmt, to_old, cfg)
+    delta_new = _sft_delta(_shifted(original, (-lam, delta_old)), fmt, to_new, cfg)
     expected = _shifted(original, (-lam, delta_old), (1.0, delta_new))
 
     wrong = [_shifted(original, (1.0, delta_new)), _shifted(original, (lam, delta_old), (1.0, delta_new))]
