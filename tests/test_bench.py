@@ -21,6 +21,7 @@ def counterfact(folder, n=6):
     (folder / "counterfact" / "easyedit-counterfact-edit.json").write_text(json.dumps(recs))
 
 
+@pytest.mark.integration
 def test_single_bench_writes_every_metric_and_a_matching_table(tmp_path, tiny_dir, capsys):
     counterfact(tmp_path)
     out = tmp_path / "res"
@@ -114,6 +115,7 @@ def test_sweep_values_must_be_numbers(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.integration
 def test_speed_bench_times_every_part_and_counts_flops(tmp_path, tiny_dir, capsys, monkeypatch):
     from corsa import scoring
 

@@ -80,6 +80,7 @@ def test_prompt_longer_than_context(tmp_path, capsys, tiny_dir):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration
 def test_no_traceback_from_the_console_script(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"prompt": "caf\xe9", "target_new": "x"}\n')

@@ -27,6 +27,7 @@ def run(argv, processes, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["corsa", "lora"])
+@pytest.mark.integration
 def test_two_processes_give_the_one_process_adapter(tmp_path, method):
     model_dir = save_tiny_model(tmp_path / "tiny")
     facts = tmp_path / "facts.jsonl"

@@ -86,6 +86,7 @@ def test_memit_needs_a_corpus(tiny_model, tokenizer):
         make_editor("memit").edit(tiny_model, Formatter(tokenizer), list(EDITS), progress=False)
 
 
+@pytest.mark.integration
 def test_batched_targets_equal_one_edit_at_a_time(tokenizer, monkeypatch):
     """Each edit's delta has its own rows, loss term and Adam moments, so optimising a batch of edits must give
     each edit the z it gets alone, also when the edits reach the NLL stop at different steps."""

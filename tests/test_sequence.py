@@ -129,6 +129,7 @@ def test_training_seeds_are_compared_seed_by_seed_and_pooled():
 
 
 @pytest.mark.parametrize("kind", ["inject", "revise"])
+@pytest.mark.integration
 def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_dir, capsys, kind):
     counterfact(tmp_path, n=8)
     mquake(tmp_path)
@@ -180,6 +181,7 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_dir, capsys, kind):
         assert "lora@seed1" in (out / "table.md").read_text()
 
 
+@pytest.mark.integration
 def test_baselines_run_several_updates_on_the_tiny_model(tmp_path, tiny_dir, monkeypatch):
     """F-Learning, MEMIT and merging fold the earlier update into the weights and edit again; prepend keeps
     telling the earlier facts. The methods that train must have learned every update's edits."""

@@ -177,6 +177,7 @@ def _update_killed_at(point, root, facts, tiny_dir):
 
 @pytest.mark.parametrize("point,committed", [("locked", False), ("trained", False), ("adapter-written", False),
                                              ("committed", True)])
+@pytest.mark.integration
 def test_sigkill_during_an_update_loses_nothing(tmp_path, tiny_dir, point, committed):
     root = tmp_path / "kb"
     store.update(root, FIRST, model=tiny_dir, progress=False, **FAST)
