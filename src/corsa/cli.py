@@ -51,7 +51,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="smollm2-135m (default), gemma-3-270m, a local folder or a hub id")
     p.add_argument("--epochs", type=int, help="upper bound on epochs (training stops once all edits are learned)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--lr", type=float, help="learning rate (paper: 2e-4)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the --preset's; paper: 2e-4)")
     p.add_argument("--lr-schedule", choices=["constant", "linear"],
                    help="constant (default) or linear decay to 0 over --epochs (the released code's HF default)")
     p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0; the released code uses 5)")
@@ -59,7 +59,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch-size", type=int, help="split each batch to save memory; same result")
     p.add_argument("--no-early-stop", action="store_true", help="train all --epochs even once every edit is learned")
     p.add_argument("--stop-share", type=float, help="stop once this share of the edits is learned for --patience "
-                                                    "epochs in a row (default 1.0: every edit)")
+                                                    "epochs in a row (default: the --preset's, else 1.0: every edit)")
     p.add_argument("--patience", type=int, help="epochs in a row the edits must stay learned before training stops "
                                                 "(default 2)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with native bf16; fp32, "

@@ -503,7 +503,7 @@ register(MethodSpec(
     options=(
         Option("--lambda", "lam", "corsa: weight of the DPO term (paper: 1.0); flearning: the forgetting "
                "coefficient", type=float),
-        Option("--rho", "rho", "SAM radius (paper: 0.05)", type=float),
+        Option("--rho", "rho", "SAM radius (default: the --preset's; paper: 0.05)", type=float),
         Option("--beta", "beta", "DPO temperature (paper: 0.1)", type=float),
         Option("--pcgrad", "pcgrad", "PCGrad variant (default: paper, Algorithm 1)", type=str,
                choices=("paper", "official")),
