@@ -78,11 +78,3 @@ def choose(preset: str, model: str | None, scenario: Scenario) -> Preset:
 def settings(preset: Preset, method: str, user: Mapping[str, Any]) -> dict[str, Any]:
     """A method's config overrides: the preset's, then the user's on top."""
     return {**preset.for_method(method), **user}
-
-
-def describe() -> str:
-    """One line per preset, for `--help`."""
-    lines = [f"{model} ({scenario}): " + "; ".join(f"{m} " + ", ".join(f"{k}={v}" for k, v in s.items())
-                                                  for m, s in p.settings.items())
-             for (model, scenario), p in PRESETS.items()]
-    return "; ".join(lines)

@@ -300,7 +300,8 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
     Settings: the method's defaults, then the model's `update` preset (or `preset="paper"`), then `overrides`.
     `on_stage(name)` is called as the update passes each of STAGES."""
 
-    if not get(method).continues:
+    spec = get(method)
+    if not spec.continues:
         continuing = [m.name for m in REGISTRY.values() if m.continues]
         raise InputError(f"a store keeps one adapter that every update continues; {method} does not produce "
                          f"one (use {' or '.join(continuing)})", field="--method")
@@ -340,7 +341,7 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
         v = int(store.db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions").fetchone()[0])
         rel = f"versions/v{v:04d}"
         with artifacts.atomic_dir(store.root / rel) as tmp:
-            save_result(get(method), result, tmp)
+            save_result(spec, result, tmp)
             write_manifest(tmp, editor=editor, result=result, preset=chosen, command=command,
                            model={"name": store.meta("model")}, style=formatter.style,
                            timings=metrics["timings"], wall_time_s=time.perf_counter() - t_start,
