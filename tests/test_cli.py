@@ -49,11 +49,16 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, line, fi
     assert not out.exists() and os.listdir(tmp_path) == ["bad.jsonl"]
 
 
-def test_existing_out_is_refused_without_overwrite(tmp_path, capsys):
-    (tmp_path / "run").mkdir()
-    code, _, err = run_cli(capsys, "edit", edits_file(tmp_path, {"prompt": "q?", "target_new": "a"}), "--out",
-                           tmp_path / "run")
+def test_existing_out_is_refused_without_overwrite_and_never_replaced_unless_a_corsa_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("a user's file")
+    facts = edits_file(tmp_path, {"prompt": "q?", "target_new": "a"})
+    code, _, err = run_cli(capsys, "edit", facts, "--out", run)
     assert code == 2 and "--overwrite" in err
+    code, _, err = run_cli(capsys, "edit", facts, "--out", run, "--overwrite")
+    assert code == 2 and "not written by corsa" in err and err.count("\n") == 1
+    assert (run / "notes.txt").read_text() == "a user's file"
 
 
 def test_ablation_flags_do_not_apply_to_lora(tmp_path, capsys):
@@ -69,7 +74,7 @@ def test_stop_share_outside_0_1_and_patience_under_1_are_refused(tmp_path, capsy
     assert not (tmp_path / "run").exists()
     code, _, err = run_cli(capsys, "edit", edits_file(tmp_path, {"prompt": "q?", "target_new": "a"}), "--out",
                            tmp_path / "run", "--patience", "0")
-    assert code == 2 and "patience must be >= 1" in err and err.count("\n") == 1
+    assert code == 2 and "--patience: must be at least 1" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
 
 

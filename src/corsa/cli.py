@@ -5,19 +5,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import shlex
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from corsa.errors import InputError
+
+# (argument dest, config field) of the training flags every method shares
+TRAINING_FLAGS = (("epochs", "epochs"), ("seed", "seed"), ("lr", "lr"), ("batch_size", "batch_size"),
+                  ("micro_batch_size", "micro_batch_size"), ("warmup_steps", "warmup_steps"),
+                  ("lr_schedule", "lr_schedule"), ("stop_share", "learned_share"), ("patience", "patience"))
 
 
 def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Config fields the user set; anything left unset keeps the method's default (its preset, else the paper's)."""
     out: dict[str, Any] = {}
-    for flag, field in (("epochs", "epochs"), ("seed", "seed"), ("lr", "lr"), ("batch_size", "batch_size"),
-                        ("micro_batch_size", "micro_batch_size"), ("warmup_steps", "warmup_steps"),
-                        ("lr_schedule", "lr_schedule"), ("stop_share", "learned_share"), ("patience", "patience")):
+    for flag, field in TRAINING_FLAGS:
         if getattr(args, flag, None) is not None:
             out[field] = getattr(args, flag)
     if args.bf16:
@@ -40,31 +46,81 @@ def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with an argument error in one line (the usage block buries it) that says where the help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def finite(text: str) -> float:
+    """A float flag's type: a finite number (NaN and inf would train an adapter of NaNs)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
+
+
+def whole(low: int) -> Callable[[str], int]:
+    """An int flag's type: a whole number >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+
+    parse.__name__ = f"whole number >= {low}"  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE, COUNT = whole(1), whole(0)
+# A negative number after a flag ("--lr -1e-3") reads, to argparse, as another flag unless it looks like "-1" or
+# "-.5"; joined into "--lr=-1e-3" it is the flag's value, and the range check can answer it.
+NEGATIVE_NUMBER = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and NEGATIVE_NUMBER.match(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def _number(text: str, flag: str) -> float:
     try:
-        return float(text)
-    except ValueError:
-        raise InputError(f"'{text}' is not a number", field=flag) from None
+        return finite(text)
+    except argparse.ArgumentTypeError as exc:
+        raise InputError(str(exc), field=flag) from None
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="smollm2-135m (default), gemma-3-270m, a local folder or a hub id")
-    p.add_argument("--epochs", type=int, help="upper bound on epochs (training stops once all edits are learned)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--lr", type=float, help="learning rate (default: the --preset's; paper: 2e-4)")
+    p.add_argument("--epochs", type=POSITIVE, help="upper bound on epochs (training stops once all edits are learned)")
+    p.add_argument("--seed", type=COUNT)
+    p.add_argument("--lr", type=finite, help="learning rate (default: the --preset's; paper: 2e-4)")
     p.add_argument("--lr-schedule", choices=["constant", "linear"],
                    help="constant (default) or linear decay to 0 over --epochs (the released code's HF default)")
-    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0; the released code uses 5)")
-    p.add_argument("--batch-size", type=int, help="effective batch size (paper: 16)")
-    p.add_argument("--micro-batch-size", type=int, help="split each batch to save memory; same result")
+    p.add_argument("--warmup-steps", type=COUNT, help="linear warm-up steps (default 0; the released code uses 5)")
+    p.add_argument("--batch-size", type=POSITIVE, help="effective batch size (paper: 16)")
+    p.add_argument("--micro-batch-size", type=POSITIVE, help="split each batch to save memory; same result")
     p.add_argument("--no-early-stop", action="store_true", help="train all --epochs even once every edit is learned")
-    p.add_argument("--stop-share", type=float, help="stop once this share of the edits is learned for --patience "
+    p.add_argument("--stop-share", type=finite, help="stop once this share of the edits is learned for --patience "
                                                     "epochs in a row (default: the --preset's, else 1.0: every edit)")
-    p.add_argument("--patience", type=int, help="epochs in a row the edits must stay learned before training stops "
+    p.add_argument("--patience", type=POSITIVE, help="epochs in a row the edits must stay learned before training stops "
                                                 "(default 2)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with native bf16; fp32, "
                                                        "with a note, where bf16 is slow)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=POSITIVE, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "qa"],
                    help="auto: the chat template when the model has one, else the paper's 'Q: ...\\nA:' prompt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -86,11 +142,12 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
         if option.type is None:
             p.add_argument(flag, dest=option.dest, action="store_true", help=option.help)
         else:
-            p.add_argument(flag, dest=option.dest, type=option.type, choices=option.choices, help=option.help)
+            kind = finite if option.type is float else option.type  # no NaN or inf reaches a config
+            p.add_argument(flag, dest=option.dest, type=kind, choices=option.choices, help=option.help)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="corsa", description="Keep a language model's knowledge up to date "
+    parser = Parser(prog="corsa", description="Keep a language model's knowledge up to date "
                                      "with CoRSA-trained LoRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -99,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (PEFT adapter + edit_manifest.json)")
     p.add_argument("--format", default="jsonl", choices=["jsonl", "counterfact", "zsre", "mquake"])
     p.add_argument("--split", default="edit", help="benchmark split for --format counterfact (edit, train, val)")
-    p.add_argument("--limit", type=int, help="use only the first N edit requests")
+    p.add_argument("--limit", type=POSITIVE, help="use only the first N edit requests")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     _add_method_flags(p)
     _add_training_flags(p)
@@ -109,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("edits", help="edit requests: JSONL (see README), or a benchmark file/folder with --format")
     p.add_argument("--format", default="jsonl", choices=["jsonl", "counterfact", "zsre", "mquake"])
     p.add_argument("--split", default="edit", help="benchmark split for --format counterfact (edit, train, val)")
-    p.add_argument("--limit", type=int, help="use only the first N edit requests")
+    p.add_argument("--limit", type=POSITIVE, help="use only the first N edit requests")
     _add_method_flags(p)
     _add_training_flags(p)
 
@@ -119,20 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("revert", help="make an earlier version's adapter current again (as a new version)")
     p.add_argument("store")
-    p.add_argument("version", type=int)
+    p.add_argument("version", type=COUNT)
 
     p = sub.add_parser("history", help="the answer a prompt got at every version of a store")
     p.add_argument("store")
     p.add_argument("prompt")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=POSITIVE)
 
     p = sub.add_parser("ask", help="print the model's greedy answer to a prompt")
     p.add_argument("prompt")
     p.add_argument("--adapter", help="a run folder written by `corsa edit`, a store (its current version) or any "
                    "PEFT adapter folder")
     p.add_argument("--model", default=None, help="base model (default: the adapter's, else smollm2-135m)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=64)
+    p.add_argument("--threads", type=POSITIVE)
 
     p = sub.add_parser("demo", help="edit the embedded fact set with LoRA and CoRSA and compare")
     p.add_argument("--out", default="runs/demo")
@@ -146,13 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bench", required=True, choices=["counterfact", "zsre", "mquake"])
         p.add_argument("--data", required=True, help="benchmarks folder (e.g. ../shared/benchmarks) or a file")
         p.add_argument("--out", required=True, help="run folder; a rerun skips finished methods")
-        p.add_argument("--n", type=int, default=200, help="edits in the seeded subset (MQuAKE: whole cases)")
+        p.add_argument("--n", type=POSITIVE, default=200, help="edits in the seeded subset (MQuAKE: whole cases)")
         p.add_argument("--split", default="edit", help="CounterFact split: edit (report), val (tune), train")
-        p.add_argument("--subset", type=int, help="block k of the --seed shuffle, k = 0, 1, ...: subsets of one seed "
+        p.add_argument("--subset", type=COUNT, help="block k of the --seed shuffle, k = 0, 1, ...: subsets of one seed "
                                                   "share no case (default: the seed's own draw)")
         p.add_argument("--mmlu-n", default="10", help="MMLU questions per subject, 'all' or 0 to skip")
-        p.add_argument("--sample-runs", type=int, default=0, help="also evaluate with sampling at T=0.7, K runs")
-        p.add_argument("--max-new-tokens", type=int, default=32)
+        p.add_argument("--sample-runs", type=COUNT, default=0, help="also evaluate with sampling at T=0.7, K runs")
+        p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
         p.add_argument("--train-seeds", help="comma-separated training seeds: every method is trained once per seed "
                        "on the same cases (rows <method>@seed<k>; the run's own seed keeps the plain name), and the "
                        "table adds each setting's mean and spread over seeds")
@@ -173,30 +230,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="benchmarks folder (CounterFact val supplies the batch)")
     p.add_argument("--out", required=True, help="folder for speed.json and speed.md")
     p.add_argument("--models", default="smollm2-135m,gemma-3-270m", help="comma-separated model names or folders")
-    p.add_argument("--steps", type=int, default=5, help="timed repetitions per part (median reported)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=POSITIVE, default=5, help="timed repetitions per part (median reported)")
+    p.add_argument("--batch-size", type=POSITIVE, default=16)
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=POSITIVE)
     for name, text in (("inject", "cross-dataset injection: CounterFact, then MQuAKE, in one adapter (Table 2)"),
                        ("revise", "continual revision: stored facts revised in a later update (Table 3, Fig. 3)")):
         p = bench.add_parser(name, help=text)
         p.add_argument("--data", required=True, help="benchmarks folder (e.g. ../shared/benchmarks)")
         p.add_argument("--out", required=True, help="run folder; a rerun skips finished methods")
-        p.add_argument("--n", type=int, default=100, help="edits in the first update")
-        p.add_argument("--n2", type=int, default=100, help="edits in the second update")
+        p.add_argument("--n", type=POSITIVE, default=100, help="edits in the first update")
+        p.add_argument("--n2", type=POSITIVE, default=100, help="edits in the second update")
         p.add_argument("--methods", default="lora,corsa",
                        help="comma-separated, as for bench single; F-Learning, MEMIT and merging fold each update "
                             "into the weights before the next, prepend keeps every fact told so far")
         p.add_argument("--eval-after", default="each", choices=["each", "all"],
                        help="measure update efficacy right after each update, or once after the last")
-        p.add_argument("--max-new-tokens", type=int, default=32)
+        p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
         p.add_argument("--split", default="edit", help="CounterFact split of the "
                        + ("first update" if name == "inject" else "facts and revisions") + ": edit (report), val (tune)")
         p.add_argument("--train-seeds", help="comma-separated training seeds: every method is trained once per seed "
                        "on the same facts (rows <method>@seed<k>; the run's own seed keeps the plain name), each "
                        "compared with the baseline of its seed, and the table adds the comparison pooled over seeds")
         if name == "revise":
-            p.add_argument("--n-revise", type=int, default=50, help="first-update facts revised in the second")
+            p.add_argument("--n-revise", type=COUNT, default=50, help="first-update facts revised in the second")
             p.add_argument("--fractions", default="1",
                            help="comma-separated shares of the later updates' edits, e.g. 0.2,0.4,0.6,0.8,1")
             p.add_argument("--chains", help="JSONL of edit requests with a 'chain' of later answers (instead of "
@@ -206,19 +263,63 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The error boundary: every failure a user can cause or fix is one line on stderr and exit code 2, with
+    nothing half-written (outputs are atomic); anything else is a bug, reported in one line that says where its
+    traceback was saved and how to report it (exit 1)."""
+    import sqlite3
+
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(_join_negative_values(argv))
+    except SystemExit as exc:  # --help (0) or an argument error, already printed in one line (2)
+        return int(exc.code or 0)
     try:
         return _run(args, argv)
     except InputError as exc:
-        print(f"corsa: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # invalid configurations from the typed configs
-        print(f"corsa: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
+    except ValueError as exc:  # an invalid configuration from the typed configs
+        return _fail(_with_flag(str(exc).splitlines()[0]))
     except KeyboardInterrupt:
         print("corsa: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file we cannot read or write: say which, and why
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}")
+    except sqlite3.DatabaseError as exc:
+        return _fail(f"{getattr(args, 'store', 'the store')}: its database cannot be used ({exc}); "
+                     f"`corsa rebuild {getattr(args, 'store', 'STORE')}` rebuilds it from the version folders")
+    except UnicodeError as exc:
+        return _fail(f"text that is not valid UTF-8 ({exc.reason})")
+    except Exception as exc:  # noqa: BLE001 -- a bug: keep the traceback for the report, but do not bury the user in it
+        return _crash(exc, argv)
+
+
+def _fail(message: str) -> int:
+    print(f"corsa: error: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message held
+    return 2
+
+
+def _with_flag(message: str) -> str:
+    """A config's message names its field ("lr must be ..."); add the flag the user types to set it."""
+    from corsa.methods.registry import options
+
+    flags = {option.field: flag for flag, (option, _) in options().items()}
+    flags.update({field: "--" + flag.replace("_", "-") for flag, field in TRAINING_FLAGS})
+    field = message.split(" ", 1)[0]
+    return f"{message} ({flags[field]})" if field in flags else message
+
+
+def _crash(exc: Exception, argv: list[str]) -> int:
+    import tempfile
+    import traceback
+
+    report = "".join(traceback.format_exception(exc))
+    fd, path = tempfile.mkstemp(prefix="corsa-crash-", suffix=".txt")
+    with open(fd, "w") as fh:
+        fh.write(f"corsa {shlex.join(argv)}\n\n{report}")
+    print(f"corsa: internal error ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); this is a bug: "
+          f"please report it with the command and the traceback saved in {path}", file=sys.stderr)
+    return 1
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -235,11 +336,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     set_threads(getattr(args, "threads", None))
     command = "corsa " + shlex.join(argv)
     if args.command == "edit":
-        from corsa.artifacts import check_writable
+        from corsa.artifacts import check_writable, describe_run
         from corsa.editing import edit
 
         overrides = _method_overrides(args)
         check_writable(args.out, args.overwrite)
+        replaced = describe_run(args.out)
         requests = _requests(args)
         out, result = edit(requests, args.out, method=args.method, model=args.model, overwrite=args.overwrite,
                            preset=args.preset,
@@ -251,7 +353,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         if not distributed.is_main():
             return 0
         print(f"wrote {out} ({len(requests)} edits, {result.info['steps']} steps, "
-              f"final loss {last.get('loss', float('nan')):.4f}, learned {last.get('learned', 0):.0%})")
+              f"final loss {last.get('loss', float('nan')):.4f}, learned {last.get('learned', 0):.0%})"
+              + (f"; it replaced {replaced}" if replaced else ""))
         return 0
     if args.command in ("update", "log", "revert", "history"):
         return _store_command(args, command)
@@ -261,6 +364,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from corsa.prompts import Formatter
         from corsa.scoring import generate
 
+        _text(args.prompt, "PROMPT")
         if args.adapter:
             model, formatter = load_edited(args.adapter, args.model)
         else:
@@ -324,6 +428,16 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     raise AssertionError(args.command)
 
 
+def _text(value: str, field: str) -> None:
+    """Command-line text is decoded with surrogate escapes; bytes that are not UTF-8 cannot be asked or stored."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("is not valid UTF-8 text", field=field) from None
+    if not value.strip():
+        raise InputError("is empty", field=field)
+
+
 def _names(text: str) -> list[str]:
     """A comma-separated --methods value as a list, blanks dropped."""
     return [m.strip() for m in text.split(",") if m.strip()]
@@ -348,7 +462,7 @@ def _requests(args: argparse.Namespace) -> list[Any]:
     from corsa.requests import read_edits
 
     requests = read_edits(args.edits, args.format, split=args.split)
-    return requests[: args.limit] if args.limit else requests
+    return requests if args.limit is None else requests[: args.limit]
 
 
 def _count(n: int, noun: str) -> str:
@@ -376,6 +490,7 @@ def _store_command(args: argparse.Namespace, command: str) -> int:
         print(f"{args.store}: version {v.version} restores version {args.version} (sha256 {v.sha256 or 'base'})")
         return 0
     if args.command == "history":
+        _text(args.prompt, "PROMPT")
         for v, answer in store.history(args.store, args.prompt):
             print(f"v{v.version} {v.kind:<7} {json.dumps(answer, ensure_ascii=False)}")  # one line per version
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from importlib import resources
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 from corsa import artifacts, models
 from corsa.editing import edit
+from corsa.errors import InputError
 from corsa.evaluate.metrics import evaluate
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, read_jsonl
@@ -20,6 +22,14 @@ LABELS = {
     "gen.old_on_prompt": "old answer still produced (edit prompt)",
     "gen.retention": "old answer still produced (rephrasings)",
 }
+
+
+def is_demo_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"model", "runs", "results", "table"} <= set(report)
 
 
 def demo_edits() -> list[EditRequest]:
@@ -44,6 +54,13 @@ def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = ("lora
              progress: bool = True, prompt_style: PromptStyle = "auto", preset: str = "auto",
              **overrides: Any) -> dict[str, Any]:
     out = Path(out)
+    # Checked before any work: a rerun replaces the demo's own runs and report, and nothing else.
+    for method in methods:
+        artifacts.check_writable(out / method, overwrite=True)
+    report_file = out / "demo_results.json"
+    if report_file.exists() and not is_demo_report(report_file):
+        raise InputError(f"{report_file} exists and was not written by `corsa demo`; choose another --out",
+                         field="--out")
     requests = demo_edits()
     print(f"corsa demo: {len(requests)} counterfactual edits, model {model or models.DEFAULT_MODEL}")
     base, tok, _ = models.load_model(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from corsa import artifacts, distributed, models, presets
 from corsa.answers import contains
+from corsa.errors import InputError
 from corsa.methods import Editor, EditResult, MethodSpec, get, make_editor
 from corsa.methods.base import CONTEXT_FILE
 from corsa.prompts import Formatter, PromptStyle
@@ -45,6 +47,49 @@ def first_sentence(text: str) -> str:
     return line[: match.start() + 1] if match else line
 
 
+def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter method saves (PEFT's adapter state dict), detached copies."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def check_result(spec: MethodSpec, result: EditResult,
+                 start: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Refuse to save a broken edit: an adapter holding NaN or inf, or one that does not change the model (the
+    adapter it started from: `start`, else none). Non-finite settings are refused earlier, but finite ones can
+    still diverge (too large a learning rate), and the divergence guard then restores the starting adapter: a
+    run that learned nothing. Returns the checks, for the manifest."""
+    def number(row: dict[str, float], key: str) -> float | None:  # the manifest is strict JSON: no NaN
+        value = row.get(key)
+        return value if value is not None and math.isfinite(value) else None
+
+    curves = result.curves
+    checks: dict[str, Any] = {"learned_share": number(curves[-1], "learned") if curves else None,
+                              "first_loss": number(curves[0], "loss") if curves else None,
+                              "last_loss": number(curves[-1], "loss") if curves else None}
+    if spec.output != "adapter":
+        return checks
+    state = adapter_state(result.model)
+    bad = [name for name, t in state.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise InputError(f"training diverged: {len(bad)} of {len(state)} adapter tensors hold NaN or inf (first: "
+                         f"{bad[0]}); nothing was written; try a smaller --lr", field="--lr")
+    if start is None:
+        # A fresh LoRA starts with B = 0: a B still all zero means the adapter adds nothing.
+        change = sum(float(t.double().pow(2).sum()) for k, t in state.items() if "lora_B" in k) ** 0.5
+    else:
+        change = sum(float((t.double() - start[k].double()).pow(2).sum()) for k, t in state.items()
+                     if k in start) ** 0.5
+    if change == 0.0:
+        raise InputError("training changed nothing: the adapter is the one it started from (" +
+                         (f"it diverged at once and was restored; {result.info['collapse']}; " if
+                          result.info.get("collapse") else "") + "nothing was written; check --lr and the method's "
+                         "settings", field="--lr")
+    checks.update(finite=True, adapter_change_norm=change)
+    return checks
+
+
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
@@ -66,8 +111,9 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
+    name = models.canonical(model)  # checked (fails fast, offline too) and recorded so it works from any folder
     t = time.perf_counter()
-    base, tok, path = models.load_model(model)
+    base, tok, path = models.load_model(name)
     formatter = Formatter(tok, prompt_style)
     timings["load_s"] = time.perf_counter() - t
     check_lengths(requests, formatter.prompt_length, models.context_length(base, tok))
@@ -78,6 +124,7 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
 
     result = editor.edit(base, formatter, requests, progress=progress)
     timings.update(result.info.pop("timings", {}))
+    checks = check_result(spec, result)
 
     if distributed.is_main():  # under torchrun every process holds the same adapter; one writes it
         t = time.perf_counter()
@@ -85,8 +132,8 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
             save_result(spec, result, tmp)
             timings["save_s"] = time.perf_counter() - t
             write_manifest(tmp, editor=editor, result=result, preset=chosen, command=command,
-                           model={"name": model or models.DEFAULT_MODEL, "path": path}, style=formatter.style,
-                           timings=timings, wall_time_s=time.perf_counter() - t_start)
+                           model={"name": name, "path": path}, style=formatter.style,
+                           timings=timings, wall_time_s=time.perf_counter() - t_start, checks=checks)
     distributed.barrier()
     return Path(out), result
 

@@ -145,21 +145,62 @@ def materialize(name: str) -> Path:
     return target
 
 
-def resolve(name: str | None) -> str:
-    """Turn a user's model name into something from_pretrained accepts."""
+def known_models() -> str:
+    """The packaged names, as an error message lists them."""
+    return ", ".join(sorted(PACKAGED))
+
+
+def canonical(name: str | None) -> str:
+    """The name a model is recorded by, checked to be loadable: a packaged model's short name (its package must be
+    installed), a local folder's absolute path (so a record made in one folder works from any other), or a hub id
+    that is in the local cache or exists on a reachable hub. Fails at once, without the hub client's retries, when
+    none of these holds."""
     name = name or DEFAULT_MODEL
     key = ALIASES.get(name.lower(), name.lower())
     if key in PACKAGED:
-        return str(materialize(key))
+        _cache_dir(PACKAGED[key])  # raises, with the install command, when the package is missing
+        return key
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
             raise InputError(f"{name} is a folder but has no config.json, so it is not a Hugging Face model",
-                              field="model")
-        return name
+                             field="model")
+        return str(Path(name).resolve())
     if os.path.exists(name):
-        raise InputError(f"{name} is a file; give a model folder, a hub id or one of {sorted(PACKAGED)}",
-                          field="model")
-    return name  # a hub id
+        raise InputError(f"{name} is a file; give a model folder, a hub id or one of {known_models()}", field="model")
+    check_hub(name)
+    return name
+
+
+def check_hub(name: str) -> None:
+    """A hub id must be cached, or exist on a hub that answers within seconds; otherwise say what is known."""
+    import re
+
+    unknown = f"'{name}' is not a packaged model ({known_models()}) or a local model folder"
+    if name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        raise InputError(f"{unknown}, and no such folder exists", field="model")
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise InputError(f"{unknown}, and the hub is off (HF_HUB_OFFLINE) with no cached copy", field="model")
+    try:
+        model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise InputError(f"{unknown}, and the hub has no model of that name", field="model") from None
+    except HfHubHTTPError:
+        return  # gated, rate-limited, ...: the hub answered, and loading will say exactly what it needs
+    except Exception as exc:  # noqa: BLE001 -- no network: a connection error of whichever HTTP client the hub library uses
+        raise InputError(f"{unknown}, it is not in the hub cache, and the hub ({constants.ENDPOINT}) cannot be "
+                         f"reached: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                         field="model") from None
+
+
+def resolve(name: str | None) -> str:
+    """Turn a user's model name into something from_pretrained accepts (checked first: see `canonical`)."""
+    key = canonical(name)
+    return str(materialize(key)) if key in PACKAGED else key
 
 
 def load_tokenizer(path: str) -> Any:

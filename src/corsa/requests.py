@@ -110,6 +110,11 @@ class _Line:
             raise self.error(f"must be a non-empty string, got {_type(value)}", name)
         if not value.strip():
             raise self.error("must be a non-empty string", name)
+        try:  # JSON can spell a lone surrogate ("\ud800"), which no tokenizer, database or file can hold
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise self.error(f"holds an invalid character (a lone surrogate at position {exc.start + 1})",
+                             name) from None
         return value
 
     def texts(self, value: Any, name: str) -> tuple[str, ...]:
@@ -189,8 +194,11 @@ def read_jsonl(path: str | Path) -> list[EditRequest]:
     if os.path.isdir(name):
         raise InputError("is a folder; give a .jsonl file (or --format counterfact|zsre|mquake for a benchmark)",
                          path=name)
-    with open(name, "rb") as fh:
-        raw_lines = fh.read().split(b"\n")
+    try:
+        with open(name, "rb") as fh:
+            raw_lines = fh.read().split(b"\n")
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", path=name) from None
     # Decoding line by line (not the whole file at once) is what lets a bad byte be reported with its line.
     if raw_lines[0].startswith(b"\xef\xbb\xbf"):  # a BOM from Windows editors is not an error
         raw_lines[0] = raw_lines[0][3:]
@@ -209,6 +217,8 @@ def read_jsonl(path: str | Path) -> list[EditRequest]:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InputError(f"invalid JSON: {exc.msg} at column {exc.colno}", path=name, line=lineno) from None
+        except RecursionError:
+            raise InputError("JSON nested too deeply to be an edit request", path=name, line=lineno) from None
         req = parse_request(obj, name, lineno)
         key = req.prompt.strip()
         if key in seen_prompt and not same_answer(seen_prompt[key][1], req.target_new):
@@ -431,6 +441,10 @@ def load_benchmark_with_report(name: Benchmark, location: str | Path,
     where = str(path)
     try:
         records = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", path=where) from None
+    except RecursionError:
+        raise InputError("JSON nested too deeply to be a benchmark file", path=where) from None
     except UnicodeDecodeError as exc:
         raise InputError(f"not valid UTF-8 (byte {exc.start + 1})", path=where) from None
     except json.JSONDecodeError as exc:

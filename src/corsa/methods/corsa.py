@@ -109,8 +109,15 @@ class CorsaConfig:
             raise ValueError(f"learned_share must be in (0, 1], not {self.learned_share}")
         if not 0 <= self.collapse_share < 1:
             raise ValueError(f"collapse_share must be in [0, 1), not {self.collapse_share}")
-        if self.lr <= 0 or self.rho < 0 or self.beta <= 0 or self.lam < 0:
-            raise ValueError("lr and beta must be > 0, rho and lam >= 0")
+        for name, low, above in (("lr", 0.0, True), ("beta", 0.0, True), ("rho", 0.0, False), ("lam", 0.0, False),
+                                 ("weight_decay", 0.0, False), ("lora_dropout", 0.0, False)):
+            value = getattr(self, name)
+            if not math.isfinite(value) or (value <= low if above else value < low):
+                raise ValueError(f"{name} must be a finite number {'>' if above else '>='} {low:g}, not {value}")
+        if not self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be < 1, not {self.lora_dropout}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0 or None, not {self.max_grad_norm}")
 
     @property
     def variant(self) -> str:

@@ -193,7 +193,8 @@ def second_moments(model: torch.nn.Module, tokenizer: Any, layers: tuple[int, ..
             sums[layer] += k.T @ k
         count += int(keep.sum())
     moments = {layer: (s / count).float() for layer, s in sums.items()}
-    with artifacts.atomic_dir(folder, overwrite=True) as tmp:
+    # The cache folder is ours when it holds our provenance record; anything else there is never replaced.
+    with artifacts.atomic_dir(folder, overwrite=True, owned=lambda f: (f / "provenance.json").exists()) as tmp:
         save_file({f"layer{layer}": m.cpu().contiguous() for layer, m in moments.items()},
                   str(tmp / "moments.safetensors"))
         artifacts.write_json(tmp / "provenance.json", {

@@ -101,7 +101,23 @@ def get(name: str) -> MethodSpec:
 
 def make_editor(name: str, **overrides: Any) -> Editor:
     spec = get(name)
-    return spec.editor(spec.config(**overrides))
+    config = spec.config(**overrides)
+    check_finite(config)
+    return spec.editor(config)
+
+
+def check_finite(config: Any, where: str = "") -> None:
+    """Every number in a config (nested configs included) must be finite: a NaN passes every range check written
+    as a comparison (nan <= 0 is False) and then trains an adapter of NaNs."""
+    import dataclasses
+    import math
+
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            check_finite(value, f"{where}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}{f.name} must be a finite number, not {value}")
 
 
 def options() -> dict[str, tuple[Option, list[str]]]:
