@@ -354,7 +354,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             return 0
         print(f"wrote {out} ({len(requests)} edits, {result.info['steps']} steps, "
               f"final loss {last.get('loss', float('nan')):.4f}, learned {last.get('learned', 0):.0%})"
-              + (f"; it replaced {replaced}" if replaced else ""))
+              + (f"; it replaced {replaced}" if replaced else "") + _collapse_note(result.info.get("collapse")))
         return 0
     if args.command in ("update", "log", "revert", "history"):
         return _store_command(args, command)
@@ -426,6 +426,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         run_bench(cfg, args.out, progress=not args.quiet, command=command)
         return 0
     raise AssertionError(args.command)
+
+
+def _collapse_note(collapse: dict[str, Any] | None) -> str:
+    if not collapse:
+        return ""
+    kept = collapse["restored_after_epochs"]
+    return (f"; training diverged in epoch {collapse['epoch'] + 1} and the adapter "
+            + (f"as it was after epoch {kept}" if kept else "it started from") + " was kept")
 
 
 def _text(value: str, field: str) -> None:

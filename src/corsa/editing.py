@@ -81,11 +81,16 @@ def check_result(spec: MethodSpec, result: EditResult,
     else:
         change = sum(float((t.double() - start[k].double()).pow(2).sum()) for k, t in state.items()
                      if k in start) ** 0.5
-    if change == 0.0:
-        raise InputError("training changed nothing: the adapter is the one it started from (" +
-                         (f"it diverged at once and was restored; {result.info['collapse']}; " if
-                          result.info.get("collapse") else "") + "nothing was written; check --lr and the method's "
-                         "settings", field="--lr")
+    collapse = result.info.get("collapse")
+    nothing = ("the adapter is the one it started from" if change == 0.0 else
+               f"training diverged (step {collapse['step']}) before any edit was learned" if collapse
+               and not collapse.get("restored_share") else
+               "no edit was learned and the training loss did not fall" if curves and not checks["learned_share"]
+               and not (checks["first_loss"] is not None and checks["last_loss"] is not None
+                        and checks["last_loss"] < checks["first_loss"]) else None)
+    if nothing:
+        raise InputError(f"training learned nothing: {nothing}; nothing was written; check --lr (a smaller one "
+                         "if the loss went to NaN) and the method's settings", field="--lr")
     checks.update(finite=True, adapter_change_norm=change)
     return checks
 

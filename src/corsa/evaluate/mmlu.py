@@ -234,7 +234,7 @@ def evaluate_mmlu(model: torch.nn.Module, tokenizer: Any, data: str | Path, conf
         rows = [i for i in order if questions[i].subject == subject]
         batches += [rows[k : k + config.batch_size] for k in range(0, len(rows), config.batch_size)]
     try:
-        for rows in tqdm(batches, disable=not progress, desc="mmlu", unit="batch"):
+        for rows in tqdm(batches, disable=None if progress else True, desc="mmlu", unit="batch"):
             prefix = prefixes[questions[rows[0]].subject]
             if prefix is not None:
                 logits = shared_letter_logits(model, prefix, [encoded[i].ids[len(prefix):] for i in rows],

@@ -366,9 +366,9 @@ class CorsaTrainer:
         curves: list[dict[str, float]] = []
         learned: dict[int, bool] = {}
         streak = 0
-        bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=not progress or not distributed.is_main(),
-                   desc=cfg.variant, unit="step",
-                   dynamic_ncols=True)
+        # disable=None: a bar only on a terminal, so a piped or logged run's stderr holds only what matters
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=None if progress and distributed.is_main() else True,
+                   desc=cfg.variant, unit="step", dynamic_ncols=True)
         step = 0
         t0 = time.perf_counter()
         # Each edit is checked by the forward pass of its step, before that step's update, so the share learned in
@@ -402,7 +402,7 @@ class CorsaTrainer:
                 self.collapse = {"epoch": epoch, "step": step - 1, "share": share,
                                  "loss": record["loss"] if finite else None,  # the manifest is strict JSON
                                  "restored_after_epochs": best_epochs, "restored_share": best_share}
-                if distributed.is_main():
+                if not bar.disable:  # else the caller reports it from info["collapse"]
                     tqdm.write(f"training diverged in epoch {epoch + 1} (loss {record['loss']:.3g}, {share:.0%} of "
                                f"the edits learned, best {best_share:.0%}); stopped and restored the adapter "
                                + (f"as it was after epoch {best_epochs}" if best_epochs else "it started from"),
