@@ -85,8 +85,8 @@ def check_result(spec: MethodSpec, result: EditResult,
     nothing = ("the adapter is the one it started from" if change == 0.0 else
                f"training diverged (step {collapse['step']}) before any edit was learned" if collapse
                and not collapse.get("restored_share") else
-               "no edit was learned and the training loss did not fall" if curves and not checks["learned_share"]
-               and not (checks["first_loss"] is not None and checks["last_loss"] is not None
+               "no edit was learned and the training loss did not fall" if len(curves) > 1  # one step: no trend
+               and not checks["learned_share"] and not (checks["first_loss"] is not None and checks["last_loss"] is not None
                         and checks["last_loss"] < checks["first_loss"]) else None)
     if nothing:
         raise InputError(f"training learned nothing: {nothing}; nothing was written; check --lr (a smaller one "

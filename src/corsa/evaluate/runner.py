@@ -28,7 +28,7 @@ from corsa.errors import InputError
 from corsa.evaluate import plots
 from corsa.evaluate.metrics import HEADLINE, METRICS, EvalConfig, evaluate, with_other_targets
 from corsa.evaluate.stats import SEED_MARK, differences_line, mmlu_line, seeds_line
-from corsa.methods import REGISTRY
+from corsa.methods import REGISTRY, make_editor
 from corsa.methods.registry import variant_names
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark_with_report
@@ -206,10 +206,25 @@ def _evaluate_all(model: torch.nn.Module, formatter: Formatter, tokenizer: Any, 
     return out
 
 
+def check_before_work(out: Path, methods: list[tuple[str, str, dict[str, Any]]], preset: presets.Preset,
+                      model: str | None, common: dict[str, Any], data: str) -> None:
+    """What a benchmark run can be refused for, checked before its folder is created or a model is loaded: the
+    output folder, every method's settings, the model."""
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"{out} exists and is not a folder", field="--out")
+    else:
+        artifacts.check_writable(out, overwrite=False)
+    for _, method, variant in methods:
+        make_editor(method, **presets.settings(preset, method, method_overrides(method, variant, common, data)))
+    models.canonical(model)
+
+
 def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, command: str | None = None) -> Path:
     out = Path(out)
     methods = [(spec, *parse_method(spec)) for spec in cfg.methods]  # fail on a typo before any work
     preset = presets.choose(cfg.preset, cfg.model, "edit")
+    check_before_work(out, methods, preset, cfg.model, cfg.overrides, str(cfg.data))
     requests, skipped = load_benchmark_with_report(cfg.bench, cfg.data, cfg.split)
     chosen = select_cases(requests, cfg.n, cfg.seed, cfg.bench, cfg.subset)
     header = {"bench": cfg.bench, "data": str(cfg.data), "split": cfg.split, "n": len(chosen), "seed": cfg.seed,

@@ -47,7 +47,7 @@ from corsa.answers import contains, normalize
 from corsa.errors import InputError
 from corsa.evaluate import plots, stats
 from corsa.evaluate.metrics import forgotten
-from corsa.evaluate.runner import commands_line, method_overrides, parse_method, select_cases
+from corsa.evaluate.runner import check_before_work, commands_line, method_overrides, parse_method, select_cases
 from corsa.methods import REGISTRY, make_editor
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark, read_edits
@@ -246,6 +246,7 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
     out = Path(out)
     methods = [(spec, *parse_method(spec)) for spec in cfg.methods]
     preset = presets.choose(cfg.preset, cfg.model, "update")
+    check_before_work(out, methods, preset, cfg.model, cfg.overrides, str(cfg.data))
     stages = build_stages(cfg)
     header = {"bench": cfg.kind, "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "overrides"},
               "overrides": cfg.overrides, "command": command, "model": cfg.model or models.DEFAULT_MODEL,
