@@ -1,5 +1,8 @@
 """Loading an edited model from whatever `corsa edit` or `corsa update` left: a run folder, a store (its head
-version), a plain PEFT adapter folder, or an in-context method's context."""
+version), one version folder of a store, a plain PEFT adapter folder, or an in-context method's context.
+
+An adapter is checked before it is used wherever a checksum is on record: a store's versions against store.db,
+a version folder taken out of its store against its own version.json (or its manifest's adapter_sha256)."""
 
 from __future__ import annotations
 
@@ -13,20 +16,23 @@ from corsa.errors import InputError
 from corsa.methods import get
 from corsa.methods.base import CONTEXT_FILE
 from corsa.prompts import Formatter
-from corsa.store import DB, Store
+from corsa.store import ADAPTER_FILES, DB, STORE_FILE, VERSION_FILE, Store, adapter_sha256, attach_adapter
 
 
 def load_edited(run_dir: str | Path, model: str | None = None) -> tuple[torch.nn.Module, Formatter]:
     """A base model with the adapter of a run folder (or any PEFT adapter folder) loaded, ready to answer."""
-    from peft import PeftModel
-
     run_dir = Path(run_dir)
-    if (run_dir / DB).exists():  # a store: its current version, checksum verified
-        store = Store(run_dir)
-        try:
+    if (run_dir / DB).exists() or (run_dir / STORE_FILE).exists():  # a store: its current version, verified
+        with Store(run_dir) as store:
             return store.load()
-        finally:
-            store.close()
+    owner = store_holding(run_dir)
+    if owner is not None:  # one version of a store: the store's record decides what it is and what it must hold
+        with Store(owner) as store:
+            v = store.version_in(f"versions/{run_dir.resolve().name}")
+            if v is None:
+                raise InputError(f"{run_dir} lies in the store {owner} but is not one of its committed versions; "
+                                 "not loaded", field="--adapter")
+            return store.load(v)
     style, method = "auto", None
     if (run_dir / artifacts.MANIFEST).exists():
         manifest = artifacts.read_manifest(run_dir)
@@ -36,11 +42,35 @@ def load_edited(run_dir: str | Path, model: str | None = None) -> tuple[torch.nn
         model = model or json.loads((run_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     elif not (run_dir / CONTEXT_FILE).exists():
         raise InputError(f"{run_dir} holds no adapter (no adapter_config.json)", field="--adapter")
+    verify_recorded_sha256(run_dir)
     base, tok, _ = models.load_model(model)
     if (run_dir / CONTEXT_FILE).exists():  # an in-context edit: the base model, asked with its context
         spec = get(method or "prepend")  # runs written before manifests named the method were prepend's
         assert spec.load_context is not None
         return base, spec.load_context(tok, style, json.loads((run_dir / CONTEXT_FILE).read_text()))
-    edited = PeftModel.from_pretrained(base, str(run_dir))
-    edited.eval()
-    return edited, Formatter(tok, style)
+    return attach_adapter(base, run_dir), Formatter(tok, style)
+
+
+def store_holding(folder: Path) -> Path | None:
+    """The store `folder` is a version folder of (STORE/versions/NAME with STORE/store.db), else None."""
+    resolved = folder.resolve()
+    owner = resolved.parent.parent
+    return owner if resolved.parent.name == "versions" and (owner / DB).exists() else None
+
+
+def verify_recorded_sha256(folder: Path) -> None:
+    """Refuse an adapter folder whose files no longer match the checksum recorded beside them: a store version's
+    version.json, or the manifest's adapter_sha256. A folder with no recorded checksum is loaded as it is."""
+    recorded = None
+    for name, key in ((VERSION_FILE, "sha256"), (artifacts.MANIFEST, "adapter_sha256")):
+        try:
+            recorded = json.loads((folder / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded:
+            break
+    if not recorded or not all((folder / f).exists() for f in ADAPTER_FILES):
+        return
+    if adapter_sha256(folder) != recorded:
+        raise InputError(f"{folder}'s adapter does not match the sha256 recorded beside it; the file was changed "
+                         "after it was written", field="--adapter")

@@ -3,16 +3,34 @@
 Paper section 2.1: updates keep optimising the same LoRA parameters, each continuing from the adapter the last
 update left. A store is a folder:
 
-  store.db          every version (parent, time, method, config, edits, metrics, adapter checksum), the answers
-                    recorded at each version, and which version is the head; one SQLite transaction per change
-  versions/v0003/   a version's adapter and edit_manifest.json: written under a temporary name, renamed into place,
-                    never modified afterwards
-  .lock             held (flock) by the one process changing the store
+  store.json                 the store's identity, written once at creation: format, id (a random uuid), model,
+                             prompt style, creation time
+  store.db                   every version (parent, time, method, config, edits, metrics, adapter checksum), the
+                             answers recorded at each version, and which version is the head; one SQLite
+                             transaction per change (rollback journal, synchronous=FULL)
+  versions/v0003/            an update's adapter, edit_manifest.json and version.json; a revert's folder holds only
+                             its version.json. Written under a temporary name, renamed into place, never modified
+  versions/v0003/version.json
+                             the version's own durable record (everything store.db holds about it, with the store's
+                             id), so that `rebuild` can make store.db again from store.json and these records
+  .lock                      held (flock) by the one process changing the store
 
-Crash safety comes from the order of work: the new adapter folder is complete before the transaction that names
-it commits, and the head only moves inside that transaction. A crash before the commit leaves the last committed
-version as the head (a finished but unrecorded folder is removed by the next writer); a crash after it has lost
-nothing. Version 0 is the base model, without an adapter.
+Every update and every revert makes a new version, numbered one above the highest, and moves the head to it; the
+head is therefore always the highest version. Version 0 is the base model, without an adapter.
+
+Crash safety comes from the order of work: the new version's folder (adapter and record) is complete and flushed
+before the transaction that names it commits, and the head only moves inside that transaction. A crash before the
+commit leaves the last committed version as the head; a crash after it has lost nothing.
+
+What corsa deletes: only what it can prove it wrote and never committed. The next writer removes temporary folders
+whose process died (artifacts.clean_orphans) and a finished folder whose version.json carries this store's id and a
+version number above every committed one (a crash between the rename and the commit). Any other folder under
+versions/ that store.db does not record is left alone and named in a warning, and new versions take a free folder
+name beside it. A folder that is not a store is never made into one, and a store whose store.db is lost or
+unreadable is refused, never started again: `corsa rebuild STORE` (`rebuild` below) restores it from the records.
+
+Readers (log, ask, history) open store.db read-only, so they work on a store they cannot write; `history` records
+the answers it had to ask for only when it can write.
 """
 
 from __future__ import annotations
@@ -25,7 +43,10 @@ import json
 import os
 import shutil
 import sqlite3
+import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +56,7 @@ import torch
 
 from corsa import artifacts, models, presets
 from corsa.answers import contains, same_answer
-from corsa.editing import mine_old_answers, save_result, write_manifest
+from corsa.editing import adapter_state, check_result, mine_old_answers, save_result, write_manifest
 from corsa.errors import InputError
 from corsa.evaluate.metrics import forgotten
 from corsa.methods import REGISTRY, get, make_editor
@@ -44,12 +65,18 @@ from corsa.requests import EditRequest, check_lengths
 from corsa.scoring import generate
 
 DB = "store.db"
+STORE_FILE = "store.json"
+VERSION_FILE = "version.json"
+LOCK = ".lock"
 FORMAT = "corsa-store/1"
+VERSION_FORMAT = "corsa-store-version/1"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# A new or rebuilt store.db is written under this prefix in the store folder, then renamed; only under the lock.
+DB_TMP_PREFIX = f".{DB}.tmp-"
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS store (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS versions (
+CREATE TABLE store (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE versions (
     version INTEGER PRIMARY KEY,
     parent INTEGER REFERENCES versions(version),
     kind TEXT NOT NULL CHECK (kind IN ('base', 'update', 'revert')),
@@ -58,11 +85,12 @@ CREATE TABLE IF NOT EXISTS versions (
     method TEXT,
     config TEXT,
     command TEXT,
-    adapter TEXT,  -- folder relative to the store; NULL = the base model
+    adapter TEXT,  -- adapter folder relative to the store; NULL = the base model; a revert names the restored one
     sha256 TEXT,
-    metrics TEXT
+    metrics TEXT,
+    folder TEXT  -- the version's own folder (its version.json); NULL for version 0 and stores made before it
 );
-CREATE TABLE IF NOT EXISTS edits (
+CREATE TABLE edits (
     version INTEGER NOT NULL REFERENCES versions(version),
     position INTEGER NOT NULL,
     prompt TEXT NOT NULL,
@@ -72,13 +100,21 @@ CREATE TABLE IF NOT EXISTS edits (
     request TEXT NOT NULL,
     PRIMARY KEY (version, position)
 );
-CREATE TABLE IF NOT EXISTS answers (
+CREATE TABLE answers (
     version INTEGER NOT NULL REFERENCES versions(version),
     prompt TEXT NOT NULL,
     answer TEXT NOT NULL,
     PRIMARY KEY (version, prompt)
 );
 """
+# What a store.db must hold to be read (`folder` came later: a writer adds it to older stores).
+REQUIRED_COLUMNS = {
+    "store": {"key", "value"},
+    "versions": {"version", "parent", "kind", "source", "created", "method", "config", "command", "adapter",
+                 "sha256", "metrics"},
+    "edits": {"version", "position", "prompt", "target_new", "target_old", "old_source", "request"},
+    "answers": {"version", "prompt", "answer"},
+}
 
 # The points an update passes, in order, reported to its `on_stage` callback (progress display, crash tests).
 STAGES = ("locked", "trained", "adapter-written", "committed")
@@ -100,6 +136,26 @@ class Version:
     n_edits: int = 0
 
 
+@dataclass(frozen=True)
+class RebuildReport:
+    """What `rebuild` did."""
+
+    root: Path
+    versions: tuple[int, ...]  # the versions restored from their records (version 0, the base model, not counted)
+    head: int
+    damaged: Path | None  # where the unreadable store.db was moved; None when there was none
+    unrecognised: tuple[Path, ...]  # folders under versions/ holding no record of this store: left alone
+
+    def summary(self) -> list[str]:
+        """The lines `corsa rebuild` prints."""
+        lines = [f"{self.root}: {DB} rebuilt from {len(self.versions)} version record"
+                 f"{'' if len(self.versions) == 1 else 's'}; head = version {self.head}"]
+        if self.damaged is not None:
+            lines.append(f"the unreadable {DB} was kept as {self.damaged}")
+        lines += [f"left alone (not a version of this store): {p}" for p in self.unrecognised]
+        return lines
+
+
 def adapter_sha256(folder: Path) -> str:
     """One checksum over the files that define the adapter (names included, so a swapped file is caught)."""
     h = hashlib.sha256()
@@ -111,24 +167,137 @@ def adapter_sha256(folder: Path) -> str:
     return h.hexdigest()
 
 
-class Store:
-    """Read access to a store folder; the writing operations (`update`, `revert`) are functions below that take
-    the store's lock first."""
+def attach_adapter(base: torch.nn.Module, folder: Path, *, trainable: bool = False) -> torch.nn.Module:
+    """`base` with the PEFT adapter in `folder`. An unreadable adapter file, or an adapter made for a model of
+    another shape, is an InputError naming the folder rather than a library traceback."""
+    from peft import PeftModel
+    from safetensors import safe_open
 
-    def __init__(self, root: str | Path, *, create: bool = False):
+    try:
+        json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"unreadable adapter_config.json ({exc})", path=str(folder)) from None
+    try:
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as fh:
+            fh.keys()  # the header is parsed and checked against the file's length here
+    except Exception as exc:  # safetensors raises its own error type, or OSError, for a damaged file
+        raise InputError(f"adapter_model.safetensors is damaged or not a safetensors file ({exc})",
+                         path=str(folder)) from None
+    try:
+        model = PeftModel.from_pretrained(base, str(folder), is_trainable=trainable)
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        raise InputError("the adapter was trained on a model of another shape than the one it is loaded on "
+                         f"({str(exc).split('size mismatch', 1)[1].strip().splitlines()[0]})",
+                         path=str(folder)) from None
+    model.train(trainable)
+    return model
+
+
+def check_store_folder(root: Path) -> bool:
+    """Whether `root` holds a store (True) or is a place to make one (False: missing, or empty). Anything else is
+    refused: a file, a folder holding other things, and a store whose store.db is gone (it is rebuilt, not
+    started again, so its versions are never lost)."""
+    if root.is_symlink() and not root.exists():
+        raise InputError(f"{root} is a broken symbolic link", field="STORE")
+    if not root.exists():
+        return False
+    if not root.is_dir():
+        raise InputError(f"{root} is a file, not a store folder", field="STORE")
+    if (root / DB).exists():
+        return True
+    # The lock and a database a killed writer never renamed into place are what a store's creation leaves first.
+    content = {p.name for p in root.iterdir() if p.name != LOCK and not p.name.startswith(DB_TMP_PREFIX)}
+    if not content:
+        return False
+    if content & {STORE_FILE, "versions"}:
+        raise InputError(f"{root / DB} is missing, but the folder holds a store's versions; `corsa rebuild {root}` "
+                         "makes it again from their records", field="STORE")
+    raise InputError(f"{root} is not empty and is not a corsa store (no {DB}); choose a new or empty folder",
+                     field="STORE")
+
+
+def connect(root: Path, *, write: bool) -> sqlite3.Connection:
+    """store.db, opened for writing or read-only. A reader of a folder it cannot write opens the file as immutable
+    (SQLite could not take its read lock there); where an interrupted transaction's journal lies beside the
+    database, a reader that can write opens it normally so that SQLite rolls the transaction back first."""
+    path = root / DB
+    journal = root / f"{DB}-journal"
+    if write or (os.access(root, os.W_OK) and journal.exists() and journal.stat().st_size > 0):
+        db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA synchronous=FULL")  # a committed version survives a power cut, not just a kill
+        db.execute("PRAGMA foreign_keys=ON")
+        return db
+    mode = "mode=ro" if os.access(root, os.W_OK) else "immutable=1"
+    return sqlite3.connect(f"{path.absolute().as_uri()}?{mode}", uri=True, timeout=30, isolation_level=None)
+
+
+def check_database(db: sqlite3.Connection, root: Path) -> None:
+    """Refuse a store.db that is damaged or is not a corsa store's database, pointing at `corsa rebuild`."""
+    path = root / DB
+    try:
+        problem = db.execute("PRAGMA quick_check").fetchone()[0]
+        if problem == "ok":
+            tables = {t: {row[1] for row in db.execute(f"PRAGMA table_info({t})")} for t in REQUIRED_COLUMNS}
+            lacking = [t for t, cols in REQUIRED_COLUMNS.items() if not cols <= tables[t]]
+            found = db.execute("SELECT value FROM store WHERE key = 'format'").fetchone() if not lacking else None
+            if lacking:
+                problem = f"no complete {', '.join(lacking)} table"
+            elif found is None or found[0] != FORMAT:
+                problem = f"its format is {found[0] if found else 'not recorded'}, not {FORMAT}"
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):
+            raise InputError(f"{path} is busy (another process holds it); run again shortly", field="STORE") from None
+        problem = str(exc)
+    except sqlite3.DatabaseError as exc:
+        problem = str(exc)
+    if problem != "ok":
+        raise InputError(f"{path} is damaged or not a corsa store database ({problem}); `corsa rebuild {root}` "
+                         "makes it again from the version records", field="STORE")
+
+
+def read_store_file(root: Path) -> dict[str, Any]:
+    """store.json, checked: the identity a rebuild starts from."""
+    path = root / STORE_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{root} has no {STORE_FILE}, so its database cannot be rebuilt (stores made by an older "
+                         "corsa keep no records beside their versions)", field="STORE") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"unreadable ({exc})", path=str(path)) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not all(
+            isinstance(data.get(k), str) for k in ("id", "model", "prompt_style", "created")):
+        raise InputError(f"not a {FORMAT} record (format, id, model, prompt_style, created)", path=str(path))
+    return data
+
+
+class Store:
+    """A store folder's database. Readers open it read-only (`Store(root)`); the writing operations (`update`,
+    `revert`) are functions below that hold the store's lock (`locked`) and open it for writing."""
+
+    def __init__(self, root: str | Path, *, write: bool = False):
         self.root = Path(root)
-        if not (self.root / DB).exists() and not create:
+        if not check_store_folder(self.root):
             raise InputError(f"{self.root} is not a corsa store (no {DB}); `corsa update` creates one",
                              field="STORE")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.root / DB, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a committed version survives a power cut, not just a kill
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
+        self.db = connect(self.root, write=write)
+        try:
+            check_database(self.db, self.root)
+            self.columns = {row[1] for row in self.db.execute("PRAGMA table_info(versions)")}
+        except BaseException:
+            self.db.close()
+            raise
 
     def close(self) -> None:
         self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- reading -----------------------------------------------------------------------------------------------
     def meta(self, key: str, default: str | None = None) -> str | None:
@@ -136,26 +305,35 @@ class Store:
         return row[0] if row else default
 
     @property
-    def initialised(self) -> bool:
-        return self.meta("format") is not None
-
-    @property
     def head(self) -> int:
         return int(self.meta("head", "0"))  # type: ignore[arg-type]
 
-    def version(self, v: int) -> Version:
-        row = self.db.execute("SELECT version, parent, kind, source, created, method, config, command, adapter, "
-                              "sha256, metrics, (SELECT COUNT(*) FROM edits e WHERE e.version = v.version) "
-                              "FROM versions v WHERE version = ?", (v,)).fetchone()
-        if row is None:
-            known = ", ".join(str(x.version) for x in self.versions())
-            raise InputError(f"{self.root} has no version {v} (versions: {known})", field="VERSION")
+    @property
+    def last(self) -> int:
+        """The highest version committed (the head, as every change makes a new version and moves it there)."""
+        return int(self.db.execute("SELECT COALESCE(MAX(version), 0) FROM versions").fetchone()[0])
+
+    @property
+    def has_updates(self) -> bool:
+        """Whether an update was ever committed, which fixes the store's model and prompt style."""
+        return self.db.execute("SELECT EXISTS (SELECT 1 FROM versions WHERE kind = 'update')").fetchone()[0] == 1
+
+    QUERY = ("SELECT version, parent, kind, source, created, method, config, command, adapter, sha256, metrics, "
+             "(SELECT COUNT(*) FROM edits e WHERE e.version = v.version) FROM versions v")
+
+    @staticmethod
+    def row_version(row: tuple[Any, ...]) -> Version:
         return Version(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]) if row[6] else None,
                        row[7], row[8], row[9], json.loads(row[10]) if row[10] else {}, row[11])
 
+    def version(self, v: int) -> Version:
+        row = self.db.execute(f"{self.QUERY} WHERE version = ?", (v,)).fetchone()
+        if row is None:
+            raise InputError(f"{self.root} has no version {v} (versions 0 to {self.last})", field="VERSION")
+        return self.row_version(row)
+
     def versions(self) -> list[Version]:
-        ids = [r[0] for r in self.db.execute("SELECT version FROM versions ORDER BY version")]
-        return [self.version(v) for v in ids]
+        return [self.row_version(row) for row in self.db.execute(f"{self.QUERY} ORDER BY version")]
 
     def edits(self, v: int) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT prompt, target_new, target_old, old_source FROM edits WHERE version = ? "
@@ -163,17 +341,42 @@ class Store:
         return [{"prompt": p, "target_new": n, "target_old": o, "old_source": s} for p, n, o, s in rows]
 
     def facts(self, v: int) -> dict[str, str]:
-        """prompt -> the answer the store holds at version v: its lineage's edits, the latest one winning."""
-        ver = self.version(v)
-        if ver.kind == "revert":
-            return self.facts(ver.source)  # type: ignore[arg-type]
-        held = self.facts(ver.parent) if ver.parent is not None else {}
-        for e in self.edits(v):
-            held[e["prompt"]] = e["target_new"]
-        return held
+        """prompt -> the answer the store holds at version v: its lineage's edits, the latest one winning. A revert
+        holds what the version it restores held. One query however long the lineage (no Python recursion)."""
+        self.version(v)  # an unknown version is refused by name
+        rows = self.db.execute("""
+            WITH RECURSIVE lineage(version, depth) AS (
+                SELECT ?, 0
+                UNION ALL
+                SELECT CASE WHEN v.kind = 'revert' THEN v.source ELSE v.parent END, lineage.depth + 1
+                FROM versions v JOIN lineage ON v.version = lineage.version
+                WHERE (CASE WHEN v.kind = 'revert' THEN v.source ELSE v.parent END) IS NOT NULL)
+            SELECT e.prompt, e.target_new FROM lineage JOIN edits e ON e.version = lineage.version
+            ORDER BY lineage.depth DESC, e.position""", (v,))
+        return dict(rows.fetchall())  # oldest first, so a later edit of a prompt overwrites an earlier one
 
     def answers(self, v: int) -> dict[str, str]:
         return dict(self.db.execute("SELECT prompt, answer FROM answers WHERE version = ?", (v,)).fetchall())
+
+    def answers_to(self, prompt: str) -> dict[int, str]:
+        """version -> the answer recorded for `prompt` there."""
+        return dict(self.db.execute("SELECT version, answer FROM answers WHERE prompt = ?", (prompt,)).fetchall())
+
+    def recorded_folders(self) -> set[str]:
+        """The folders (relative to the store) that committed versions name."""
+        query = "SELECT adapter FROM versions WHERE adapter IS NOT NULL"
+        if "folder" in self.columns:
+            query += " UNION SELECT folder FROM versions WHERE folder IS NOT NULL"
+        return {row[0] for row in self.db.execute(query)}
+
+    def version_in(self, folder: str) -> int | None:
+        """The version whose own folder is `folder` (relative to the store), if one is committed."""
+        query = "SELECT version FROM versions WHERE (kind = 'update' AND adapter = ?)"
+        if "folder" in self.columns:
+            query += " OR folder = ?"
+        row = self.db.execute(query + " ORDER BY version LIMIT 1",
+                              (folder,) * (2 if "folder" in self.columns else 1)).fetchone()
+        return None if row is None else int(row[0])
 
     def adapter_dir(self, v: int, *, verify: bool = True) -> Path | None:
         """The version's adapter folder (None for the base model), its checksum verified."""
@@ -190,27 +393,17 @@ class Store:
         return folder
 
     def load(self, v: int | None = None, *, trainable: bool = False) -> tuple[torch.nn.Module, Formatter]:
-        """The base model with version v's adapter (default: the head)."""
-        from peft import PeftModel
-
+        """The base model with version v's adapter (default: the head), its checksum verified."""
         v = self.head if v is None else v
+        folder = self.adapter_dir(v)
         base, tok, _ = models.load_model(self.meta("model"))
         formatter = Formatter(tok, self.meta("prompt_style", "auto"))  # type: ignore[arg-type]
-        folder = self.adapter_dir(v)
-        if folder is None:
-            return base, formatter
-        model = PeftModel.from_pretrained(base, str(folder), is_trainable=trainable)
-        model.train(False)
-        return model, formatter
+        return (base if folder is None else attach_adapter(base, folder, trainable=trainable)), formatter
 
-    # --- writing (only under the lock) ----------------------------------------------------------------------------
-    def _init(self, model: str | None, prompt_style: PromptStyle) -> None:
-        created = artifacts.now()
-        with self.transaction():
-            for key, value in (("format", FORMAT), ("model", model or models.DEFAULT_MODEL),
-                               ("prompt_style", prompt_style), ("head", "0"), ("created", created)):
-                self.db.execute("INSERT INTO store VALUES (?, ?)", (key, value))
-            self.db.execute("INSERT INTO versions (version, kind, created) VALUES (0, 'base', ?)", (created,))
+    # --- writing (only under the lock, on a store opened with write=True) ------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.meta("id") or ""
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -222,26 +415,192 @@ class Store:
             self.db.execute("ROLLBACK")
             raise
 
-    def _remove_unrecorded(self) -> None:
-        """Folders a crashed writer left: temporary ones, and finished ones whose version was never committed."""
-        folder = self.root / "versions"
-        if not folder.exists():
+    def upgrade(self) -> None:
+        """Bring a store made by an older corsa up to date: the rollback journal (readers of a read-only folder
+        need no -shm file), the `folder` column, an id, and store.json."""
+        with contextlib.suppress(sqlite3.OperationalError):  # another connection is open: the next writer does it
+            self.db.execute("PRAGMA journal_mode=DELETE")
+        with self.transaction():
+            if "folder" not in self.columns:
+                self.db.execute("ALTER TABLE versions ADD COLUMN folder TEXT")
+                self.db.execute("UPDATE versions SET folder = adapter WHERE kind = 'update'")
+                self.columns.add("folder")
+            if self.meta("id") is None:
+                self.db.execute("INSERT INTO store VALUES ('id', ?)", (str(uuid.uuid4()),))
+        if not (self.root / STORE_FILE).exists():
+            self.write_store_file()
+
+    def write_store_file(self) -> None:
+        artifacts.write_json(self.root / STORE_FILE, {
+            "format": FORMAT, "id": self.id, "model": self.meta("model"),
+            "prompt_style": self.meta("prompt_style", "auto"), "created": self.meta("created")})
+
+    def adopt(self, model: str, prompt_style: str) -> None:
+        """Make sure the store is one of `model` asked in `prompt_style`. Once an update is committed they are
+        fixed; before that (a new store, or one whose first update failed) they are simply set, and the answers
+        recorded with the old model are dropped, as they no longer describe the store."""
+        recorded = (self.meta("model") or "", self.meta("prompt_style", "auto") or "auto")
+        if recorded == (model, prompt_style):
             return
-        recorded = {r[0] for r in self.db.execute("SELECT adapter FROM versions WHERE adapter IS NOT NULL")}
-        for entry in folder.iterdir():
-            if f"versions/{entry.name}" not in recorded:
-                shutil.rmtree(entry, ignore_errors=True)
+        if self.has_updates:
+            check_same_model(self, model, prompt_style)
+            return
+        with self.transaction():
+            self.db.execute("UPDATE store SET value = ? WHERE key = 'model'", (model,))
+            self.db.execute("UPDATE store SET value = ? WHERE key = 'prompt_style'", (prompt_style,))
+            self.db.execute("DELETE FROM answers")
+        self.write_store_file()
+
+    def tidy_versions(self) -> list[Path]:
+        """Remove what a crashed writer provably left under versions/, and name (on stderr) and return every other
+        folder there that no committed version records: those are left alone."""
+        folder = self.root / "versions"
+        if not folder.is_dir():
+            return []
+        artifacts.clean_orphans(folder)
+        recorded, last = self.recorded_folders(), self.last
+        unknown = []
+        for entry in sorted(folder.iterdir()):
+            if f"versions/{entry.name}" in recorded:
+                continue
+            if self.uncommitted(entry, last):
+                shutil.rmtree(entry)
+                continue
+            print(f"corsa: warning: {entry} is not a version recorded in {self.root / DB}; left alone",
+                  file=sys.stderr)
+            unknown.append(entry)
+        return unknown
+
+    def uncommitted(self, entry: Path, last: int) -> bool:
+        """The proof that `entry` is a version this store's writer finished but never committed: its record carries
+        this store's id and a number above every committed version."""
+        if entry.is_symlink() or not entry.is_dir():
+            return False
+        try:
+            record = json.loads((entry / VERSION_FILE).read_text())
+            return (record.get("store") == self.id != "" and isinstance(record.get("version"), int)
+                    and record["version"] > last)
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def new_folder(self, v: int) -> str:
+        """A folder name for version v: v0007, or v0007-2, ... where something already holds that name."""
+        taken = self.recorded_folders()
+        name, k = f"v{v:04d}", 2
+        while os.path.lexists(self.root / "versions" / name) or f"versions/{name}" in taken:
+            name, k = f"v{v:04d}-{k}", k + 1
+        return f"versions/{name}"
+
+    def write_version(self, record: dict[str, Any], fill: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        """Write a version's folder atomically: `fill(tmp)` writes what the version holds there and returns the
+        fields only known then (the adapter's sha256), version.json is written last, and the folder is flushed to
+        disk before the caller commits the record. Returns the complete record."""
+        out = self.root / record["folder"]
+        with artifacts.atomic_dir(out) as tmp:
+            record = {**record, **fill(tmp)}
+            artifacts.write_json(tmp / VERSION_FILE, record)
+        sync_folder(out)
+        return record
+
+
+def check_same_model(store: Store, model: str, prompt_style: str) -> None:
+    """Refuse another model or prompt style for a store that holds updates: its adapter belongs to one model."""
+    recorded = store.meta("model") or ""
+    if not same_model(model, recorded):
+        raise InputError(f"{store.root} holds updates of model '{recorded}', not '{model}'", field="--model")
+    style = store.meta("prompt_style", "auto")
+    if prompt_style != style:
+        raise InputError(f"{store.root} holds updates asked in the '{style}' prompt style, not '{prompt_style}'",
+                         field="--prompt-style")
+
+
+def same_model(model: str, recorded: str) -> bool:
+    """Whether a canonical model name is the recorded one (a store made by an older corsa may record an alias or a
+    relative folder)."""
+    if model == recorded:
+        return True
+    try:
+        return models.canonical(recorded) == model
+    except InputError:
+        return False
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush a finished version folder (its files, itself and versions/) to disk: the commit that names it is
+    durable (synchronous=FULL), so what it points at must be too."""
+    for path in [*(p for p in folder.iterdir() if p.is_file()), folder, folder.parent]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def insert_version(db: sqlite3.Connection, record: dict[str, Any]) -> None:
+    """Commit-side of a version record (a version.json): its row, edits and answers, and the head moved to it.
+    Used by update, revert and rebuild alike, so a rebuilt database holds what the original did."""
+    v = record["version"]
+    db.execute("INSERT INTO versions (version, parent, kind, source, created, method, config, command, adapter, "
+               "sha256, metrics, folder) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               (v, record["parent"], record["kind"], record["source"], record["created"], record["method"],
+                None if record["config"] is None else json.dumps(record["config"]), record["command"],
+                record["adapter"], record["sha256"], json.dumps(record["metrics"]), record["folder"]))
+    db.executemany("INSERT INTO edits VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   [(v, k, e["prompt"], e["target_new"], e["target_old"], e["old_source"], json.dumps(e["request"]))
+                    for k, e in enumerate(record["edits"])])
+    # What the parent answered, asked by this update: recorded at the parent.
+    db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",
+                   [(record["parent"], p, a) for p, a in record["parent_answers"].items()])
+    db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",
+                   [(v, p, a) for p, a in record["answers"].items()])
+    db.execute("UPDATE store SET value = ? WHERE key = 'head'", (str(v),))
+
+
+def build_database(root: Path, identity: dict[str, Any], records: list[dict[str, Any]]) -> Path:
+    """A complete store.db (schema, identity, version 0, then `records` in order) in a temporary file in the store
+    folder, ready to be renamed into place. Only under the lock."""
+    fd, name = tempfile.mkstemp(prefix=DB_TMP_PREFIX, dir=root)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        db = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=DELETE")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.executescript(SCHEMA)
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("INSERT INTO store VALUES (?, ?)",
+                           [("format", FORMAT), ("id", identity["id"]), ("model", identity["model"]),
+                            ("prompt_style", identity["prompt_style"]), ("created", identity["created"]),
+                            ("head", "0")])
+            db.execute("INSERT INTO versions (version, kind, created) VALUES (0, 'base', ?)", (identity["created"],))
+            for record in records:
+                insert_version(db, record)
+            db.execute("COMMIT")
+        finally:
+            db.close()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def create_store(root: Path, model: str, prompt_style: str) -> None:
+    """A new store in an empty folder: store.db renamed into place complete, then store.json (which a writer
+    would write again from the database, should a crash come between)."""
+    identity = {"id": str(uuid.uuid4()), "model": model, "prompt_style": prompt_style, "created": artifacts.now()}
+    os.replace(build_database(root, identity, []), root / DB)
+    artifacts.write_json(root / STORE_FILE, {"format": FORMAT, **identity})
 
 
 @contextlib.contextmanager
-def locked(root: str | Path, *, create: bool = False) -> Iterator[Store]:
-    """The store, held exclusively: a second writer is refused at once rather than queued or interleaved."""
-    root = Path(root)
-    if create:
-        root.mkdir(parents=True, exist_ok=True)
-    elif not (root / DB).exists():
-        raise InputError(f"{root} is not a corsa store (no {DB})", field="STORE")
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+def hold_lock(root: Path) -> Iterator[None]:
+    """The store's lock, held exclusively: a second writer is refused at once rather than queued or interleaved."""
+    try:
+        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:
+        raise InputError(f"cannot change {root}: no permission to write there", field="STORE") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -251,14 +610,40 @@ def locked(root: str | Path, *, create: bool = False) -> Iterator[Store]:
                              "run again when it has finished", field="STORE") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        store = Store(root, create=create)
+        # Databases are only built under this lock, so one found now was left by a writer that died.
+        for leftover in root.glob(f"{DB_TMP_PREFIX}*"):
+            leftover.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock, also when the process is killed
+
+
+@contextlib.contextmanager
+def locked(root: str | Path, *, create: bool = False, model: str | None = None,
+           prompt_style: str = "auto") -> Iterator[Store]:
+    """The store, held exclusively and opened for writing. With `create`, a missing or empty folder becomes a new
+    store of `model` (a canonical name) asked in `prompt_style`; any other folder that is not a store is refused."""
+    root = Path(root)
+    if not check_store_folder(root):
+        if not create:
+            raise InputError(f"{root} is not a corsa store (no {DB})", field="STORE")
         try:
-            store._remove_unrecorded()
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create {root}: {exc.strerror}", field="STORE") from None
+    with hold_lock(root):
+        if not check_store_folder(root):  # looked at again: another process may have made it meanwhile
+            if not create:
+                raise InputError(f"{root} is not a corsa store (no {DB})", field="STORE")
+            assert model is not None, "a new store needs its model"
+            create_store(root, model, prompt_style)
+        store = Store(root, write=True)
+        try:
+            store.upgrade()
+            store.tidy_versions()
             yield store
         finally:
             store.close()
-    finally:
-        os.close(fd)  # closing releases the lock, also when the process is killed
 
 
 def _answer_all(model: torch.nn.Module, formatter: Formatter, prompts: list[str]) -> dict[str, str]:
@@ -266,18 +651,23 @@ def _answer_all(model: torch.nn.Module, formatter: Formatter, prompts: list[str]
     return dict(zip(prompts, generate(model, formatter, prompts))) if prompts else {}
 
 
-def plan_update(store: Store, requests: list[EditRequest]) -> tuple[list[EditRequest], list[str]]:
-    """Revisions take the store's current answer as their old answer (the thing to push down); the rest keep
-    the user's old answer, or have it mined from the current model later. Returns the requests and, per request,
-    where its old answer comes from."""
-    held = store.facts(store.head)
-    out, sources = [], []
+def check_distinct(requests: list[EditRequest]) -> None:
+    """One update holds each prompt once: two answers to one prompt in one update would contradict each other."""
     seen: set[str] = set()
     for r in requests:
         if r.prompt in seen:
             raise InputError("the same prompt twice in one update; put the later answer in a later update",
                              path=r.source, field="prompt")
         seen.add(r.prompt)
+
+
+def plan_update(store: Store, requests: list[EditRequest]) -> tuple[list[EditRequest], list[str]]:
+    """Revisions take the store's current answer as their old answer (the thing to push down); the rest keep
+    the user's old answer, or have it mined from the current model later. Returns the requests and, per request,
+    where its old answer comes from. The prompts must be distinct (check_distinct)."""
+    held = store.facts(store.head)
+    out, sources = [], []
+    for r in requests:
         current = held.get(r.prompt)
         if current is None:
             out.append(r)
@@ -291,38 +681,73 @@ def plan_update(store: Store, requests: list[EditRequest]) -> tuple[list[EditReq
     return out, sources
 
 
+@dataclass(frozen=True)
+class StoreModel:
+    """The model an update of a store trains, and how it is asked."""
+
+    model: str  # as recorded: models.canonical
+    prompt_style: str
+    fixed: bool  # the store holds updates, so these are its own and cannot change
+
+
+def settle_model(root: Path, model: str | None, prompt_style: str) -> StoreModel:
+    """The model and prompt style an update of `root` uses. Once the store holds an update they are its own
+    (another model is refused now; another prompt style later, when the tokenizer can tell whether it differs).
+    Before that (a new store, or one whose first update never committed) the ones asked for, else the ones it
+    records; the model is checked now either way."""
+    if check_store_folder(root):
+        with Store(root) as store:
+            recorded = (store.meta("model") or models.DEFAULT_MODEL, store.meta("prompt_style", "auto") or "auto")
+            if store.has_updates:
+                if model is not None and not same_model(models.canonical(model), recorded[0]):
+                    raise InputError(f"{root} holds updates of model '{recorded[0]}', not '{model}'",
+                                     field="--model")
+                return StoreModel(*recorded, fixed=True)
+        return StoreModel(models.canonical(model or recorded[0]),
+                          recorded[1] if prompt_style == "auto" else prompt_style, fixed=False)
+    return StoreModel(models.canonical(model), prompt_style, fixed=False)
+
+
 def update(root: str | Path, requests: list[EditRequest], *, method: str = "corsa", model: str | None = None,
            prompt_style: PromptStyle = "auto", progress: bool = True, command: str | None = None,
            preset: str = "auto", on_stage: Callable[[str], None] | None = None, **overrides: Any) -> Version:
     """Continue the store's head adapter on `requests` (creating the store on first use) and record the result
     as a new version. The DPO reference is the model as it was before this update (base + head adapter).
 
-    Settings: the method's defaults, then the model's `update` preset (or `preset="paper"`), then `overrides`.
-    `on_stage(name)` is called as the update passes each of STAGES."""
-
+    Everything that can be checked is checked before the store folder or its database is created or changed:
+    the method and its config, the prompts (distinct, within the model's context), the model (resolved and
+    loaded). Settings: the method's defaults, then the model's `update` preset (or `preset="paper"`), then
+    `overrides`. `on_stage(name)` is called as the update passes each of STAGES."""
+    root = Path(root)
     spec = get(method)
     if not spec.continues:
         continuing = [m.name for m in REGISTRY.values() if m.continues]
         raise InputError(f"a store keeps one adapter that every update continues; {method} does not produce "
                          f"one (use {' or '.join(continuing)})", field="--method")
     stage = on_stage or (lambda name: None)
-    chosen = presets.choose(preset, model, "update")
-    # a bad config fails before anything is loaded or locked
-    editor = make_editor(method, **presets.settings(chosen, method, overrides))
+    check_distinct(requests)
+    settled = settle_model(root, model, prompt_style)
+    chosen = presets.choose(preset, settled.model, "update")
+    editor = make_editor(method, **presets.settings(chosen, method, overrides))  # a bad config fails here
     t_start = time.perf_counter()
-    with locked(root, create=True) as store:
+    base, tok, _ = models.load_model(settled.model)
+    formatter = Formatter(tok, settled.prompt_style)  # type: ignore[arg-type]
+    if settled.fixed and prompt_style != "auto" and Formatter(tok, prompt_style).style != formatter.style:
+        raise InputError(f"{root} holds updates asked in the '{formatter.style}' prompt style, not "
+                         f"'{prompt_style}'", field="--prompt-style")
+    check_lengths(requests, formatter.prompt_length, models.context_length(base, tok))
+    style = settled.prompt_style if settled.fixed else formatter.style  # a new store records the resolved style
+
+    with locked(root, create=True, model=settled.model, prompt_style=style) as store:
         stage("locked")
-        if not store.initialised:
-            store._init(model, prompt_style)
-        elif model is not None and model != store.meta("model"):
-            raise InputError(f"{root} holds updates of model '{store.meta('model')}', not '{model}'",
-                             field="--model")
+        store.adopt(settled.model, style)
         parent = store.head
         requests, sources = plan_update(store, requests)
         held_before = store.facts(parent)
 
-        edited, formatter = store.load(parent, trainable=True)
-        check_lengths(requests, formatter.prompt_length, models.context_length(edited, formatter.tokenizer))
+        folder = store.adapter_dir(parent)
+        edited = base if folder is None else attach_adapter(base, folder, trainable=True)
+        start = None if folder is None else adapter_state(edited)
         bf16 = bool(getattr(editor.config, "bf16", False))
         requests = mine_old_answers(edited, formatter, requests, autocast=bf16)
         # What the store answered before: recorded at the parent version, or asked now for prompts never asked.
@@ -332,36 +757,39 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
 
         result = editor.edit(edited, formatter, requests, progress=progress)
         stage("trained")
+        checks = check_result(spec, result, start)  # a diverged or unchanged adapter is refused; nothing written
         held_after = {**held_before, **{r.prompt: r.target_new for r in requests}}
         after = _answer_all(result.model, formatter, list(held_after))
         metrics = update_metrics(requests, held_before, before, after)
         metrics["timings"] = {**result.info.get("timings", {}), "wall_s": time.perf_counter() - t_start}
         metrics["steps"] = result.info.get("steps")
 
-        v = int(store.db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions").fetchone()[0])
-        rel = f"versions/v{v:04d}"
-        with artifacts.atomic_dir(store.root / rel) as tmp:
+        v = store.last + 1
+        rel = store.new_folder(v)
+        record = {
+            "format": VERSION_FORMAT, "store": store.id, "version": v, "parent": parent, "kind": "update",
+            "source": None, "created": artifacts.now(), "method": editor.name,
+            "config": dataclasses.asdict(editor.config), "command": command, "folder": rel, "adapter": rel,
+            "metrics": metrics, "checks": checks,
+            "edits": [{"prompt": r.prompt, "target_new": r.target_new, "target_old": r.target_old, "old_source": s,
+                       "request": r.to_dict()} for r, s in zip(requests, sources)],
+            "answers": after, "parent_answers": before,
+        }
+
+        def fill(tmp: Path) -> dict[str, Any]:
             save_result(spec, result, tmp)
+            sha = adapter_sha256(tmp)
             write_manifest(tmp, editor=editor, result=result, preset=chosen, command=command,
-                           model={"name": store.meta("model")}, style=formatter.style,
+                           model={"name": settled.model}, style=formatter.style,
                            timings=metrics["timings"], wall_time_s=time.perf_counter() - t_start,
-                           store_version=v, parent_version=parent, metrics=metrics)
-        sha = adapter_sha256(store.root / rel)
+                           store_version=v, parent_version=parent, metrics=metrics, checks=checks,
+                           adapter_sha256=sha)
+            return {"sha256": sha}
+
+        record = store.write_version(record, fill)
         stage("adapter-written")
         with store.transaction():
-            store.db.execute(
-                "INSERT INTO versions (version, parent, kind, created, method, config, command, adapter, sha256, "
-                "metrics) VALUES (?, ?, 'update', ?, ?, ?, ?, ?, ?, ?)",
-                (v, parent, artifacts.now(), editor.name, json.dumps(dataclasses.asdict(editor.config)), command, rel, sha,
-                 json.dumps(metrics)))
-            store.db.executemany(
-                "INSERT INTO edits VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(v, k, r.prompt, r.target_new, r.target_old, s, json.dumps(r.to_dict()))
-                 for k, (r, s) in enumerate(zip(requests, sources))])
-            store.db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",
-                                 [(parent, p, a) for p, a in before.items()])
-            store.db.executemany("INSERT INTO answers VALUES (?, ?, ?)", [(v, p, a) for p, a in after.items()])
-            store.db.execute("UPDATE store SET value = ? WHERE key = 'head'", (str(v),))
+            insert_version(store.db, record)
         stage("committed")
         return store.version(v)
 
@@ -392,51 +820,156 @@ def update_metrics(requests: list[EditRequest], held_before: dict[str, str], bef
 
 
 def revert(root: str | Path, version: int, *, command: str | None = None) -> Version:
-    """Make `version`'s adapter the head again, as a new version (nothing in the history is lost)."""
+    """Make `version`'s adapter the head again, as a new version (nothing in the history is lost). The new
+    version's folder holds only its record; its adapter is the restored version's folder."""
     with locked(root) as store:
         target = store.version(version)
         store.adapter_dir(version)  # checksum verified before the head moves
-        parent = store.head
-        source = target.source if target.kind == "revert" else version
-        v = int(store.db.execute("SELECT MAX(version) + 1 FROM versions").fetchone()[0])
+        v = store.last + 1
+        record = {
+            "format": VERSION_FORMAT, "store": store.id, "version": v, "parent": store.head, "kind": "revert",
+            "source": target.source if target.kind == "revert" else version, "created": artifacts.now(),
+            "method": None, "config": None, "command": command, "folder": store.new_folder(v),
+            "adapter": target.adapter, "sha256": target.sha256, "metrics": {"reverted_to": version},
+            "edits": [], "answers": store.answers(version), "parent_answers": {},
+        }
+        record = store.write_version(record, lambda tmp: {})
         with store.transaction():
-            store.db.execute(
-                "INSERT INTO versions (version, parent, kind, source, created, command, adapter, sha256, metrics) "
-                "VALUES (?, ?, 'revert', ?, ?, ?, ?, ?, ?)",
-                (v, parent, source, artifacts.now(), command, target.adapter, target.sha256,
-                 json.dumps({"reverted_to": version})))
-            store.db.executemany("INSERT INTO answers VALUES (?, ?, ?)",
-                                 [(v, p, a) for p, a in store.answers(version).items()])
-            store.db.execute("UPDATE store SET value = ? WHERE key = 'head'", (str(v),))
+            insert_version(store.db, record)
         return store.version(v)
 
 
-def history(root: str | Path, prompt: str) -> list[tuple[Version, str]]:
-    """Every version's answer to `prompt`: the recorded one, else asked now (and recorded)."""
-    store = Store(root)
-    try:
-        out: list[tuple[Version, str]] = []
-        cache: dict[str | None, str] = {}  # by adapter: a revert answers exactly as the version it restores
-        model = formatter = None
-        for ver in store.versions():
-            recorded = store.answers(ver.version).get(prompt)
-            if recorded is None and ver.adapter in cache:
-                recorded = cache[ver.adapter]
-            if recorded is None:
-                from peft import PeftModel
+def open_recorder(root: Path) -> sqlite3.Connection | None:
+    """A connection `history` records answers through, or None where the store cannot be written (then it
+    answers without recording)."""
+    if not (os.access(root, os.W_OK) and os.access(root / DB, os.W_OK)):
+        return None
+    return connect(root, write=True)
 
-                if model is None:
-                    model, formatter = store.load(0)
-                folder = store.adapter_dir(ver.version)
-                asked = model if folder is None else PeftModel.from_pretrained(model, str(folder))
-                recorded = generate(asked, formatter, [prompt])[0]
-                if folder is not None:
-                    model = asked.unload()  # back to the plain base model for the next version
-                with store.transaction():
-                    store.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",
-                                     (ver.version, prompt, recorded))
-            cache[ver.adapter] = recorded
-            out.append((ver, recorded))
+
+def history(root: str | Path, prompt: str) -> list[tuple[Version, str]]:
+    """Every version's answer to `prompt`: the recorded one, else asked now (and recorded where the store can be
+    written)."""
+    root = Path(root)
+    with Store(root) as store:
+        out: list[tuple[Version, str]] = []
+        recorded_at = store.answers_to(prompt)
+        cache: dict[str | None, str] = {}  # by adapter: a revert answers exactly as the version it restores
+        model = formatter = recorder = None
+        try:
+            for ver in store.versions():
+                answer = recorded_at.get(ver.version, cache.get(ver.adapter))
+                if answer is None:
+                    if model is None:
+                        model, formatter = store.load(0)
+                        recorder = open_recorder(root)
+                    folder = store.adapter_dir(ver.version)
+                    asked = model if folder is None else attach_adapter(model, folder)
+                    answer = generate(asked, formatter, [prompt])[0]
+                    if folder is not None:
+                        model = asked.unload()  # back to the plain base model for the next version
+                    if recorder is not None:
+                        try:
+                            recorder.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",
+                                             (ver.version, prompt, answer))
+                        except sqlite3.OperationalError:  # read-only after all, or held too long by a writer
+                            recorder.close()
+                            recorder = None
+                cache[ver.adapter] = answer
+                out.append((ver, answer))
+        finally:
+            if recorder is not None:
+                recorder.close()
         return out
-    finally:
-        store.close()
+
+
+def read_records(root: Path, store_id: str) -> tuple[list[tuple[Path, dict[str, Any]]], list[Path]]:
+    """The version records under versions/ that carry this store's id, and the folders that hold none."""
+    folder = root / "versions"
+    records, unrecognised = [], []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        try:
+            record = json.loads((entry / VERSION_FILE).read_text())
+        except (OSError, ValueError):
+            record = None
+        if isinstance(record, dict) and record.get("store") == store_id and not entry.is_symlink():
+            records.append((entry, record))
+        else:
+            unrecognised.append(entry)
+    return records, unrecognised
+
+
+RECORD_KEYS = ("version", "parent", "kind", "source", "created", "method", "config", "command", "sha256", "metrics",
+               "edits", "answers", "parent_answers")
+
+
+def check_records(root: Path, found: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The records in version order, refused (never guessed at) unless they form a complete history whose
+    adapters match their checksums. Folder fields are taken from where the records lie."""
+    by_version: dict[int, tuple[Path, dict[str, Any]]] = {}
+    for entry, record in found:
+        lacking = [k for k in RECORD_KEYS if k not in record]
+        if lacking or not isinstance(record["version"], int) or record["version"] < 1:
+            raise InputError(f"not a complete version record (lacking {', '.join(lacking) or 'a version number'})",
+                             path=str(entry / VERSION_FILE))
+        if record["version"] in by_version:
+            raise InputError(f"version {record['version']} is recorded twice, in {by_version[record['version']][0]} "
+                             f"and {entry}; move the wrong one out of versions/ and rebuild again", field="STORE")
+        by_version[record["version"]] = (entry, record)
+    out: list[dict[str, Any]] = []
+    adapters: dict[int, str | None] = {0: None}
+    for v in range(1, len(by_version) + 1):
+        if v not in by_version:
+            raise InputError(f"version {v} has no record under {root / 'versions'} (versions up to "
+                             f"{max(by_version)} do); a history with a gap is not rebuilt", field="STORE")
+        entry, record = by_version[v]
+        rel = f"versions/{entry.name}"
+        if record["parent"] not in adapters or (record["kind"] == "revert" and record["source"] not in adapters):
+            raise InputError(f"version {v}'s parent or source is not an earlier version", path=str(entry / VERSION_FILE))
+        if record["kind"] == "update":
+            if not all((entry / f).exists() for f in ADAPTER_FILES):
+                raise InputError(f"version {v}'s adapter is missing from {entry}; not rebuilt", field="STORE")
+            if adapter_sha256(entry) != record["sha256"]:
+                raise InputError(f"version {v}'s adapter in {entry} does not match its recorded sha256; not rebuilt",
+                                 field="STORE")
+            adapter = rel
+        elif record["kind"] == "revert":
+            adapter = adapters[record["source"]]
+        else:
+            raise InputError(f"unknown kind '{record['kind']}'", path=str(entry / VERSION_FILE))
+        adapters[v] = adapter
+        out.append({**record, "folder": rel, "adapter": adapter})
+    return out
+
+
+def rebuild(root: str | Path) -> RebuildReport:
+    """Make store.db again from store.json and every versions/*/version.json, each update's adapter verified
+    against its recorded sha256. Refused where a readable store.db exists; a damaged one is kept beside as
+    store.db.damaged-<time> (with its journal), never deleted. Answers asked only by `history` are not in the
+    records and are asked again when next needed."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root} is not a folder", field="STORE")
+    identity = read_store_file(root)
+    with hold_lock(root):
+        if (root / DB).exists():
+            try:
+                Store(root).close()
+            except InputError:
+                pass  # damaged: rebuilt below
+            else:
+                raise InputError(f"{root / DB} is readable, so there is nothing to rebuild", field="STORE")
+        artifacts.clean_orphans(root / "versions")
+        found, unrecognised = read_records(root, identity["id"])
+        records = check_records(root, found)
+        tmp = build_database(root, identity, records)
+        damaged = None
+        if (root / DB).exists():
+            damaged = root / f"{DB}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+            for suffix in ("-journal", "-wal", "-shm"):  # a journal would be replayed onto the new database
+                if (root / f"{DB}{suffix}").exists():
+                    os.replace(root / f"{DB}{suffix}", root / f"{damaged.name}{suffix}")
+            os.replace(root / DB, damaged)
+        os.replace(tmp, root / DB)
+    return RebuildReport(root, tuple(r["version"] for r in records), records[-1]["version"] if records else 0,
+                         damaged, tuple(unrecognised))
