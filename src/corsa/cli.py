@@ -370,6 +370,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         else:
             model, tok, _ = models.load_model(args.model)
             formatter = Formatter(tok)
+        room = models.context_length(model, formatter.tokenizer)
+        used = formatter.prompt_length(args.prompt)
+        if used + args.max_new_tokens > room:
+            raise InputError(f"the prompt ({used} tokens) and --max-new-tokens {args.max_new_tokens} do not fit the "
+                             f"model's context ({room} tokens)", field="PROMPT")
         print(generate(model, formatter, [args.prompt], max_new_tokens=args.max_new_tokens)[0])
         return 0
     if args.command == "demo":
