@@ -243,3 +243,26 @@ def test_a_relative_model_path_is_recorded_absolute(tmp_path, tiny, capsys, monk
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     assert main(["ask", GOOD["prompt"], "--adapter", "work/run", "--max-new-tokens", "4"]) == 0
+
+
+def test_hub_ids_load_from_the_cache_and_fail_fast_when_neither_cached_nor_reachable(tmp_path, tiny):
+    """No hub here: a cached id loads from its cached folder without the client's minute of retries, and an id
+    that is not cached fails at once in one line that lists the packaged models."""
+    import shutil
+    import time
+
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny, snapshot)
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env.pop("HF_HUB_OFFLINE", None)
+    cli = [sys.executable, "-m", "corsa.cli"]
+    t = time.perf_counter()
+    ok = subprocess.run([*cli, "ask", "q?", "--model", "org/tiny", "--max-new-tokens", "2"], env=env, cwd=tmp_path,
+                        capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([*cli, "ask", "q?", "--model", "org/absent"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "smollm2-135m" in bad.stderr, bad.stderr
+    assert time.perf_counter() - t < 30  # the client's retries alone take about 50 s

@@ -198,9 +198,19 @@ def check_hub(name: str) -> None:
 
 
 def resolve(name: str | None) -> str:
-    """Turn a user's model name into something from_pretrained accepts (checked first: see `canonical`)."""
+    """Turn a user's model name into something from_pretrained accepts (checked first: see `canonical`). A hub id
+    already in the local cache loads from its cached folder: asked by id, the hub client would first try the
+    network, and retry for about a minute where there is none."""
     key = canonical(name)
-    return str(materialize(key)) if key in PACKAGED else key
+    if key in PACKAGED:
+        return str(materialize(key))
+    if not os.path.isdir(key):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(key, "config.json")
+        if isinstance(cached, str):
+            return os.path.dirname(cached)
+    return key
 
 
 def load_tokenizer(path: str) -> Any:
