@@ -41,6 +41,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import sqlite3
 import sys
@@ -50,7 +51,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -148,8 +149,8 @@ class RebuildReport:
 
     def summary(self) -> list[str]:
         """The lines `corsa rebuild` prints."""
-        lines = [f"{self.root}: {DB} rebuilt from {len(self.versions)} version record"
-                 f"{'' if len(self.versions) == 1 else 's'}; head = version {self.head}"]
+        n = len(self.versions)
+        lines = [f"{self.root}: {DB} rebuilt from {n} version record{'' if n == 1 else 's'}; head = version {self.head}"]
         if self.damaged is not None:
             lines.append(f"the unreadable {DB} was kept as {self.damaged}")
         lines += [f"left alone (not a version of this store): {p}" for p in self.unrecognised]
@@ -180,7 +181,7 @@ def attach_adapter(base: torch.nn.Module, folder: Path, *, trainable: bool = Fal
     try:
         with safe_open(str(folder / "adapter_model.safetensors"), "pt") as fh:
             fh.keys()  # the header is parsed and checked against the file's length here
-    except Exception as exc:  # safetensors raises its own error type, or OSError, for a damaged file
+    except Exception as exc:  # noqa: BLE001 -- safetensors' own error type, OSError, or whatever a damaged header raises
         raise InputError(f"adapter_model.safetensors is damaged or not a safetensors file ({exc})",
                          path=str(folder)) from None
     try:
@@ -212,8 +213,8 @@ def check_store_folder(root: Path) -> bool:
     if not content:
         return False
     if content & {STORE_FILE, "versions"}:
-        raise InputError(f"{root / DB} is missing, but the folder holds a store's versions; `corsa rebuild {root}` "
-                         "makes it again from their records", field="STORE")
+        raise InputError(f"{root / DB} is missing, but the folder holds a store's versions; "
+                         f"`corsa rebuild {shlex.quote(str(root))}` makes it again from their records", field="STORE")
     raise InputError(f"{root} is not empty and is not a corsa store (no {DB}); choose a new or empty folder",
                      field="STORE")
 
@@ -253,8 +254,9 @@ def check_database(db: sqlite3.Connection, root: Path) -> None:
     except sqlite3.DatabaseError as exc:
         problem = str(exc)
     if problem != "ok":
-        raise InputError(f"{path} is damaged or not a corsa store database ({problem}); `corsa rebuild {root}` "
-                         "makes it again from the version records", field="STORE")
+        raise InputError(f"{path} is damaged or not a corsa store database ({problem}); "
+                         f"`corsa rebuild {shlex.quote(str(root))}` makes it again from the version records",
+                         field="STORE")
 
 
 def read_store_file(root: Path) -> dict[str, Any]:
@@ -293,7 +295,7 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
