@@ -194,10 +194,14 @@ def test_sigkill_during_an_update_loses_nothing(tmp_path, tiny_dir, point, commi
     s.load()  # the head loads, checksum verified
     assert store.adapter_sha256(s.adapter_dir(1)) == s.version(1).sha256  # the last good version is intact
     s.close()
-    # The next writer cleans up what the killed one left and carries on with the next version number.
+    if point == "adapter-written":  # finished but never committed: its record proves it is this store's
+        record = json.loads((root / "versions" / "v0002" / "version.json").read_text())
+        assert record["version"] == 2 and record["store"] == json.loads((root / "store.json").read_text())["id"]
+    (root / "versions" / "mine").mkdir()  # not the store's: the next writer must leave it alone
+    # The next writer removes what the killed one provably left and carries on with the next version number.
     v = store.update(root, [EditRequest("cat?", "dog", "mouse")], progress=False, **FAST)
     assert v.version == (3 if committed else 2)
-    assert sorted(os.listdir(root / "versions")) == [f"v{i:04d}" for i in range(1, v.version + 1)]
+    assert sorted(os.listdir(root / "versions")) == ["mine", *(f"v{i:04d}" for i in range(1, v.version + 1))]
 
 
 def test_ask_reads_a_store(tmp_path, tiny_dir, capsys):
