@@ -13,6 +13,8 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -149,6 +151,36 @@ def test_rebuild_refuses_what_it_would_have_to_guess(kb):
         store.rebuild(kb)
     shutil.move(kb / "store.json.away", kb / "store.json")
     assert store.rebuild(kb).versions == (1, 2, 3)
+
+
+def test_a_journal_beside_a_lost_database_is_kept_aside(kb):
+    (kb / store.DB).unlink()
+    (kb / "store.db-journal").write_bytes(b"a journal of the database that was lost")
+    report = store.rebuild(kb)
+    assert report.damaged is None and not (kb / "store.db-journal").exists()
+    assert [p.read_bytes() for p in kb.glob("store.db.damaged-*-journal")] == [
+        b"a journal of the database that was lost"]
+    with store.Store(kb) as s:
+        assert s.head == 3
+
+
+INTERRUPTED_WRITE = """
+import os, signal, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA cache_size=1")  # the transaction spills to the file, so the journal is needed to undo it
+db.execute("BEGIN IMMEDIATE")
+db.executemany("INSERT INTO answers VALUES (0, ?, ?)", ((f"q{i}", "x" * 200) for i in range(5000)))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_reader_after_an_interrupted_write_sees_the_last_commit(kb, capsys):
+    before = snapshot(kb)
+    subprocess.run([sys.executable, "-c", INTERRUPTED_WRITE, str(kb / store.DB)], check=False)
+    assert (kb / "store.db-journal").stat().st_size > 0  # a hot journal: the transaction must be rolled back
+    capsys.readouterr()
+    assert main(["log", str(kb)]) == 0 and "* v3" in capsys.readouterr().out
+    assert snapshot(kb) == before
 
 
 def test_every_version_keeps_a_record_beside_its_adapter(kb):

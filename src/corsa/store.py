@@ -947,8 +947,11 @@ def check_records(root: Path, found: list[tuple[Path, dict[str, Any]]]) -> list[
 def rebuild(root: str | Path) -> RebuildReport:
     """Make store.db again from store.json and every versions/*/version.json, each update's adapter verified
     against its recorded sha256. Refused where a readable store.db exists; a damaged one is kept beside as
-    store.db.damaged-<time> (with its journal), never deleted. Answers asked only by `history` are not in the
-    records and are asked again when next needed."""
+    store.db.damaged-<time> (with its journal), never deleted. Nothing is guessed: a missing, duplicated or
+    malformed record, or an adapter that does not match its checksum, refuses the rebuild and changes nothing.
+    A version whose folder was finished but never committed (a crash between the rename and the commit) is
+    restored like any other, its adapter being complete and verified. Answers asked only by `history` are not in
+    the records and are asked again when next needed."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root} is not a folder", field="STORE")
@@ -965,13 +968,16 @@ def rebuild(root: str | Path) -> RebuildReport:
         found, unrecognised = read_records(root, identity["id"])
         records = check_records(root, found)
         tmp = build_database(root, identity, records)
+        aside = root / f"{DB}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+        # The old database's journals go with it, also when the database itself is lost: SQLite would replay a
+        # journal left beside store.db onto the new one.
+        for suffix in ("-journal", "-wal", "-shm"):
+            if (root / f"{DB}{suffix}").exists():
+                os.replace(root / f"{DB}{suffix}", root / f"{aside.name}{suffix}")
         damaged = None
         if (root / DB).exists():
-            damaged = root / f"{DB}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
-            for suffix in ("-journal", "-wal", "-shm"):  # a journal would be replayed onto the new database
-                if (root / f"{DB}{suffix}").exists():
-                    os.replace(root / f"{DB}{suffix}", root / f"{damaged.name}{suffix}")
-            os.replace(root / DB, damaged)
+            os.replace(root / DB, aside)
+            damaged = aside
         os.replace(tmp, root / DB)
     return RebuildReport(root, tuple(r["version"] for r in records), records[-1]["version"] if records else 0,
                          damaged, tuple(unrecognised))
