@@ -601,8 +601,8 @@ def hold_lock(root: Path) -> Iterator[None]:
     """The store's lock, held exclusively: a second writer is refused at once rather than queued or interleaved."""
     try:
         fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except PermissionError:
-        raise InputError(f"cannot change {root}: no permission to write there", field="STORE") from None
+    except OSError as exc:  # no permission, a read-only file system, ...
+        raise InputError(f"cannot change {root}: {exc.strerror}", field="STORE") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
