@@ -236,18 +236,21 @@ def test_foreign_folders_under_versions_are_left_alone_and_named(kb, capsys):
     record = json.loads((other / "version.json").read_text())
     (other / "version.json").write_text(json.dumps({**record, "store": "another", "version": 99}))
     old = shutil.copytree(versions / "v0001", versions / "v0001-copy")  # this store's record, a committed number
-    # What a writer killed between the rename and the commit leaves: this store's record, above every version.
+    # What a writer killed between the rename and the commit leaves: this store's record of the next version, made
+    # on the head. Versions further ahead could only come from an older store.db put back: left alone.
     crashed = shutil.copytree(versions / "v0002", versions / "v0009")
     record = json.loads((crashed / "version.json").read_text())
-    (crashed / "version.json").write_text(json.dumps({**record, "version": 4, "store": identity["id"]}))
+    (crashed / "version.json").write_text(json.dumps({**record, "version": 4, "parent": 3, "store": identity["id"]}))
+    ahead = shutil.copytree(versions / "v0002", versions / "v0010")
+    (ahead / "version.json").write_text(json.dumps({**record, "version": 5, "parent": 4, "store": identity["id"]}))
     capsys.readouterr()
 
     v = store.revert(kb, 2)
     err = capsys.readouterr().err
     assert v.version == 4 and not crashed.exists()  # proven ours and never committed: removed
-    for name in ("v0004", "notes.txt", "from-another-store", "v0001-copy"):
+    for name in ("v0004", "notes.txt", "from-another-store", "v0001-copy", "v0010"):
         assert (versions / name).exists() and f"{versions / name} is not a version recorded" in err
-    assert len(err.strip().splitlines()) == 4 and (versions / "v0004" / "mine.txt").read_text() == "keep me"
+    assert len(err.strip().splitlines()) == 5 and (versions / "v0004" / "mine.txt").read_text() == "keep me"
     assert old.exists() and other.exists()
     # The new version took a free name beside the foreign folder, and the database records it.
     assert os.listdir(versions / "v0004-2") == ["version.json"]
@@ -259,6 +262,7 @@ def test_foreign_folders_under_versions_are_left_alone_and_named(kb, capsys):
     with pytest.raises(InputError, match="version 1 is recorded twice"):
         store.rebuild(kb)
     shutil.move(old, kb / "v0001-copy")
+    shutil.move(ahead, kb / "v0010")  # a complete record of version 5: rebuild would restore it as one
     report = store.rebuild(kb)
     assert report.versions == (1, 2, 3, 4)
     assert {p.name for p in report.unrecognised} == {"v0004", "notes.txt", "from-another-store"}

@@ -23,8 +23,8 @@ before the transaction that names it commits, and the head only moves inside tha
 commit leaves the last committed version as the head; a crash after it has lost nothing.
 
 What corsa deletes: only what it can prove it wrote and never committed. The next writer removes temporary folders
-whose process died (artifacts.clean_orphans) and a finished folder whose version.json carries this store's id and a
-version number above every committed one (a crash between the rename and the commit). Any other folder under
+whose process died (artifacts.clean_orphans) and a finished folder whose version.json carries this store's id, the
+next version number and the head as its parent (a crash between the rename and the commit). Any other folder under
 versions/ that store.db does not record is left alone and named in a warning, and new versions take a free folder
 name beside it. A folder that is not a store is never made into one, and a store whose store.db is lost or
 unreadable is refused, never started again: `corsa rebuild STORE` (`rebuild` below) restores it from the records.
@@ -475,13 +475,16 @@ class Store:
 
     def uncommitted(self, entry: Path, last: int) -> bool:
         """The proof that `entry` is a version this store's writer finished but never committed: its record carries
-        this store's id and a number above every committed version."""
+        this store's id and a number above every committed version. Only the next number, made on the current
+        head, is taken as proof: a writer killed between the rename and the commit leaves exactly that (the next
+        writer removes it before making its own), whereas folders further ahead can only come from a store.db
+        put back from an older copy, and those versions are someone's work."""
         if entry.is_symlink() or not entry.is_dir():
             return False
         try:
             record = json.loads((entry / VERSION_FILE).read_text())
-            return (record.get("store") == self.id != "" and isinstance(record.get("version"), int)
-                    and record["version"] > last)
+            return (record.get("store") == self.id != "" and record.get("version") == last + 1
+                    and record.get("parent") == self.head)
         except (OSError, ValueError, AttributeError):
             return False
 
