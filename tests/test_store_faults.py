@@ -113,6 +113,14 @@ def test_a_lost_or_damaged_database_is_refused_then_rebuilt(kb, tmp_path, capsys
     assert {k: v for k, v in files(kb).items() if k.startswith("versions/")} == untouched
     assert (kb / store.DB).exists() == (how != "lost")
 
+    assert main(["rebuild", str(kb)]) == 0  # the command the error named
+    out = capsys.readouterr().out
+    assert f"{kb}: store.db rebuilt from 3 version records; head = version 3" in out
+    assert snapshot(kb) == before
+    assert main(["log", str(kb)]) == 0
+    capsys.readouterr()
+
+    damage(kb, how)  # again, through the library, to read the report
     report = store.rebuild(kb)
     assert report.versions == (1, 2, 3) and report.head == 3 and report.unrecognised == ()
     if how == "lost":

@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("version", type=COUNT)
 
+    p = sub.add_parser("rebuild", help="make a store's store.db again from store.json and versions/*/version.json, "
+                                       "after it was lost or damaged (every adapter checked against its sha256)")
+    p.add_argument("store")
+
     p = sub.add_parser("history", help="the answer a prompt got at every version of a store")
     p.add_argument("store")
     p.add_argument("prompt")
@@ -356,7 +360,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
               f"final loss {last.get('loss', float('nan')):.4f}, learned {last.get('learned', 0):.0%})"
               + (f"; it replaced {replaced}" if replaced else "") + _collapse_note(result.info.get("collapse")))
         return 0
-    if args.command in ("update", "log", "revert", "history"):
+    if args.command in ("update", "log", "revert", "history", "rebuild"):
         return _store_command(args, command)
     if args.command == "ask":
         from corsa import models
@@ -497,6 +501,9 @@ def _store_command(args: argparse.Namespace, command: str) -> int:
               f"{_count(m['n_revisions'], 'revision')}): "
               f"efficacy {m['efficacy']:.0%}, forgetting {forgetting} of "
               f"{_count(m['correct_before'], 'fact')} held before")
+        return 0
+    if args.command == "rebuild":
+        print("\n".join(store.rebuild(args.store).summary()))
         return 0
     if args.command == "revert":
         v = store.revert(args.store, args.version, command=command)
