@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -64,8 +65,8 @@ def finite(text: str) -> float:
     return value
 
 
-def whole(low: int) -> Callable[[str], int]:
-    """An int flag's type: a whole number >= low."""
+def whole(low: int, high: int | None = None, why: str = "") -> Callable[[str], int]:
+    """An int flag's type: a whole number >= low (and <= high, where a larger one cannot work: `why`)."""
 
     def parse(text: str) -> int:
         try:
@@ -74,6 +75,8 @@ def whole(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}{why}, not {value}")
         return value
 
     parse.__name__ = f"whole number >= {low}"  # argparse names the type in its messages
@@ -81,6 +84,8 @@ def whole(low: int) -> Callable[[str], int]:
 
 
 POSITIVE, COUNT = whole(1), whole(0)
+SEED = whole(0, 2**32 - 1, " (the seed of every random generator used)")
+THREADS = whole(1, os.cpu_count() or 1, f" (this machine has {os.cpu_count()} CPUs)")
 # A negative number after a flag ("--lr -1e-3") reads, to argparse, as another flag unless it looks like "-1" or
 # "-.5"; joined into "--lr=-1e-3" it is the flag's value, and the range check can answer it.
 NEGATIVE_NUMBER = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
@@ -106,7 +111,7 @@ def _number(text: str, flag: str) -> float:
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="smollm2-135m (default), gemma-3-270m, a local folder or a hub id")
     p.add_argument("--epochs", type=POSITIVE, help="upper bound on epochs (training stops once all edits are learned)")
-    p.add_argument("--seed", type=COUNT)
+    p.add_argument("--seed", type=SEED)
     p.add_argument("--lr", type=finite, help="learning rate (default: the --preset's; paper: 2e-4)")
     p.add_argument("--lr-schedule", choices=["constant", "linear"],
                    help="constant (default) or linear decay to 0 over --epochs (the released code's HF default)")
@@ -120,7 +125,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                                                 "(default 2)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with native bf16; fp32, "
                                                        "with a note, where bf16 is slow)")
-    p.add_argument("--threads", type=POSITIVE, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=THREADS, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "qa"],
                    help="auto: the chat template when the model has one, else the paper's 'Q: ...\\nA:' prompt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -185,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("history", help="the answer a prompt got at every version of a store")
     p.add_argument("store")
     p.add_argument("prompt")
-    p.add_argument("--threads", type=POSITIVE)
+    p.add_argument("--threads", type=THREADS)
 
     p = sub.add_parser("ask", help="print the model's greedy answer to a prompt")
     p.add_argument("prompt")
@@ -193,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "PEFT adapter folder")
     p.add_argument("--model", default=None, help="base model (default: the adapter's, else smollm2-135m)")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=64)
-    p.add_argument("--threads", type=POSITIVE)
+    p.add_argument("--threads", type=THREADS)
 
     p = sub.add_parser("demo", help="edit the embedded fact set with LoRA and CoRSA and compare")
     p.add_argument("--out", default="runs/demo")
@@ -237,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=POSITIVE, default=5, help="timed repetitions per part (median reported)")
     p.add_argument("--batch-size", type=POSITIVE, default=16)
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--threads", type=POSITIVE)
+    p.add_argument("--threads", type=THREADS)
     for name, text in (("inject", "cross-dataset injection: CounterFact, then MQuAKE, in one adapter (Table 2)"),
                        ("revise", "continual revision: stored facts revised in a later update (Table 3, Fig. 3)")):
         p = bench.add_parser(name, help=text)
@@ -467,9 +472,10 @@ def _with_seeds(methods: list[str], seeds: str, default: int) -> list[str]:
 
     out = []
     for text in seeds.split(","):
-        if not text.strip().isdigit():
-            raise InputError(f"'{text.strip()}' is not a whole number", field="--train-seeds")
-        k = int(text)
+        try:
+            k = SEED(text.strip())
+        except argparse.ArgumentTypeError as exc:
+            raise InputError(str(exc), field="--train-seeds") from None
         out += [m if k == default else f"{m}{SEED_MARK}{k}" for m in methods]
     return out
 

@@ -102,22 +102,24 @@ def get(name: str) -> MethodSpec:
 def make_editor(name: str, **overrides: Any) -> Editor:
     spec = get(name)
     config = spec.config(**overrides)
-    check_finite(config)
+    check_numbers(config)
     return spec.editor(config)
 
 
-def check_finite(config: Any, where: str = "") -> None:
+def check_numbers(config: Any, where: str = "") -> None:
     """Every number in a config (nested configs included) must be finite: a NaN passes every range check written
-    as a comparison (nan <= 0 is False) and then trains an adapter of NaNs."""
+    as a comparison (nan <= 0 is False) and then trains an adapter of NaNs. Seeds must fit the generators."""
     import dataclasses
     import math
 
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
-            check_finite(value, f"{where}{f.name}.")
+            check_numbers(value, f"{where}{f.name}.")
         elif isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{where}{f.name} must be a finite number, not {value}")
+        elif f.name == "seed" and not 0 <= value < 2**32:
+            raise ValueError(f"{where}seed must be a whole number from 0 to 2**32 - 1, not {value}")
 
 
 def options() -> dict[str, tuple[Option, list[str]]]:
