@@ -270,3 +270,20 @@ def test_hub_ids_load_from_the_cache_and_fail_fast_when_neither_cached_nor_reach
                          text=True, check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "smollm2-135m" in bad.stderr, bad.stderr
     assert time.perf_counter() - t < 30  # the client's retries alone take about 50 s
+
+
+def test_a_run_folder_whose_adapter_changed_after_it_was_written_is_refused(tmp_path, tiny, capsys, monkeypatch):
+    (tmp_path / "facts.jsonl").write_text(lines(GOOD))
+    monkeypatch.chdir(tmp_path)
+    assert main(["edit", "facts.jsonl", "--out", "run", "--model", tiny, "--quiet", "--epochs", "2",
+                 "--lr", "1e-2"]) == 0
+    capsys.readouterr()
+    assert main(["ask", "q?", "--adapter", "run", "--max-new-tokens", "2"]) == 0
+    weights = tmp_path / "run" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte inside a weight: still a valid file, silently different answers
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["ask", "q?", "--adapter", "run", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sha256" in err

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from corsa import store
+from corsa import artifacts, store
 from corsa.cli import main
 from corsa.errors import InputError
 from corsa.requests import EditRequest
@@ -55,7 +55,7 @@ def test_updates_continue_one_adapter_and_revisions_push_down_the_stored_answer(
     assert v2.metrics["n_revisions"] == 1 and v2.metrics["n_stored_before"] == 1  # 2+2 was held and not revised
     assert s.head == 2 and s.version(2).parent == 1
     # Both adapters stay on disk, unchanged, and differ: v2 continued v1's parameters.
-    assert store.adapter_sha256(s.adapter_dir(1)) == s.version(1).sha256
+    assert artifacts.adapter_sha256(s.adapter_dir(1)) == s.version(1).sha256
     assert s.version(1).sha256 != s.version(2).sha256
     s.close()
 
@@ -192,7 +192,7 @@ def test_sigkill_during_an_update_loses_nothing(tmp_path, tiny_dir, point, commi
     assert s.head == (2 if committed else 1)
     assert [v.version for v in s.versions()] == ([0, 1, 2] if committed else [0, 1])
     s.load()  # the head loads, checksum verified
-    assert store.adapter_sha256(s.adapter_dir(1)) == s.version(1).sha256  # the last good version is intact
+    assert artifacts.adapter_sha256(s.adapter_dir(1)) == s.version(1).sha256  # the last good version is intact
     s.close()
     if point == "adapter-written":  # finished but never committed: its record proves it is this store's
         record = json.loads((root / "versions" / "v0002" / "version.json").read_text())

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import make_tokenizer
 
-from corsa import models, store
+from corsa import artifacts, models, store
 from corsa.cli import main
 from corsa.errors import InputError
 from corsa.loading import load_edited
@@ -131,7 +131,7 @@ def test_a_lost_or_damaged_database_is_refused_then_rebuilt(kb, tmp_path, capsys
     assert "head = version 3" in report.summary()[0]
     assert snapshot(kb) == before  # versions, heads, checksums, edits and the answers recorded by updates
     with store.Store(kb) as s:
-        assert all(store.adapter_sha256(s.adapter_dir(v)) == s.version(v).sha256 for v in (1, 2, 3))
+        assert all(artifacts.adapter_sha256(s.adapter_dir(v)) == s.version(v).sha256 for v in (1, 2, 3))
 
     with pytest.raises(InputError, match="readable, so there is nothing to rebuild"):
         store.rebuild(kb)
@@ -324,7 +324,7 @@ def other_shape_model(path):
 def test_a_damaged_or_mismatched_adapter_is_one_line_naming_its_folder(kb, tmp_path, capsys):
     plain = tmp_path / "plain"  # a bare PEFT folder: no record to check it against
     plain.mkdir()
-    for name in store.ADAPTER_FILES:
+    for name in artifacts.ADAPTER_FILES:
         shutil.copy(kb / "versions" / "v0001" / name, plain / name)
     other = other_shape_model(tmp_path / "wide")
 
@@ -343,7 +343,7 @@ def test_a_damaged_or_mismatched_adapter_is_one_line_naming_its_folder(kb, tmp_p
         s.load(1)
     shutil.copy(plain / "adapter_model.safetensors", kb / "versions" / "v0001" / "adapter_model.safetensors")
     con.execute("UPDATE versions SET sha256 = ? WHERE version = 1",
-                (store.adapter_sha256(kb / "versions" / "v0001"),))
+                (artifacts.adapter_sha256(kb / "versions" / "v0001"),))
     con.commit()
     con.close()
     with store.Store(kb) as s, pytest.raises(InputError, match="damaged or not a safetensors file"):
@@ -576,3 +576,11 @@ def test_ten_thousand_versions(tmp_path, tiny_dir, capsys):
     with store.Store(root) as s:
         assert s.facts(N + 2) == expected and s.edits(N + 2)[0]["old_source"] == "store"
     assert (root / "versions" / f"v{N + 2}" / "version.json").exists()
+
+
+def test_a_store_asked_with_another_model_is_refused_not_ignored(kb, tmp_path, capsys):
+    other = str(tmp_path / "other-model")
+    shutil.copytree(json.loads((kb / "store.json").read_text())["model"], other)  # same weights, another name
+    for adapter in (kb, kb / "versions" / "v0001"):
+        err = one_error_line(capsys, main(["ask", "sky?", "--adapter", str(adapter), "--model", other]))
+        assert "holds updates of model" in err

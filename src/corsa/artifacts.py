@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from typing import Any
 from corsa.errors import InputError
 
 MANIFEST = "edit_manifest.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what defines a PEFT adapter
 PARTIAL = ".corsa-partial"  # inside a temporary folder while corsa writes it; removed just before the rename
 # Room the temporary siblings add to a folder's name (".", ".tmp-", mkdtemp's 8 characters).
 _TMP_EXTRA = len("..tmp-") + 8
@@ -159,6 +161,17 @@ def atomic_dir(out: str | Path, overwrite: bool = False, *,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def adapter_sha256(folder: Path) -> str:
+    """One checksum over the files that define the adapter (names included, so a swapped file is caught)."""
+    h = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        h.update(name.encode() + b"\0")
+        with open(folder / name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def now() -> str:

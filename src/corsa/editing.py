@@ -136,9 +136,11 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
         with artifacts.atomic_dir(out, overwrite) as tmp:
             save_result(spec, result, tmp)
             timings["save_s"] = time.perf_counter() - t
+            # Recorded so that a later load can tell a damaged or changed adapter from the one written here.
+            sha = {"adapter_sha256": artifacts.adapter_sha256(tmp)} if spec.output == "adapter" else {}
             write_manifest(tmp, editor=editor, result=result, preset=chosen, command=command,
                            model={"name": name, "path": path}, style=formatter.style,
-                           timings=timings, wall_time_s=time.perf_counter() - t_start, checks=checks)
+                           timings=timings, wall_time_s=time.perf_counter() - t_start, checks=checks, **sha)
     distributed.barrier()
     return Path(out), result
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 from corsa import artifacts, models
+from corsa.artifacts import ADAPTER_FILES, adapter_sha256
 from corsa.errors import InputError
 from corsa.methods import get
 from corsa.methods.base import CONTEXT_FILE
 from corsa.prompts import Formatter
-from corsa.store import ADAPTER_FILES, DB, STORE_FILE, VERSION_FILE, Store, adapter_sha256, attach_adapter
+from corsa.store import DB, STORE_FILE, VERSION_FILE, Store, attach_adapter
 
 
 def load_edited(run_dir: str | Path, model: str | None = None) -> tuple[torch.nn.Module, Formatter]:
@@ -24,10 +25,12 @@ def load_edited(run_dir: str | Path, model: str | None = None) -> tuple[torch.nn
     run_dir = Path(run_dir)
     if (run_dir / DB).exists() or (run_dir / STORE_FILE).exists():  # a store: its current version, verified
         with Store(run_dir) as store:
+            check_store_model(store, model)
             return store.load()
     owner = store_holding(run_dir)
     if owner is not None:  # one version of a store: the store's record decides what it is and what it must hold
         with Store(owner) as store:
+            check_store_model(store, model)
             v = store.version_in(f"versions/{run_dir.resolve().name}")
             if v is None:
                 raise InputError(f"{run_dir} lies in the store {owner} but is not one of its committed versions; "
@@ -49,6 +52,13 @@ def load_edited(run_dir: str | Path, model: str | None = None) -> tuple[torch.nn
         assert spec.load_context is not None
         return base, spec.load_context(tok, style, json.loads((run_dir / CONTEXT_FILE).read_text()))
     return attach_adapter(base, run_dir), Formatter(tok, style)
+
+
+def check_store_model(store: Store, model: str | None) -> None:
+    """A store's adapters answer with the store's model; another one asked for is refused, not ignored."""
+    if model is not None and models.canonical(model) != store.meta("model"):
+        raise InputError(f"{store.root} holds updates of model '{store.meta('model')}', not '{model}'; leave out "
+                         "--model to ask with it", field="--model")
 
 
 def store_holding(folder: Path) -> Path | None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import shlex
@@ -57,6 +56,7 @@ import torch
 
 from corsa import artifacts, models, presets
 from corsa.answers import contains, same_answer
+from corsa.artifacts import ADAPTER_FILES, adapter_sha256
 from corsa.editing import adapter_state, check_result, mine_old_answers, save_result, write_manifest
 from corsa.errors import InputError
 from corsa.evaluate.metrics import forgotten
@@ -71,7 +71,6 @@ VERSION_FILE = "version.json"
 LOCK = ".lock"
 FORMAT = "corsa-store/1"
 VERSION_FORMAT = "corsa-store-version/1"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # A new or rebuilt store.db is written under this prefix in the store folder, then renamed; only under the lock.
 DB_TMP_PREFIX = f".{DB}.tmp-"
 
@@ -155,17 +154,6 @@ class RebuildReport:
             lines.append(f"the unreadable {DB} was kept as {self.damaged}")
         lines += [f"left alone (not a version of this store): {p}" for p in self.unrecognised]
         return lines
-
-
-def adapter_sha256(folder: Path) -> str:
-    """One checksum over the files that define the adapter (names included, so a swapped file is caught)."""
-    h = hashlib.sha256()
-    for name in ADAPTER_FILES:
-        h.update(name.encode() + b"\0")
-        with open(folder / name, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def attach_adapter(base: torch.nn.Module, folder: Path, *, trainable: bool = False) -> torch.nn.Module:
