@@ -227,10 +227,11 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
     check_before_work(out, methods, preset, cfg.model, cfg.overrides, str(cfg.data))
     requests, skipped = load_benchmark_with_report(cfg.bench, cfg.data, cfg.split)
     chosen = select_cases(requests, cfg.n, cfg.seed, cfg.bench, cfg.subset)
-    header = {"bench": cfg.bench, "data": str(cfg.data), "split": cfg.split, "n": len(chosen), "seed": cfg.seed,
-              "subset": cfg.subset,
+    # Paths and models recorded absolute / canonical, so a record still says what ran when read from elsewhere.
+    header = {"bench": cfg.bench, "data": str(Path(cfg.data).resolve()), "split": cfg.split, "n": len(chosen),
+              "seed": cfg.seed, "subset": cfg.subset,
               "skipped_in_file": skipped, "case_ids": [r.id for r in chosen], "command": command,
-              "model": cfg.model or models.DEFAULT_MODEL, "prompt_style": cfg.prompt_style,
+              "model": models.canonical(cfg.model), "prompt_style": cfg.prompt_style,
               "eval_config": dataclasses.asdict(cfg.eval),
               "mmlu_n_per_subject": cfg.mmlu_n, "preset": preset.record()}
     out.mkdir(parents=True, exist_ok=True)

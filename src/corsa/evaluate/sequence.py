@@ -249,7 +249,7 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
     check_before_work(out, methods, preset, cfg.model, cfg.overrides, str(cfg.data))
     stages = build_stages(cfg)
     header = {"bench": cfg.kind, "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "overrides"},
-              "overrides": cfg.overrides, "command": command, "model": cfg.model or models.DEFAULT_MODEL,
+              "overrides": cfg.overrides, "command": command, "model": models.canonical(cfg.model),
               "stages": [[r.id for r in s] for s in stages], "preset": preset.record()}
     refuse_other_runs(out, header)
     out.mkdir(parents=True, exist_ok=True)
