@@ -84,6 +84,9 @@ CASES: dict[str, tuple[list[str], dict[str, str | bytes]]] = {
     "no subcommand": ([], {}),
     # the input file
     "no such file": (["edit", "missing.jsonl", "--out", "run", "--model", "{model}"], {"facts.jsonl": ""}),
+    "input is a device": (["edit", "/dev/zero", "--out", "run", "--model", "{model}"], {}),
+    "target too long for the context": (EDIT, {"facts.jsonl": lines({"prompt": "q?", "target_new": "ab " * 30})}),
+    "old answer too long for the context": (EDIT, {"facts.jsonl": lines({**GOOD, "target_old": "ab " * 30})}),
     "input is a folder": (["edit", "folder", "--out", "run", "--model", "{model}"], {"folder/x": "1"}),
     "empty file": (EDIT, {"facts.jsonl": "\n\n"}),
     "invalid JSON": (EDIT, {"facts.jsonl": '{"prompt": "q?", "target_new": \n'}),

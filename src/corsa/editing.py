@@ -121,7 +121,8 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
     base, tok, path = models.load_model(name)
     formatter = Formatter(tok, prompt_style)
     timings["load_s"] = time.perf_counter() - t
-    check_lengths(requests, formatter.prompt_length, models.context_length(base, tok))
+    check_lengths(requests, formatter.prompt_length, models.context_length(base, tok),
+                  count_answer=formatter.answer_length)
 
     t = time.perf_counter()
     requests = mine_old_answers(base, formatter, requests, autocast=bool(getattr(editor.config, "bf16", False)))

@@ -66,6 +66,9 @@ class Formatter:
     def prompt_length(self, prompt: str) -> int:
         return len(self.prompt_ids(prompt))
 
+    def answer_length(self, answer: str) -> int:
+        return len(self.answer_ids(answer))
+
     def clean(self, generated: str) -> str:
         """The answer part of a generation: in QA style a base model runs on to the next 'Q:', so cut there."""
         text = generated.strip()

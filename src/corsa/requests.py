@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -194,6 +195,9 @@ def read_jsonl(path: str | Path) -> list[EditRequest]:
     if os.path.isdir(name):
         raise InputError("is a folder; give a .jsonl file (or --format counterfact|zsre|mquake for a benchmark)",
                          path=name)
+    mode = os.stat(name).st_mode
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):  # /dev/zero would be read for ever; a pipe (<(...)) is fine
+        raise InputError("is a device, not a file", path=name)
     try:
         with open(name, "rb") as fh:
             raw_lines = fh.read().split(b"\n")
@@ -249,22 +253,32 @@ def _split_source(source: str | None) -> tuple[str | None, int | None, str]:
 
 
 def check_lengths(requests: Iterable[EditRequest], count_tokens: Callable[[str], int], max_tokens: int,
-                  path_hint: str | None = None) -> None:
-    """Refuse the first prompt (or paraphrase, or neighborhood prompt) that won't fit the model's context.
+                  path_hint: str | None = None, count_answer: Callable[[str], int] | None = None) -> None:
+    """Refuse the first prompt (or paraphrase, or neighborhood prompt) that won't fit the model's context, and,
+    given `count_answer`, the first prompt whose new or old answer would take a training sequence past it.
 
     `count_tokens` must count the fully formatted prompt (chat template included), since that is what the model
-    sees. `path_hint` names the file for requests that carry no `source` (built in code rather than read).
+    sees; `count_answer` the answer as it is trained (end token included). `path_hint` names the file for requests
+    that carry no `source` (built in code rather than read).
     """
     for r in requests:
+        path, line, where = _split_source(r.source)
+        prefix = f"{where}: " if where else ""
         texts = [("prompt", r.prompt)] + [(f"paraphrases[{i}]", p) for i, p in enumerate(r.paraphrases)]
         texts += [(f"neighborhood[{i}].prompt", n.prompt) for i, n in enumerate(r.neighborhood)]
         for name, text in texts:
             n = count_tokens(text)
             if n > max_tokens:
-                path, line, where = _split_source(r.source)
-                prefix = f"{where}: " if where else ""
                 raise InputError(f"{prefix}{name} is {n} tokens, longer than the model's context ({max_tokens})",
                                  path=path if path is not None else path_hint, line=line, field=name)
+        if count_answer is None:
+            continue
+        for name, answer in (("target_new", r.target_new), ("target_old", r.target_old)):
+            n = count_tokens(r.prompt) + count_answer(answer) if answer is not None else 0
+            if n > max_tokens:
+                raise InputError(f"{prefix}the prompt and its {name} are {n} tokens together, longer than the "
+                                 f"model's context ({max_tokens})", path=path if path is not None else path_hint,
+                                 line=line, field=name)
 
 
 def write_jsonl(requests: Iterable[EditRequest], path: str | Path) -> None:

@@ -728,7 +728,8 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
     if settled.fixed and prompt_style != "auto" and Formatter(tok, prompt_style).style != formatter.style:
         raise InputError(f"{root} holds updates asked in the '{formatter.style}' prompt style, not "
                          f"'{prompt_style}'", field="--prompt-style")
-    check_lengths(requests, formatter.prompt_length, models.context_length(base, tok))
+    check_lengths(requests, formatter.prompt_length, models.context_length(base, tok),
+                  count_answer=formatter.answer_length)
     style = settled.prompt_style if settled.fixed else formatter.style  # a new store records the resolved style
 
     with locked(root, create=True, model=settled.model, prompt_style=style) as store:
