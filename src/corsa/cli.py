@@ -295,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         return _fail(f"{where}{exc.strerror or exc}")
     except sqlite3.DatabaseError as exc:
-        return _fail(f"{getattr(args, 'store', 'the store')}: its database cannot be used ({exc}); "
-                     f"`corsa rebuild {getattr(args, 'store', 'STORE')}` rebuilds it from the version folders")
+        where = getattr(args, "store", None) or getattr(args, "adapter", None) or "STORE"
+        return _fail(f"{where}: its database cannot be used ({exc}); `corsa rebuild {where}` rebuilds it from the "
+                     "version folders")
     except UnicodeError as exc:
         return _fail(f"text that is not valid UTF-8 ({exc.reason})")
     except Exception as exc:  # noqa: BLE001 -- a bug: keep the traceback for the report, but do not bury the user in it

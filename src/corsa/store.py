@@ -419,6 +419,14 @@ class Store:
                 self.db.execute("INSERT INTO store VALUES ('id', ?)", (str(uuid.uuid4()),))
         if not (self.root / STORE_FILE).exists():
             self.write_store_file()
+            return
+        try:
+            ours = read_store_file(self.root)["id"] == self.id
+        except InputError:
+            ours = False
+        if not ours:  # not rewritten: corsa cannot prove it wrote what is there now
+            print(f"corsa: warning: {self.root / STORE_FILE} is damaged or another store's, and a rebuild needs it; "
+                  "move it aside and the next update writes it again from store.db", file=sys.stderr)
 
     def write_store_file(self) -> None:
         artifacts.write_json(self.root / STORE_FILE, {
