@@ -3,6 +3,8 @@ use these, so "the same answer" and "gives the target" mean one thing throughout
 
 from __future__ import annotations
 
+import re
+
 
 def normalize(text: str) -> str:
     """Case and surrounding white space do not make another answer."""
@@ -25,3 +27,12 @@ def bare(answer: str) -> str:
     """A short answer as a whole: normalised, with the closing full stop or exclamation mark a chat model adds
     dropped, for exact comparisons (another edit's target given as the whole answer)."""
     return normalize(answer.strip().rstrip(".!"))
+
+
+def first_sentence(text: str) -> str:
+    """The first line, cut after its first sentence: chat models often add a paragraph of commentary, which
+    would make an answer used for training (a mined y-, an anchor's kept answer) long and mostly about something
+    other than the fact."""
+    line = text.strip().split("\n")[0].strip()
+    match = re.search(r"[.!?](\s|$)", line)
+    return line[: match.start() + 1] if match else line

@@ -313,7 +313,7 @@ def _with_flag(message: str) -> str:
     """A config's message names its field ("lr must be ..."); add the flag the user types to set it."""
     from corsa.methods.registry import options
 
-    flags = {option.field: flag for flag, (option, _) in options().items()}
+    flags = {option.field: flag for flag, (option, _) in options().items() if option.type is not None}
     flags.update({field: "--" + flag.replace("_", "-") for flag, field in TRAINING_FLAGS})
     field = message.split(" ", 1)[0]
     return f"{message} ({flags[field]})" if field in flags else message

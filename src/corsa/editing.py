@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 
 from corsa import artifacts, distributed, models, presets
-from corsa.answers import contains
+from corsa.answers import contains, first_sentence
 from corsa.errors import InputError
 from corsa.methods import Editor, EditResult, MethodSpec, get, make_editor
 from corsa.methods.base import CONTEXT_FILE
@@ -37,14 +36,6 @@ def mine_old_answers(model: torch.nn.Module, formatter: Formatter, requests: lis
     for i, answer in zip(todo, answers):
         out[i] = requests[i].with_old(first_sentence(answer) or "(empty answer)", mined=True)
     return out
-
-
-def first_sentence(text: str) -> str:
-    """The first line, cut after its first sentence: chat models often add a paragraph of commentary, which
-    would make y- long and mostly about something other than the fact."""
-    line = text.strip().split("\n")[0].strip()
-    match = re.search(r"[.!?](\s|$)", line)
-    return line[: match.start() + 1] if match else line
 
 
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -21,8 +21,8 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from corsa import distributed
-from corsa.answers import contains
+from corsa import anchors, distributed
+from corsa.answers import contains, first_sentence
 from corsa.methods.base import EditResult
 from corsa.methods.registry import MethodSpec, Option, Sweep, register
 from corsa.optim import losses, pcgrad, sam
@@ -32,6 +32,7 @@ from corsa.scoring import (
     SharedBatch,
     autocast_context,
     compute_context,
+    generate,
     make_shared_batch,
     score_answers,
     sum_by_row,
@@ -87,6 +88,14 @@ class CorsaConfig:
     # stops training and puts back the saved adapter that the most edits were learned by (see `train`). Runs that
     # train well swing by a few edits, far from half; 0 switches the share test off (a non-finite loss always stops).
     collapse_share: float = 0.5
+    # Retention (issue 29; not in the paper): per edit, up to `anchors_per_edit` anchor prompts (corsa.anchors:
+    # the request's neighbourhood, its prompt with the subject swapped, general questions) answered by the model
+    # as it is before this update (greedy, at most `anchor_tokens` tokens, first sentence), and trained to keep
+    # that answer: L_anchor, the mean NLL of those answers, enters Algorithm 1 on the SFT side,
+    # g_SFT <- grad(L_SFT + anchor_weight * L_anchor), so PCGrad still resolves the SFT/DPO conflict. 0 = off.
+    anchors_per_edit: int = 0
+    anchor_weight: float = 1.0
+    anchor_tokens: int = 16
     seed: int = 0
     bf16: bool = False  # bf16 autocast for forward/backward; master weights stay fp32
 
@@ -96,9 +105,11 @@ class CorsaConfig:
                              "set pcgrad=None (the 'no DPO' ablation has one objective)")
         if self.pcgrad not in (None, "paper", "official"):
             raise ValueError(f"pcgrad must be 'paper', 'official' or None, not {self.pcgrad!r}")
-        for name in ("lora_r", "batch_size", "epochs", "patience"):
+        for name in ("lora_r", "batch_size", "epochs", "patience", "anchor_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.anchors_per_edit < 0:
+            raise ValueError(f"anchors_per_edit must be >= 0, not {self.anchors_per_edit}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError("micro_batch_size must be >= 1")
         if self.lr_schedule not in ("constant", "linear"):
@@ -110,7 +121,8 @@ class CorsaConfig:
         if not 0 <= self.collapse_share < 1:
             raise ValueError(f"collapse_share must be in [0, 1), not {self.collapse_share}")
         for name, low, above in (("lr", 0.0, True), ("beta", 0.0, True), ("rho", 0.0, False), ("lam", 0.0, False),
-                                 ("weight_decay", 0.0, False), ("lora_dropout", 0.0, False)):
+                                 ("weight_decay", 0.0, False), ("lora_dropout", 0.0, False),
+                                 ("anchor_weight", 0.0, False)):
             value = getattr(self, name)
             if not math.isfinite(value) or (value <= low if above else value < low):
                 raise ValueError(f"{name} must be a finite number {'>' if above else '>='} {low:g}, not {value}")
@@ -159,6 +171,7 @@ class Pair:
     old: list[int] | None  # None: no old answer to push down (it already contained the new one)
     ref_new: float = 0.0
     ref_old: float = 0.0
+    anchors: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt, answer to keep) ids
 
 
 @dataclass
@@ -229,36 +242,42 @@ class PairBatch:
     dpo_pairs: list[int]  # the pairs that also have a y- to push down; dpo_pairs[k]'s y- is row old_rows[k]
     dpo_new_rows: torch.Tensor  # and its y+ row
     old_rows: torch.Tensor
+    anchor_rows: torch.Tensor  # the rows of the pairs' anchors, each with the answer it must keep
 
     def to(self, device: torch.device) -> PairBatch:
         return PairBatch(self.batch.to(device), self.pairs, self.new_rows.to(device), self.dpo_pairs,
-                         self.dpo_new_rows.to(device), self.old_rows.to(device))
+                         self.dpo_new_rows.to(device), self.old_rows.to(device), self.anchor_rows.to(device))
 
 
 def pair_batch(pairs: list[Pair], idx: list[int], use_dpo: bool, pad_id: int) -> PairBatch:
-    """The pairs `idx` as one batch (one forward pass for every y+ and y-)."""
+    """The pairs `idx` as one batch (one forward pass for every y+, y- and anchor answer)."""
     dpo = [i for i in idx if use_dpo and pairs[i].old is not None]
     answers = [(k, pairs[i].new) for k, i in enumerate(idx)]
     answers += [(idx.index(i), pairs[i].old) for i in dpo]  # type: ignore[misc]
-    batch = make_shared_batch([pairs[i].prompt for i in idx], answers, pad_id)
+    kept = [a for i in idx for a in pairs[i].anchors]
+    answers += [(len(idx) + k, answer) for k, (_, answer) in enumerate(kept)]
+    batch = make_shared_batch([pairs[i].prompt for i in idx] + [prompt for prompt, _ in kept], answers, pad_id)
+    first_anchor = len(idx) + len(dpo)
     return PairBatch(batch, list(idx), torch.arange(len(idx)), dpo, torch.tensor([idx.index(i) for i in dpo],
-                     dtype=torch.long), torch.arange(len(idx), len(idx) + len(dpo)))
+                     dtype=torch.long), torch.arange(len(idx), first_anchor),
+                     torch.arange(first_anchor, first_anchor + len(kept)))
 
 
 @dataclass
 class BatchLosses:
     """One micro-batch's share of the batch losses (already divided by the whole batch's counts)."""
 
-    sft: torch.Tensor
+    sft: torch.Tensor  # the SFT side: L_SFT, plus anchor_weight * L_anchor when there are anchors
     dpo: torch.Tensor | None
     stats: dict[str, float]
     exact: dict[int, bool]  # pair -> its new answer is the argmax at every token
 
 
 def batch_losses(model: torch.nn.Module, pb: PairBatch, pairs: list[Pair], cfg: CorsaConfig, n_tokens: int,
-                 n_pairs: int, n_batch: int) -> BatchLosses:
+                 n_pairs: int, n_batch: int, n_anchor_tokens: int = 0) -> BatchLosses:
     """L_SFT and L_DPO (paper eqs. 2-3) of one micro-batch, as its share of the batch means: n_tokens new-answer
-    tokens, n_pairs DPO pairs and n_batch edits in the whole batch, so micro-batches add up to the batch."""
+    tokens, n_pairs DPO pairs and n_batch edits in the whole batch, so micro-batches add up to the batch; and,
+    with anchors, L_anchor over the batch's n_anchor_tokens kept-answer tokens, added to the SFT side."""
     batch = pb.batch
     with autocast_context(batch.targets.device, cfg.bf16):
         tok_logp, top = token_logprobs(model, batch)
@@ -269,6 +288,12 @@ def batch_losses(model: torch.nn.Module, pb: PairBatch, pairs: list[Pair], cfg: 
     misses = sum_by_row((top != batch.targets).long(), batch)
     stats = {"sft_loss": sft.item(), "logp_new": seq_logp[pb.new_rows].sum().item() / n_batch}
     exact = {i: bool(misses[row] == 0) for i, row in zip(pb.pairs, pb.new_rows.tolist())}
+    if len(pb.anchor_rows):
+        is_anchor = torch.zeros(batch.n_rows, dtype=torch.bool, device=batch.rows.device)
+        is_anchor[pb.anchor_rows] = True
+        anchor = losses.sft_loss(tok_logp[is_anchor[batch.rows]], n_anchor_tokens)
+        stats["anchor_loss"] = anchor.item()
+        sft = sft + cfg.anchor_weight * anchor
     if not pb.dpo_pairs:
         return BatchLosses(sft, None, stats, exact)
     ref_new = torch.tensor([pairs[i].ref_new for i in pb.dpo_pairs], device=seq_logp.device)
@@ -291,6 +316,7 @@ class CorsaTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.collapse: dict[str, Any] | None = None  # set when the divergence guard stopped training
         self.timings: dict[str, float] = {}  # set by build_trainer
+        self.anchors: list[dict[str, Any]] = []  # set by build_trainer: what each edit's anchors keep
 
     def gradients(self, idx: list[int]) -> Grads:
         """grad L_SFT and grad L_DPO over the batch `idx` (Algorithm 1 lines 3 and 10), or their weighted sum
@@ -306,14 +332,16 @@ class CorsaTrainer:
         names = ["sft", "dpo"] if separate else ["total"]
         n_tokens = sum(len(self.pairs[i].new) for i in idx)
         n_pairs = sum(1 for i in idx if cfg.use_dpo and self.pairs[i].old is not None)
+        n_anchor_tokens = sum(len(answer) for i in idx for _, answer in self.pairs[i].anchors)
         acc: dict[str, list[torch.Tensor]] = {}
-        stats = {"sft_loss": 0.0, "dpo_loss": 0.0, "logp_new": 0.0, "logp_old": 0.0, "dpo_margin": 0.0}
+        stats = {"sft_loss": 0.0, "dpo_loss": 0.0, "logp_new": 0.0, "logp_old": 0.0, "dpo_margin": 0.0,
+                 "anchor_loss": 0.0}
         exact: dict[int, bool] = {}
         local = distributed.shard(idx)
         size = cfg.micro_batch_size or len(idx)
         for start in range(0, len(local), size):
             pb = pair_batch(self.pairs, local[start : start + size], cfg.use_dpo, self.pad_id).to(self.device)
-            part = batch_losses(self.model, pb, self.pairs, cfg, n_tokens, n_pairs, len(idx))
+            part = batch_losses(self.model, pb, self.pairs, cfg, n_tokens, n_pairs, len(idx), n_anchor_tokens)
             for k, v in part.stats.items():
                 stats[k] += v
             exact.update(part.exact)
@@ -342,7 +370,7 @@ class CorsaTrainer:
         """One optimizer step on the batch `idx`."""
         cfg = self.cfg
         record, g = algorithm_1_step(lambda: self.gradients(idx), self.params, self.opt, cfg)
-        record["loss"] = record["sft_loss"] + cfg.lam * record["dpo_loss"]
+        record["loss"] = record["sft_loss"] + cfg.anchor_weight * record["anchor_loss"] + cfg.lam * record["dpo_loss"]
         record["margin"] = record["logp_new"] - record["logp_old"] if cfg.use_dpo else 0.0
         self.last_exact = g.exact
         return record
@@ -470,16 +498,37 @@ def build_trainer(model: torch.nn.Module, formatter: Formatter, requests: list[E
     which a later update continues), the edits as token pairs, the DPO reference log-probs from the model as it
     is now, and the trainer. `trainer.model` is the model being trained."""
     t = time.perf_counter()
+    # Anchors are answered first, by the model as it is before this update (the fresh adapter's B = 0 would give
+    # the same answers; a continued one is part of "before").
+    kept = answer_anchors(model, formatter, requests, cfg) if cfg.anchors_per_edit else []
+    anchors_s = time.perf_counter() - t
+    t = time.perf_counter()
     if not hasattr(model, "peft_config"):
         model = attach_lora(model, cfg)
     pairs = build_pairs(formatter, requests)
+    for item in kept:
+        pairs[item["edit"]].anchors.append((formatter.prompt_ids(item["prompt"]), formatter.answer_ids(item["answer"])))
     setup_s = time.perf_counter() - t
     t = time.perf_counter()
     if cfg.use_dpo:
         cache_reference(model, formatter, requests, pairs, cfg.bf16)
     trainer = CorsaTrainer(model, pairs, cfg, formatter.pad_id)
-    trainer.timings = {"setup_s": setup_s, "reference_s": time.perf_counter() - t}
+    trainer.timings = {"setup_s": setup_s, "reference_s": time.perf_counter() - t, "anchors_s": anchors_s}
+    trainer.anchors = kept
     return trainer
+
+
+def answer_anchors(model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest],
+                   cfg: CorsaConfig) -> list[dict[str, Any]]:
+    """Each edit's anchors (corsa.anchors.build) with the answer the model gives them now: what training keeps.
+    An anchor answered with nothing is dropped."""
+    sets = anchors.build(requests, cfg.anchors_per_edit, cfg.seed)
+    items = [(i, a) for i, s in enumerate(sets) for a in s]
+    model.eval()
+    answers = generate(model, formatter, [a.prompt for _, a in items], max_new_tokens=cfg.anchor_tokens,
+                       autocast=cfg.bf16) if items else []
+    return [{"edit": i, "prompt": a.prompt, "source": a.source, "answer": first_sentence(answer)}
+            for (i, a), answer in zip(items, answers) if first_sentence(answer)]
 
 
 class CorsaEditor:
@@ -500,9 +549,18 @@ class CorsaEditor:
         info: dict[str, Any] = {"timings": timings, "steps": len(curves),
                                 "epochs_run": (curves[-1]["epoch"] + 1) if curves else 0,
                                 "variant": cfg.variant, "config": asdict(cfg), "collapse": trainer.collapse,
-                                "bf16_used": use_bf16(trainer.device, cfg.bf16)}
+                                "bf16_used": use_bf16(trainer.device, cfg.bf16), "anchors": trainer.anchors}
         return EditResult(model=trainer.model, requests=requests, curves=curves, info=info)
 
+
+# The retention term's flags, for every method trained by this trainer (corsa, lora).
+ANCHOR_OPTIONS = (
+    Option("--anchors", "anchors_per_edit", "anchor prompts per edit kept at the model's own answers (neighbourhood "
+           "given, subject swapped, general questions; default: the --preset's, paper: 0)", type=int),
+    Option("--no-anchors", "anchors_per_edit", "train without anchors (as the paper)", value=0),
+    Option("--anchor-weight", "anchor_weight", "weight of the anchors' loss on the SFT side (default 1)",
+           type=float),
+)
 
 register(MethodSpec(
     "corsa", CorsaConfig, CorsaEditor,
@@ -519,6 +577,7 @@ register(MethodSpec(
         Option("--no-dpo", "use_dpo", "ablation: SFT only (PCGrad then has nothing to resolve)", value=False,
                also={"pcgrad": None}),
         Option("--no-sam", "use_sam", "ablation: plain step instead of SAM", value=False),
+        *ANCHOR_OPTIONS,
     ),
     # The paper's ablations (Table 9) and the PCGrad variant of the released code.
     variants={"corsa-no-sam": {"use_sam": False}, "corsa-no-dpo": {"use_dpo": False, "pcgrad": None},

@@ -1,0 +1,136 @@
+"""Anchors (issue 29): where they come from, that benchmarks withhold their evaluation prompts, and the retention
+term they add to the SFT side of Algorithm 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from corsa import anchors
+from corsa.answers import normalize
+from corsa.methods import make_editor
+from corsa.methods.corsa import (
+    CorsaConfig,
+    CorsaTrainer,
+    attach_lora,
+    build_pairs,
+    build_trainer,
+    cache_reference,
+)
+from corsa.prompts import Formatter
+from corsa.requests import EditRequest, Neighbor
+
+EDITS = [
+    EditRequest("What is the capital of France?", "Lyon", "Paris", subject="France"),
+    EditRequest("What is the capital of Japan?", "Osaka", "Tokyo", subject="Japan"),
+    EditRequest("Who founded Zorblax Corp?", "Ann", subject="Zorblax Corp",
+                neighborhood=(Neighbor("Who founded Acme?", "Bob"),)),
+    EditRequest("sky colour?", "green", "blue"),
+]
+FAST = {"lr": 2e-2, "epochs": 3, "batch_size": 4, "stop_when_learned": False, "lora_r": 8, "lora_alpha": 16}
+
+
+def test_anchors_come_from_the_neighbourhood_then_subject_swaps_then_the_pool():
+    sets = anchors.build(EDITS, per_edit=3, seed=0)
+    edited = {normalize(r.prompt) for r in EDITS}
+    assert all(len(s) == 3 for s in sets)
+    assert all(normalize(a.prompt) not in edited for s in sets for a in s)  # an edit is never an anchor
+    france = sets[0]
+    assert {a.source for a in france} == {"subject-swap"}
+    assert all(a.prompt.startswith("What is the capital of ") and "France" not in a.prompt for a in france)
+    countries = set(anchors.pool()["subjects"]["country"])
+    assert all(a.prompt.removeprefix("What is the capital of ").rstrip("?") in countries for a in france)
+    zorblax = sets[2]
+    assert zorblax[0] == anchors.Anchor("Who founded Acme?", "neighborhood")
+    assert zorblax[1].source == "subject-swap" and "Zorblax" not in zorblax[1].prompt
+    assert {a.source for a in sets[3]} == {"pool"}  # no subject: general questions
+    assert sets == anchors.build(EDITS, per_edit=3, seed=0)  # fixed by the seed
+    assert anchors.build(EDITS, per_edit=3, seed=1) != sets
+    assert anchors.build(EDITS, per_edit=0) == [(), (), (), ()]
+    assert "Written for corsa" in anchors.pool()["source"]
+
+
+def test_benchmarks_train_without_their_evaluation_prompts():
+    kept = anchors.withheld(EDITS)
+    assert all(not r.paraphrases and not r.neighborhood for r in kept)
+    assert [r.prompt for r in kept] == [r.prompt for r in EDITS]
+    assert all(a.source != "neighborhood" for s in anchors.build(kept, 3) for a in s)
+
+
+def test_the_anchor_term_is_the_nll_of_the_kept_answers_on_the_sft_side(tiny_model, tokenizer):
+    fmt = Formatter(tokenizer)
+    cfg = CorsaConfig(**FAST, anchors_per_edit=2)
+    trainer = build_trainer(tiny_model, fmt, EDITS, cfg)
+    assert len(trainer.anchors) == 8 and all(a["answer"] for a in trainer.anchors)
+    idx = list(range(len(EDITS)))
+    with_anchors = trainer.gradients(idx)
+    # The same model and pairs without anchors: the DPO gradient is the same, the SFT side differs by exactly
+    # anchor_weight * grad L_anchor, where L_anchor is the mean NLL over every kept-answer token of the batch.
+    plain_pairs = build_pairs(fmt, EDITS)
+    for p, q in zip(plain_pairs, trainer.pairs):
+        p.ref_new, p.ref_old = q.ref_new, q.ref_old
+    plain = CorsaTrainer(trainer.model, plain_pairs, cfg, fmt.pad_id).gradients(idx)
+    for a, b in zip(with_anchors.dpo, plain.dpo):
+        assert torch.allclose(a, b, atol=1e-6)
+    kept = [a for p in trainer.pairs for a in p.anchors]
+    n = sum(len(answer) for _, answer in kept)
+    nll = 0.0
+    for prompt, answer in kept:
+        ids = torch.tensor([prompt + answer])
+        logp = torch.log_softmax(trainer.model(input_ids=ids).logits[0, len(prompt) - 1 : -1], -1)
+        nll = nll - logp.gather(1, torch.tensor(answer)[:, None]).sum()
+    expected = torch.autograd.grad(nll / n, trainer.params, allow_unused=True)
+    for a, b, e in zip(with_anchors.sft, plain.sft, expected):
+        e = torch.zeros_like(a) if e is None else e
+        assert torch.allclose(a - b, cfg.anchor_weight * e, atol=1e-5)
+    assert with_anchors.stats["anchor_loss"] == pytest.approx(float(nll.detach() / n), rel=1e-4)
+
+
+def test_micro_batches_and_anchors_add_up_to_the_whole_batch(tiny_model, tokenizer):
+    fmt = Formatter(tokenizer)
+    trainer = build_trainer(tiny_model, fmt, EDITS, CorsaConfig(**FAST, anchors_per_edit=2))
+    parts = CorsaTrainer(trainer.model, trainer.pairs, CorsaConfig(**FAST, anchors_per_edit=2, micro_batch_size=3),
+                         fmt.pad_id)
+    idx = list(range(len(EDITS)))
+    whole, split = trainer.gradients(idx), parts.gradients(idx)
+    for a, b in zip(whole.sft + whole.dpo, split.sft + split.dpo):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_anchors_keep_the_models_answers_that_plain_training_moves(tokenizer):
+    """Trained the same way with and without anchors, the unedited model's answers to the anchors keep a lower
+    NLL with them."""
+    from conftest import make_model
+
+    fmt = Formatter(tokenizer)
+    cfg = CorsaConfig(**FAST, anchors_per_edit=2)
+    reference = build_trainer(make_model(len(tokenizer)), fmt, EDITS, cfg)  # the unedited model's answers
+    idx = list(range(len(EDITS)))
+
+    def anchor_nll(per_edit):
+        result = make_editor("corsa", **{**FAST, "epochs": 6}, anchors_per_edit=per_edit).edit(
+            make_model(len(tokenizer)), fmt, EDITS, progress=False)
+        return CorsaTrainer(result.model, reference.pairs, cfg, fmt.pad_id).gradients(idx).stats["anchor_loss"], result
+
+    before = reference.gradients(idx).stats["anchor_loss"]
+    without, _ = anchor_nll(0)
+    kept, result = anchor_nll(2)
+    assert before < without  # plain training moves the unedited model's answers away
+    assert kept < without
+    assert len(result.info["anchors"]) == 8  # recorded for the manifest
+
+
+def test_anchors_are_off_unless_asked_and_refused_below_zero():
+    assert CorsaConfig().anchors_per_edit == 0
+    with pytest.raises(ValueError, match="anchors_per_edit"):
+        CorsaConfig(anchors_per_edit=-1)
+    with pytest.raises(ValueError, match="anchor_weight"):
+        CorsaConfig(anchor_weight=-0.5)
+
+
+def test_cache_reference_is_untouched_by_anchors(tiny_model, tokenizer):
+    fmt = Formatter(tokenizer)
+    model = attach_lora(tiny_model, CorsaConfig(**FAST))
+    pairs = build_pairs(fmt, EDITS)
+    cache_reference(model, fmt, EDITS, pairs)
+    assert all(not p.anchors for p in pairs)
