@@ -97,3 +97,9 @@ def withheld(requests: list[EditRequest]) -> list[EditRequest]:
     """The requests as a benchmark may train on them: without the paraphrases and neighbourhood prompts it will
     evaluate with, so nothing of the evaluation reaches training (or anchors)."""
     return [dataclasses.replace(r, paraphrases=(), neighborhood=()) for r in requests]
+
+
+def with_mined(originals: list[EditRequest], trained: list[EditRequest]) -> list[EditRequest]:
+    """The evaluation's requests (`originals`, paraphrases and neighbourhood included) with the old answers that
+    training filled in (mined from the model) on the withheld copies it was given."""
+    return [dataclasses.replace(o, target_old=t.target_old, old_mined=t.old_mined) for o, t in zip(originals, trained)]

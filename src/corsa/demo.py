@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from corsa import artifacts, models
+from corsa import anchors, artifacts, models
 from corsa.editing import edit
 from corsa.errors import InputError
 from corsa.evaluate.metrics import evaluate
@@ -69,10 +69,12 @@ def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = ("lora
     runs: dict[str, Any] = {}
     for method in methods:
         t = time.perf_counter()
-        run_dir, result = edit(requests, out / method, method=method, model=model, overwrite=True,
+        # Trained without the paraphrases and neighbourhood prompts the table is measured on.
+        run_dir, result = edit(anchors.withheld(requests), out / method, method=method, model=model, overwrite=True,
                                progress=progress, command=f"corsa demo ({method})", prompt_style=prompt_style,
                                preset=preset, **overrides)
-        columns[method] = evaluate(result.model, result.formatter or formatter, result.requests,
+        columns[method] = evaluate(result.model, result.formatter or formatter,
+                                   anchors.with_mined(requests, result.requests),
                                    reference=columns["base"])
         runs[method] = {"adapter": str(run_dir), "wall_time_s": time.perf_counter() - t,
                         "steps": result.info["steps"], "epochs_run": result.info["epochs_run"]}

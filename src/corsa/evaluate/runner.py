@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from corsa import artifacts, models, presets
+from corsa import anchors, artifacts, models, presets
 from corsa.answers import contains
 from corsa.editing import edit
 from corsa.errors import InputError
@@ -258,13 +258,15 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
             print(f"{spec}: done earlier, skipped")
             continue
         t = time.perf_counter()
-        adapter, result = edit(chosen, out / spec / "adapter", method=method, model=cfg.model, overwrite=True,
+        # Training never sees the evaluation's paraphrases or neighbourhood prompts (anchors would use them).
+        adapter, result = edit(anchors.withheld(chosen), out / spec / "adapter", method=method, model=cfg.model,
+                               overwrite=True,
                                progress=progress, command=command, prompt_style=cfg.prompt_style,
                                preset=cfg.preset, **method_overrides(method, overrides, cfg.overrides, cfg.data))
         edit_s = time.perf_counter() - t
         tok = models.load_tokenizer(models.resolve(cfg.model))
         asked = result.formatter or Formatter(tok, cfg.prompt_style)  # in-context methods bring their own
-        ev = _evaluate_all(result.model, asked, tok, result.requests, cfg, base)
+        ev = _evaluate_all(result.model, asked, tok, anchors.with_mined(chosen, result.requests), cfg, base)
         manifest = artifacts.read_manifest(adapter)
         record = {**header, "method": spec, "config": manifest["config"], "train": {
             "steps": manifest["steps"], "epochs_run": manifest["epochs_run"], "timings": manifest["timings"],

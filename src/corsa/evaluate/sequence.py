@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 
-from corsa import artifacts, models, presets
+from corsa import anchors, artifacts, models, presets
 from corsa.answers import contains, normalize
 from corsa.errors import InputError
 from corsa.evaluate import plots, stats
@@ -266,7 +266,8 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
         formatter = Formatter(tok, cfg.prompt_style)
         everything = [r for s in stages for r in s]
         before = answer_probes(base, formatter, everything, cfg.max_new_tokens)
-        first = editor.edit(base, formatter, stages[0], progress=progress)
+        # Training never sees the evaluation's paraphrases or neighbourhood prompts (anchors would use them).
+        first = editor.edit(base, formatter, anchors.withheld(stages[0]), progress=progress)
         first_asks = first.formatter or formatter
         after_first = answer_probes(first.model, first_asks, stages[0], cfg.max_new_tokens)  # all score() reads
         runs = []
@@ -279,7 +280,7 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
             for stage in used[1:]:
                 if not REGISTRY[method].continues:
                     model = fold(model)
-                result = editor.edit(model, asks, stage, progress=progress)
+                result = editor.edit(model, asks, anchors.withheld(stage), progress=progress)
                 model, asks = result.model, result.formatter or asks
                 steps.append(result.info.get("steps"))
                 if cfg.evaluate_after == "each":
