@@ -134,3 +134,50 @@ def test_cache_reference_is_untouched_by_anchors(tiny_model, tokenizer):
     pairs = build_pairs(fmt, EDITS)
     cache_reference(model, fmt, EDITS, pairs)
     assert all(not p.anchors for p in pairs)
+
+
+def test_no_benchmark_or_demo_trains_on_its_evaluation_prompts(tmp_path, tiny_dir, monkeypatch, capsys):
+    """Every path from a benchmark or the demo into training is watched: the requests it trains on carry no
+    paraphrases and no neighbourhood prompts, while evaluation still uses them."""
+    import json
+
+    from corsa import demo, editing
+    from corsa.cli import main
+
+    seen: list[list[EditRequest]] = []
+    real_edit = editing.edit
+
+    def watched_edit(requests, *args, **kwargs):
+        seen.append(list(requests))
+        return real_edit(requests, *args, **kwargs)
+
+    real_build = build_trainer
+
+    def watched_build(model, formatter, requests, cfg):
+        seen.append(list(requests))
+        return real_build(model, formatter, requests, cfg)
+
+    import corsa.evaluate.runner as runner
+    import corsa.methods.corsa as corsa_method
+
+    monkeypatch.setattr(runner, "edit", watched_edit)
+    monkeypatch.setattr(demo, "edit", watched_edit)
+    monkeypatch.setattr(corsa_method, "build_trainer", watched_build)
+    recs = [{"case_id": i, "prompt": f"p{i} lives in", "target_new": f"x{i}", "subject": f"p{i}",
+             "ground_truth": f"y{i}", "rephrase_prompt": f"p{i} resides in", "locality_prompt": f"q{i} lives in",
+             "locality_ground_truth": f"z{i}"} for i in range(6)]
+    (tmp_path / "counterfact").mkdir()
+    (tmp_path / "counterfact" / "easyedit-counterfact-edit.json").write_text(json.dumps(recs))
+    common = ["--data", str(tmp_path), "--model", str(tiny_dir), "--epochs", "1", "--quiet", "--max-new-tokens", "2"]
+    assert main(["bench", "single", "--bench", "counterfact", "--out", str(tmp_path / "s"), "--n", "4",
+                 "--methods", "lora-anchors2", "--mmlu-n", "0", *common]) == 0
+    assert main(["bench", "revise", "--out", str(tmp_path / "r"), "--n", "4", "--n2", "2", "--n-revise", "2",
+                 "--methods", "corsa-anchors2", *common]) == 0
+    assert main(["demo", "--out", str(tmp_path / "d"), "--model", str(tiny_dir), "--epochs", "2", "--lr", "2e-2",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert len(seen) >= 4
+    assert all(not r.paraphrases and not r.neighborhood for batch in seen for r in batch)
+    assert any(r.prompt == "p0 lives in" for batch in seen for r in batch)
+    record = json.loads((tmp_path / "s" / "lora-anchors2" / "results.json").read_text())
+    assert record["counts"]["gen.generality"] == 4 and record["counts"]["gen.locality"] == 4  # still evaluated

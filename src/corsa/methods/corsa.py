@@ -562,6 +562,8 @@ ANCHOR_OPTIONS = (
            type=float),
 )
 
+ANCHOR_SWEEPS = (Sweep("anchors", "anchors_per_edit", parse=int, form="<n>"), Sweep("anchorweight", "anchor_weight"))
+
 register(MethodSpec(
     "corsa", CorsaConfig, CorsaEditor,
     help="CoRSA (default): SFT + DPO on a LoRA adapter with SAM and PCGrad (paper section 3)",
@@ -583,7 +585,7 @@ register(MethodSpec(
     variants={"corsa-no-sam": {"use_sam": False}, "corsa-no-dpo": {"use_dpo": False, "pcgrad": None},
               "corsa-no-pcgrad": {"pcgrad": None}, "corsa-official-pcgrad": {"pcgrad": "official"}},
     # Paper Figure 5 sweeps lambda; A.2 tunes rho.
-    sweeps=(Sweep("lambda", "lam"), Sweep("rho", "rho"), Sweep("beta", "beta")),
+    sweeps=(Sweep("lambda", "lam"), Sweep("rho", "rho"), Sweep("beta", "beta"), *ANCHOR_SWEEPS),
     continues=True,
     diagnostics=("bf16_used",),
 ))
