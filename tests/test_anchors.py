@@ -157,8 +157,8 @@ def test_no_benchmark_or_demo_trains_on_its_evaluation_prompts(tmp_path, tiny_di
         seen.append(list(requests))
         return real_build(model, formatter, requests, cfg)
 
-    import corsa.evaluate.runner as runner
     import corsa.methods.corsa as corsa_method
+    from corsa.evaluate import runner
 
     monkeypatch.setattr(runner, "edit", watched_edit)
     monkeypatch.setattr(demo, "edit", watched_edit)
