@@ -562,7 +562,8 @@ ANCHOR_OPTIONS = (
            type=float),
 )
 
-ANCHOR_SWEEPS = (Sweep("anchors", "anchors_per_edit", parse=int, form="<n>"), Sweep("anchorweight", "anchor_weight"))
+ANCHOR_SWEEPS = (Sweep("anchors", "anchors_per_edit", parse=int, form="<n>"), Sweep("anchorweight", "anchor_weight"),
+                 Sweep("anchortokens", "anchor_tokens", parse=int, form="<n>"))
 
 register(MethodSpec(
     "corsa", CorsaConfig, CorsaEditor,
