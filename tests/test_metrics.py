@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from corsa.evaluate.metrics import other_target, with_other_targets
+from corsa.evaluate.metrics import mark_neighbor_edit_targets, neighbor_edit_target, other_target, with_other_targets
 
 
 def test_other_target_counts_only_another_edits_answer():
@@ -23,3 +23,45 @@ def test_old_records_get_the_metric_from_their_stored_answers():
     assert record["summary"]["gen.other_target"] == 2 / 3 and record["counts"]["gen.other_target"] == 3
     again = with_other_targets({"summary": {"gen.other_target": 0.5}, "cases": cases})
     assert again["summary"]["gen.other_target"] == 0.5  # a record that has it is left alone
+
+
+def test_neighbor_edit_target_counts_only_a_new_target_that_is_not_the_right_answer():
+    targets = ["lyon", "vienna", "berlin"]
+    truth, before = "Berlin", "The capital of Germany is Berlin."
+    # another edit's target, and the case's own: both bleed
+    assert neighbor_edit_target("It is Vienna.", before, truth, targets)
+    assert neighbor_edit_target("LYON, of course", before, truth, ["lyon"])
+    # the neighbour's true answer is also an edit's target: a right answer is no bleed
+    assert not neighbor_edit_target("The capital of Germany is Berlin.", "Bonn", truth, targets)
+    assert not neighbor_edit_target("Berlin", "Bonn", "Berlin, Germany", ["berlin"])  # part of the true answer
+    # the unedited model already said it: the edit did not put it there
+    assert not neighbor_edit_target("Vienna, near Lyon", "Vienna or Lyon", truth, targets)
+    assert neighbor_edit_target("Vienna, near Lyon", "Vienna", truth, targets)  # Lyon is news
+    assert not neighbor_edit_target("Nobody knows.", before, truth, targets)
+    assert not neighbor_edit_target("Vienna", before, truth, [])
+
+
+def test_neighbor_edit_target_per_case_and_from_old_records():
+    def case(cid, target, neighbors, truths):
+        return {"id": cid, "target_new": target, "answers": {"paraphrases": [], "neighborhood": neighbors},
+                "neighborhood_truth": truths}
+
+    base = {"method": "base", "summary": {}, "cases": [case(1, "Lyon", ["Berlin", "Rome"], ["Berlin", "Rome"]),
+                                                       case(2, "Oslo", ["Madrid"], ["Lisbon"])]}
+    edited = [case(1, "Lyon", ["Lyon", "Oslo"], ["Berlin", "Rome"]),  # its own target, another edit's target
+              case(2, "Oslo", ["Madrid"], ["Lisbon"])]
+    mark_neighbor_edit_targets(edited, base["cases"])
+    assert [c["gen.neighbor_edit_target"] for c in edited] == [[True, True], [False]]
+    mark_neighbor_edit_targets(base["cases"], None)  # the unedited model against itself
+    assert [c["gen.neighbor_edit_target"] for c in base["cases"]] == [[False, False], [False]]
+
+    # a record written before the metric (no true answers kept): given by the caller, or left missing
+    old = {"summary": {"gen.other_target": 0.0}, "cases": [
+        {k: v for k, v in c.items() if k not in ("neighborhood_truth", "gen.neighbor_edit_target")} for c in edited]}
+    assert "gen.neighbor_edit_target" not in with_other_targets(old, base)["summary"]
+    assert "gen.neighbor_edit_target" not in with_other_targets(old, None, [["Berlin", "Rome"], ["Lisbon"]])["summary"]
+    upgraded = with_other_targets(old, base, [["Berlin", "Rome"], ["Lisbon"]])
+    assert upgraded["summary"]["gen.neighbor_edit_target"] == 2 / 3 and upgraded["counts"]["gen.neighbor_edit_target"] == 3
+    other_cases = {**base, "cases": base["cases"][::-1]}
+    assert "gen.neighbor_edit_target" not in with_other_targets({**old, "summary": {"gen.other_target": 0.0}},
+                                                                other_cases)["summary"]

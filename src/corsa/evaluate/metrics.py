@@ -13,7 +13,7 @@ docs/METRICS.md defines each metric; the tables headline the generation family (
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import mean, pstdev
 from typing import Any
@@ -31,6 +31,8 @@ METRICS: dict[str, str] = {
     "gen.generality": "paraphrase answered with target_new",
     "gen.locality": "neighborhood prompt answered with its true answer (correctness)",
     "gen.locality_agreement": "neighborhood answer identical to the pre-edit model's",
+    "gen.neighbor_edit_target": ("neighborhood prompt answered with an edit's target_new (any edit's, its own "
+                                 "included) that is not its true answer and was not in the pre-edit answer"),
     "gen.retention": "paraphrase still answered with target_old (outdated-knowledge retention)",
     "gen.old_on_prompt": "edit prompt still answered with target_old",
     "gen.other_target": "paraphrase answered with another edit's target_new instead of its own (edits mixed up)",
@@ -41,8 +43,9 @@ METRICS: dict[str, str] = {
     "tf.retention": "token accuracy of target_old after a paraphrase",
     "tf.new_over_old": "log p(target_new) > log p(target_old) after a paraphrase",
 }
-HEADLINE = ["gen.reliability", "gen.generality", "gen.locality", "gen.retention", "tf.reliability",
-            "tf.generality", "tf.locality"]
+# Locality beside edit success: an edit that answers its neighbours with new targets too has not succeeded.
+HEADLINE = ["gen.reliability", "gen.generality", "gen.locality", "gen.locality_agreement", "gen.neighbor_edit_target",
+            "gen.retention", "tf.reliability", "tf.generality", "tf.locality"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ def evaluate(model: torch.nn.Module, formatter: Formatter, requests: list[EditRe
         case: dict[str, Any] = {
             "id": r.id, "prompt": r.prompt, "target_new": r.target_new, "target_old": r.target_old,
             "answers": {"prompt": prompt_answer, "paraphrases": para_answers, "neighborhood": nb_answers},
+            "neighborhood_truth": [n.answer for n in r.neighborhood],
             "tf_argmax_neighborhood": [list(s.argmax) for s in s_nb],
             "gen.reliability": contains(prompt_answer, r.target_new),
             "gen.generality": [contains(a, r.target_new) for a in para_answers],
@@ -120,6 +124,7 @@ def evaluate(model: torch.nn.Module, formatter: Formatter, requests: list[EditRe
         }
         cases.append(case)
     mark_other_targets(cases)
+    mark_neighbor_edit_targets(cases, reference["cases"] if reference else None)
 
     summary, counts = {}, {}
     for name in METRICS:
@@ -147,16 +152,52 @@ def mark_other_targets(cases: list[dict[str, Any]]) -> None:
         c["gen.other_target"] = [other_target(a, c["target_new"], targets) for a in c["answers"]["paraphrases"]]
 
 
-def with_other_targets(record: dict[str, Any]) -> dict[str, Any]:
-    """A results record written before `gen.other_target` existed, with it computed from the answers the record
-    holds (the same function evaluate() uses, so old and new runs are counted alike)."""
-    if "gen.other_target" in record["summary"] or not all("answers" in c for c in record["cases"]):
+def mark_neighbor_edit_targets(cases: list[dict[str, Any]], reference: list[dict[str, Any]] | None) -> None:
+    """Set each case's `gen.neighbor_edit_target` from its stored neighbourhood answers and true answers, every
+    case's target_new, and `reference`: the unedited model's cases in the same order (None when `cases` are the
+    unedited model's own: each answer is then its own "before", so nothing counts)."""
+    targets = sorted({normalize(c["target_new"]) for c in cases})
+    for i, c in enumerate(cases):
+        after = c["answers"]["neighborhood"]
+        before = reference[i]["answers"]["neighborhood"] if reference is not None else after
+        c["gen.neighbor_edit_target"] = [neighbor_edit_target(a, b, truth, targets)
+                                         for a, b, truth in zip(after, before, c["neighborhood_truth"])]
+
+
+def with_other_targets(record: dict[str, Any], reference: dict[str, Any] | None = None,
+                       truths: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:
+    """A results record written before `gen.other_target` or `gen.neighbor_edit_target` existed, with them computed
+    from the answers the record holds (the functions evaluate() uses, so old and new runs are counted alike).
+
+    The neighbour metric also needs the unedited model's record on the same cases (`reference`; the record itself
+    for the unedited model) and each neighbourhood prompt's true answer, which records keep since the metric
+    exists; for older ones the caller may give them as `truths` (one list per case, in order). Without either it
+    stays missing rather than be guessed."""
+    cases = record["cases"]
+    if not all("answers" in c for c in cases):
         return record
-    mark_other_targets(record["cases"])
-    values = [x for c in record["cases"] for x in c["gen.other_target"]]
-    record["summary"]["gen.other_target"] = _rate(values)
-    record.setdefault("counts", {})["gen.other_target"] = len(values)
+    if "gen.other_target" not in record["summary"]:
+        mark_other_targets(cases)
+        _fill_rate(record, "gen.other_target")
+    if "gen.neighbor_edit_target" in record["summary"] or reference is None:
+        return record
+    if [c.get("id") for c in reference["cases"]] != [c.get("id") for c in cases]:
+        return record  # not the same cases: there is no "before" to compare with
+    if truths is not None and len(truths) == len(cases):
+        for c, truth in zip(cases, truths):
+            c.setdefault("neighborhood_truth", list(truth))
+    answered = all("neighborhood" in c.get("answers", {}) for c in [*cases, *reference["cases"]])
+    if answered and all(len(c.get("neighborhood_truth", ())) == len(c["answers"]["neighborhood"]) for c in cases):
+        mark_neighbor_edit_targets(cases, reference["cases"])
+        _fill_rate(record, "gen.neighbor_edit_target")
     return record
+
+
+def _fill_rate(record: dict[str, Any], name: str) -> None:
+    """The record's aggregate of a metric just computed per case, pooled over prompts as evaluate() pools it."""
+    values = [x for c in record["cases"] for x in c[name]]
+    record["summary"][name] = _rate(values)
+    record.setdefault("counts", {})[name] = len(values)
 
 
 def other_target(answer: str, own: str, targets: set[str]) -> bool:
@@ -165,6 +206,16 @@ def other_target(answer: str, own: str, targets: set[str]) -> bool:
     ("... in France ...") is not counted. DPO only pushes the *old* answer down; this failure is out of its reach."""
     said = bare(answer)
     return said != normalize(own) and said in targets
+
+
+def neighbor_edit_target(answer: str, before: str, truth: str, targets: Iterable[str]) -> bool:
+    """A neighbourhood prompt's answer gives some edit's new target: it contains (as gen.locality tests its true
+    answer) one of `targets`, the target_new of every edit evaluated together, its own case's included, since an
+    edit that leaks to its subject's neighbours is the bleed this looks for. A target counts only where it is news:
+    not part of the neighbour's true answer (a right answer names it) and not already in the unedited model's
+    answer `before` (the edit did not put it there). Containment rather than other_target's exact match because
+    neighbourhood answers are often sentences; the two exceptions remove what containment would wrongly count."""
+    return any(contains(answer, t) and not contains(truth, t) and not contains(before, t) for t in targets)
 
 
 def _agreement(post: Sequence[int], pre: Sequence[int]) -> float:
