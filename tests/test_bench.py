@@ -36,15 +36,53 @@ def test_single_bench_writes_every_metric_and_a_matching_table(tmp_path, tiny_di
         assert {"sample.reliability", "sample.generality"} <= set(r["summary"])
         assert len(r["cases"]) == 4
     assert results[0]["summary"]["gen.locality_agreement"] == 1.0  # the base model agrees with itself
+    assert results[0]["summary"]["gen.neighbor_edit_target"] == 0.0  # and gave no new target it had not given
+    assert all(c["neighborhood_truth"] == [f"z{c['id'][3:]}"] for r in results for c in r["cases"])
     assert results[2]["config"]["use_sam"] and not results[1]["config"]["use_sam"]
     table = (out / "table.md").read_text()
     assert table.strip() == format_table(results)
+    header = [c.strip() for c in table.splitlines()[0].split("|")[1:-1]]
+    assert header[:6] == ["method", "gen.reliability", "gen.generality", "gen.locality", "gen.locality_agreement",
+                          "gen.neighbor_edit_target"]  # locality beside edit success and generality
     corsa_row = next(line for line in table.splitlines() if line.startswith("| corsa |"))
     assert f"{100 * results[2]['summary']['gen.reliability']:.1f}" in corsa_row
     assert (out / "plot.png").stat().st_size > 1000
     capsys.readouterr()
     assert main(argv) == 0  # rerun: everything done, nothing retrained
     assert capsys.readouterr().out.count("done earlier, skipped") == 2
+
+
+def test_older_records_get_the_neighbour_metric_from_their_benchmark_file(tmp_path):
+    """Records written before gen.neighbor_edit_target kept no true answers: the table reads them again from the
+    benchmark file the record names, and compares with the unedited model's stored answers."""
+    counterfact(tmp_path, n=3)  # neighbour i: "q{i} lives in", true answer z{i}; edit i's target x{i}
+
+    def record(method, date, neighbors, paraphrases):
+        cases = [{"id": f"cf-{i}", "target_new": f"x{i}", "answers": {"prompt": "", "paraphrases": [p],
+                                                                        "neighborhood": [a]},
+                  "gen.reliability": True, "gen.generality": [False], "gen.locality": [f"z{i}" in a]}
+                 for i, (a, p) in enumerate(zip(neighbors, paraphrases))]
+        return {"method": method, "date": date, "bench": "counterfact", "data": str(tmp_path), "split": "edit",
+                "n": 3, "seed": 0, "model": "tiny", "command": "c", "case_ids": [c["id"] for c in cases],
+                "summary": {"gen.reliability": 1.0, "gen.generality": 0.0, "gen.locality": 1 / 3}, "cases": cases}
+
+    out = tmp_path / "run"
+    for r in (record("base", "1", ["z0", "x1 or z1", "no idea"], ["a", "b", "c"]),
+              record("corsa", "2", ["x2", "x1", "z2"], ["x1", "b", "c"])):
+        (out / r["method"]).mkdir(parents=True)
+        (out / r["method"] / "results.json").write_text(json.dumps(r))
+    base, corsa = load_results(out)
+    # case 0: another edit's target, new; case 1: x1 was in the unedited answer; case 2: its true answer
+    assert [c["gen.neighbor_edit_target"] for c in corsa["cases"]] == [[True], [False], [False]]
+    assert corsa["summary"]["gen.neighbor_edit_target"] == pytest.approx(1 / 3)
+    assert base["summary"]["gen.neighbor_edit_target"] == 0.0 and corsa["summary"]["gen.other_target"] == 1 / 3
+    table = format_table([base, corsa])
+    assert table.splitlines()[0].startswith("| method | gen.reliability | gen.generality | gen.locality | "
+                                            "gen.neighbor_edit_target |")  # no agreement stored: no column
+    assert "| corsa | 100.0 | 0.0 | 33.3 | 33.3 |" in table
+    # the benchmark file gone: the metric is left out, not guessed
+    (tmp_path / "counterfact" / "easyedit-counterfact-edit.json").unlink()
+    assert all("gen.neighbor_edit_target" not in r["summary"] for r in load_results(out))
 
 
 def test_table_names_the_command_of_every_row():

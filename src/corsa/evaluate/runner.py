@@ -294,13 +294,34 @@ def _stamp(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _brief(summary: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k in HEADLINE[:4] and v is not None)
+    return ", ".join(f"{k} {summary[k]:.3f}" for k in HEADLINE if k.startswith("gen.") and summary.get(k) is not None)
 
 
 def load_results(out: str | Path) -> list[dict[str, Any]]:
-    """base first, then methods in the order they were run."""
-    found = [with_other_targets(json.loads(p.read_text())) for p in Path(out).glob("*/results.json")]
+    """base first, then methods in the order they were run; records written before a metric existed get it from
+    their stored answers (with the unedited model's record as the reference the neighbour metric needs)."""
+    found = [json.loads(p.read_text()) for p in Path(out).glob("*/results.json")]
+    base = next((r for r in found if r["method"] == "base"), None)
+    older = base is not None and any("gen.neighbor_edit_target" not in r["summary"] for r in found)
+    truths = neighborhood_truths(base) if older and base is not None else None
+    found = [with_other_targets(r, base, truths) for r in found]
     return sorted(found, key=lambda r: (r["method"] != "base", r["date"]))
+
+
+def neighborhood_truths(record: dict[str, Any]) -> list[list[str]] | None:
+    """Each case's neighbourhood true answers, in the record's case order: kept in records since
+    gen.neighbor_edit_target exists, else read again from the benchmark file the record names (None when it is
+    not reachable or no longer holds the record's cases)."""
+    if all("neighborhood_truth" in c for c in record["cases"]):
+        return [c["neighborhood_truth"] for c in record["cases"]]
+    try:
+        requests, _ = load_benchmark_with_report(record["bench"], record["data"], record["split"])
+    except (InputError, OSError, KeyError, ValueError):
+        return None
+    by_id = {r.id: r for r in requests}
+    if len(by_id) != len(requests) or any(c.get("id") not in by_id for c in record["cases"]):
+        return None
+    return [[n.answer for n in by_id[c["id"]].neighborhood] for c in record["cases"]]
 
 
 def columns(results: Sequence[dict[str, Any]]) -> list[str]:
@@ -346,9 +367,9 @@ def write_report(out: str | Path) -> None:
 
 
 def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
-    keys = [k for k in ["gen.reliability", "gen.generality", "gen.locality", "gen.retention", "tf.generality",
-                        "tf.locality", "gen.multihop", "mmlu"] if any(r["summary"].get(k) is not None
-                                                                  for r in results)]
+    keys = [k for k in ["gen.reliability", "gen.generality", "gen.locality", "gen.locality_agreement",
+                        "gen.neighbor_edit_target", "gen.retention", "tf.generality", "tf.locality", "gen.multihop",
+                        "mmlu"] if any(r["summary"].get(k) is not None for r in results)]
     fig, ax = plots.axes(1.3 * len(keys) + 2)
     plots.grouped_bars(ax, keys, {r["method"]: [100 * (r["summary"].get(k) or 0.0) for k in keys] for r in results},
                        rotate=True)
