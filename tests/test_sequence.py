@@ -15,12 +15,14 @@ from corsa.evaluate.sequence import (
     build_stages,
     chain_stages,
     comparisons,
+    format_sequence_table,
     load_sequence_results,
+    locality,
     rescore_forgetting,
     run_by_case,
     score,
 )
-from corsa.requests import EditRequest
+from corsa.requests import EditRequest, Neighbor
 
 
 def mquake(folder, n=3):
@@ -92,6 +94,35 @@ def test_metric_definitions_on_hand_made_answers():
     assert m["by_case"]["efficacy"] == {"p3": [0, 0], "p4": [0, 1]}
 
 
+def test_locality_on_hand_made_answers_and_in_the_table():
+    first = [EditRequest("p1", "Lyon", "Paris", neighborhood=(Neighbor("n1", "Berlin"), Neighbor("n2", "Rome")))]
+    later = [EditRequest("p2", "Oslo", "Bern", neighborhood=(Neighbor("n3", "Oslo"), Neighbor("n4", "Madrid")))]
+    before = {"n1": "Berlin", "n2": "Rome or Lyon", "n3": "Bergen", "n4": "Madrid"}
+    after = {"n1": "Oslo", "n2": "Lyon", "n3": "Oslo", "n4": "Madrid"}
+    m = locality([*first, *later], before, after)
+    # n1: another update's target (bleed); n2: its own target, but the unedited model named it too; n3: an edit's
+    # target that is also the neighbour's true answer; n4 unchanged.
+    assert m["neighbor_edit_target"] == 0.25 and m["n_neighbors"] == 4
+    assert m["locality"] == 0.5  # n3, n4 right
+    assert m["locality_agreement"] == 0.25  # only n4 answered as before
+    assert locality(later[:0], {}, {})["locality"] is None  # no neighbours: nothing measured
+
+    run = {"fraction": 1.0, "n_per_stage": [1, 1], **{k: 0.5 for k in ("efficacy", "efficacy_prompt",
+                                                                         "first_efficacy", "forgetting",
+                                                                         "forgetting_probes", "activation")},
+           "revision_old": None, **m}
+    old = {k: v for k, v in run.items() if k not in m}  # written before neighbours were measured
+    rows = [{"method": "lora", "model": "tiny", "bench": "inject", "command": "c", "runs": [old]},
+            {"method": "corsa", "model": "tiny", "bench": "inject", "command": "c", "runs": [run]}]
+    rows[0]["config"] = rows[1]["config"] = {"seed": 0, "evaluate_after": "each"}
+    table = format_sequence_table(rows)
+    header = [c.strip() for c in table.splitlines()[0].split("|")[1:-1]]
+    assert header[3:9] == ["efficacy", "efficacy_prompt", "first_efficacy", "locality", "locality_agreement",
+                           "neighbor_edit_target"]
+    assert "| lora | 1 | 1/1 | 50.0 | 50.0 | 50.0 | - | - | - | 50.0 |" in table
+    assert "| corsa | 1 | 1/1 | 50.0 | 50.0 | 50.0 | 50.0 | 25.0 | 25.0 | 50.0 |" in table
+
+
 def test_comparisons_give_the_forgetting_ratio_and_the_efficacy_difference():
     def record(method, forgotten):
         by_case = {"forgetting": {f"c{i}": [int(i < forgotten), 1] for i in range(10)},
@@ -144,7 +175,11 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_dir, capsys, kind):
         assert [run["fraction"] for run in r["runs"]] == ([0.5, 1.0] if kind == "revise" else [1.0])
         for run in r["runs"]:
             assert {"efficacy", "forgetting", "forgetting_probes", "activation", "first_efficacy",
-                    "revision_old"} <= set(run)
+                    "revision_old", "locality", "locality_agreement", "neighbor_edit_target"} <= set(run)
+            # every update's CounterFact neighbours, once each (MQuAKE's have none), asked after the last update
+            n = run["n_neighbors"]
+            assert n == len(run["answers"]["neighbors"]) and (n == 3 if kind == "inject" else
+                                                              3 <= n <= 3 + run["n_per_stage"][1])
         assert r["config"]["evaluate_after"] == ("all" if kind == "revise" else "each")
     if kind == "revise":
         assert results[0]["runs"][0]["n_per_stage"] == [3, 2]

@@ -14,6 +14,9 @@ target the store holds for it at that moment. From the answers (docs/METRICS.md 
   activation   of the probes of first-stage facts whose old answer (the one the first update overwrote) was gone
                right after the first update, the share that give it again after the last update (paper Table 5)
   revision_old of the probes of revised facts, the share still giving the answer the revision replaced
+  locality, locality_agreement, neighbor_edit_target
+               the neighbourhood prompts of every edit, after the last update: answered with their true answer,
+               with the unedited model's answer, and with some edit's new target (gen.* in docs/METRICS.md)
 
 Methods that do not continue an adapter (F-Learning, MEMIT, merging) run each later update on the model the
 previous one left, with its adapter folded into the weights first (`fold`): F-Learning forgets and learns again
@@ -46,7 +49,7 @@ from corsa import anchors, artifacts, models, presets
 from corsa.answers import contains, normalize
 from corsa.errors import InputError
 from corsa.evaluate import plots, stats
-from corsa.evaluate.metrics import forgotten
+from corsa.evaluate.metrics import forgotten, neighbor_edit_target
 from corsa.evaluate.runner import check_before_work, commands_line, method_overrides, parse_method, select_cases
 from corsa.methods import REGISTRY, make_editor
 from corsa.prompts import Formatter, PromptStyle
@@ -162,6 +165,28 @@ def answer_probes(model: torch.nn.Module, formatter: Formatter, requests: Sequen
     return dict(zip(prompts, generate(model, formatter, prompts, max_new_tokens=max_new_tokens)))
 
 
+def answer_neighbors(model: torch.nn.Module, formatter: Formatter, requests: Sequence[EditRequest],
+                     max_new_tokens: int) -> dict[str, str]:
+    """The answers to the requests' neighbourhood prompts, generated apart from the probes so the probes are asked
+    in the same batches as before neighbours were measured (their answers, and so every older metric, unchanged)."""
+    prompts = list(dict.fromkeys(n.prompt for r in requests for n in r.neighborhood))
+    return dict(zip(prompts, generate(model, formatter, prompts, max_new_tokens=max_new_tokens))) if prompts else {}
+
+
+def locality(requests: Sequence[EditRequest], before: dict[str, str], after: dict[str, str]) -> dict[str, Any]:
+    """Neighbourhood prompts of `requests` (every edit the run made), `before` any update and `after` the last:
+    the shares answered with their true answer, with the unedited model's very answer, and with some edit's new
+    target (the definitions of gen.locality, gen.locality_agreement and gen.neighbor_edit_target)."""
+    targets = sorted({normalize(r.target_new) for r in requests})
+    # Once each: a revised fact brings its neighbours again, and they are one question, not two.
+    asked = list(dict.fromkeys((n.prompt, n.answer) for r in requests for n in r.neighborhood))
+    return {"locality": _share([contains(after[p], truth) for p, truth in asked]),
+            "locality_agreement": _share([after[p] == before[p] for p, _ in asked]),
+            "neighbor_edit_target": _share([neighbor_edit_target(after[p], before[p], truth, targets)
+                                            for p, truth in asked]),
+            "n_neighbors": len(asked)}
+
+
 def _share(hits: list[bool]) -> float | None:
     return sum(hits) / len(hits) if hits else None
 
@@ -266,6 +291,7 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
         formatter = Formatter(tok, cfg.prompt_style)
         everything = [r for s in stages for r in s]
         before = answer_probes(base, formatter, everything, cfg.max_new_tokens)
+        neighbors_before = answer_neighbors(base, formatter, everything, cfg.max_new_tokens)
         # Training never sees the evaluation's paraphrases or neighbourhood prompts (anchors would use them).
         first = editor.edit(base, formatter, anchors.withheld(stages[0]), progress=progress)
         first_asks = first.formatter or formatter
@@ -286,16 +312,19 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
                 if cfg.evaluate_after == "each":
                     at_efficacy.update(answer_probes(model, asks, stage, cfg.max_new_tokens))
             final = answer_probes(model, asks, [r for s in used for r in s], cfg.max_new_tokens)
+            neighbors = answer_neighbors(model, asks, [r for s in used for r in s], cfg.max_new_tokens)
             if cfg.evaluate_after == "all":
                 at_efficacy = final
             runs.append({"fraction": fraction, "n_per_stage": [len(s) for s in used], "steps": steps,
-                         **score(used, after_first, at_efficacy, final), "answers": {"final": final}})
+                         **score(used, after_first, at_efficacy, final),
+                         **locality([r for s in used for r in s], neighbors_before, neighbors),
+                         "answers": {"final": final, "neighbors": neighbors}})
             print(f"{spec} (fraction {fraction:g}): efficacy {runs[-1]['efficacy']}, forgetting "
                   f"{runs[-1]['forgetting']}, activation {runs[-1]['activation']}")
             del model
         record = {**header, "method": spec, "method_config": dataclasses.asdict(editor.config),
                   "bf16_used": first.info.get("bf16_used", False), "runs": runs,
-                  "answers": {"before": before, "after_first": after_first},
+                  "answers": {"before": before, "after_first": after_first, "neighbors_before": neighbors_before},
                   "wall_time_s": time.perf_counter() - t0,
                   "date": artifacts.now(),
                   "versions": artifacts.library_versions(), "schema": RESULT_SCHEMA}
@@ -359,12 +388,14 @@ def rescore_forgetting(record: dict[str, Any], run: dict[str, Any]) -> None:
 
 
 def format_sequence_table(results: Sequence[dict[str, Any]]) -> str:
-    keys = ["efficacy", "efficacy_prompt", "first_efficacy", "forgetting", "forgetting_probes", "activation",
-            "revision_old"]
+    # Locality beside efficacy: an update learned by giving its new answers everywhere would look like a success.
+    keys = ["efficacy", "efficacy_prompt", "first_efficacy", "locality", "locality_agreement", "neighbor_edit_target",
+            "forgetting", "forgetting_probes", "activation", "revision_old"]
     lines = ["| method | fraction | edits per update | " + " | ".join(keys) + " |", "|---" * (len(keys) + 3) + "|"]
     for r in results:
         for run in r["runs"]:
-            cells = ["-" if run[k] is None else f"{100 * run[k]:.1f}" for k in keys]
+            # records written before neighbours were measured have no locality: "-"
+            cells = ["-" if run.get(k) is None else f"{100 * run[k]:.1f}" for k in keys]
             lines.append(f"| {r['method']} | {run['fraction']:g} | {'/'.join(map(str, run['n_per_stage']))} | "
                          + " | ".join(cells) + " |")
     first = results[0]
