@@ -65,3 +65,37 @@ def test_neighbor_edit_target_per_case_and_from_old_records():
     other_cases = {**base, "cases": base["cases"][::-1]}
     assert "gen.neighbor_edit_target" not in with_other_targets({**old, "summary": {"gen.other_target": 0.0}},
                                                                 other_cases)["summary"]
+
+
+def test_evaluate_and_the_demo_table_show_locality_beside_edit_success(tiny_model, tokenizer):
+    from conftest import make_model
+
+    from corsa.demo import LABELS, format_table
+    from corsa.evaluate.metrics import EvalConfig, evaluate
+    from corsa.prompts import Formatter
+    from corsa.requests import EditRequest, Neighbor
+
+    fmt = Formatter(tokenizer)
+    requests = [EditRequest("a?", "xy", "zz", paraphrases=("b?",), neighborhood=(Neighbor("c?", "q"),
+                                                                                 Neighbor("d?", "r")), id="1"),
+                EditRequest("e?", "w", "v", neighborhood=(Neighbor("f?", "s"),), id="2")]
+    config = EvalConfig(max_new_tokens=3)
+    base = evaluate(tiny_model, fmt, requests, config=config)
+    other = evaluate(make_model(len(tokenizer), seed=1), fmt, requests, reference=base, config=config)
+    assert [c["neighborhood_truth"] for c in base["cases"]] == [["q", "r"], ["s"]]
+    assert base["summary"]["gen.neighbor_edit_target"] == 0.0 and base["counts"]["gen.neighbor_edit_target"] == 3
+    before = [a for c in base["cases"] for a in c["answers"]["neighborhood"]]
+    after = [a for c in other["cases"] for a in c["answers"]["neighborhood"]]
+    truths = ["q", "r", "s"]
+    expected = [neighbor_edit_target(a, b, t, ["xy", "w"]) for a, b, t in zip(after, before, truths)]
+    assert [x for c in other["cases"] for x in c["gen.neighbor_edit_target"]] == expected
+
+    lines = format_table({"base": base, "lora": other}).splitlines()
+    labels = [line[: max(map(len, LABELS.values()))].strip() for line in lines[1:]]
+    assert labels[:5] == ["edit success (new answer on the edit prompt)",
+                          "paraphrase success (new answer on rephrasings)",
+                          "neighbours answered correctly (their true answer)",
+                          "neighbours answered as before (agreement with the unedited model)",
+                          "neighbours given an edit's new answer"]
+    assert lines[4].split()[-4:-2] == ["3/3", "100%"]  # the unedited model agrees with itself
+    assert lines[5].split()[-4:-2] == ["0/3", "0%"]

@@ -18,7 +18,9 @@ from corsa.requests import EditRequest, read_jsonl
 LABELS = {
     "gen.reliability": "edit success (new answer on the edit prompt)",
     "gen.generality": "paraphrase success (new answer on rephrasings)",
-    "gen.locality": "neighborhood kept (other facts still right)",
+    "gen.locality": "neighbours answered correctly (their true answer)",
+    "gen.locality_agreement": "neighbours answered as before (agreement with the unedited model)",
+    "gen.neighbor_edit_target": "neighbours given an edit's new answer",
     "gen.old_on_prompt": "old answer still produced (edit prompt)",
     "gen.retention": "old answer still produced (rephrasings)",
 }
