@@ -16,7 +16,7 @@ from conftest import REPO
 from corsa import artifacts, store
 from corsa.cli import main
 from corsa.errors import InputError
-from corsa.requests import EditRequest
+from corsa.requests import EditRequest, Neighbor
 
 FAST = {"lr": 2e-2, "epochs": 2, "lora_r": 8, "lora_alpha": 16, "stop_when_learned": False}
 FIRST = [EditRequest("sky?", "green", "blue"), EditRequest("2+2?", "five", "four")]
@@ -97,6 +97,47 @@ def test_log_revert_and_history(tmp_path, tiny_dir, capsys):
 
     assert main(["revert", str(root), "9"]) == 2
     assert "no version 9" in capsys.readouterr().err
+
+
+def test_update_metrics_measure_locality_on_the_neighbourhood_prompts():
+    near = (Neighbor("n1?", "Berlin"), Neighbor("n2?", "Rome"))
+    requests = [EditRequest("a?", "Lyon", "Paris", neighborhood=near),
+                EditRequest("b?", "Oslo", "Bern", neighborhood=(Neighbor("n1?", "Berlin"), Neighbor("n3?", "Oslo")))]
+    before = {"a?": "Paris", "b?": "Bern", "n1?": "Berlin", "n2?": "Rome or Lyon", "n3?": "Bergen"}
+    after = {"a?": "Lyon", "b?": "Oslo", "n1?": "Oslo", "n2?": "Lyon", "n3?": "Oslo"}
+    m = store.update_metrics(requests, {}, before, after)
+    # n1 (named twice, counted once) gets another edit's target; n2 its own, which it gave before; n3 Oslo, its
+    # true answer and an edit's target.
+    assert m["n_neighbors"] == 3 and m["neighbor_edit_target"] == pytest.approx(1 / 3)
+    assert m["locality"] == pytest.approx(1 / 3) and m["locality_agreement"] == 0.0
+    bare = store.update_metrics([EditRequest("a?", "Lyon", "Paris")], {}, before, after)
+    assert bare["n_neighbors"] == 0 and bare["locality"] is bare["locality_agreement"] is None
+    assert bare["neighbor_edit_target"] is None
+
+
+def test_an_update_with_neighbours_records_their_answers_and_log_shows_its_locality(tmp_path, tiny_dir, capsys):
+    root = tmp_path / "kb"
+    store.update(root, FIRST, model=tiny_dir, progress=False, **FAST)
+    near = (Neighbor("moon?", "grey"), Neighbor("sun?", "yellow"))
+    v2 = store.update(root, [EditRequest("cat?", "dog", "mouse", neighborhood=near)], progress=False, **FAST)
+    s = store.Store(root)
+    before, after = s.answers(1), s.answers(2)  # asked of version 1 before the update, of version 2 after
+    s.close()
+    assert {"moon?", "sun?"} <= set(before) & set(after)
+    m = v2.metrics
+    assert m["n_neighbors"] == 2
+    assert m["locality_agreement"] == sum(after[p] == before[p] for p in ("moon?", "sun?")) / 2
+    assert m["locality"] == sum(t in after[p].lower() for p, t in (("moon?", "grey"), ("sun?", "yellow"))) / 2
+    assert m["neighbor_edit_target"] == sum("dog" in after[p].lower() and "dog" not in before[p].lower()
+                                            for p in ("moon?", "sun?")) / 2
+    capsys.readouterr()
+    assert main(["log", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    v1_line = next(line for line in lines if line.lstrip("* ").startswith("v1 "))
+    v2_line = next(line for line in lines if line.lstrip("* ").startswith("v2 "))
+    assert v1_line.endswith("neighbours n/a")  # the first update had no neighbourhood prompts
+    assert (f"neighbours (2): as before {m['locality_agreement']:.0%}, correct {m['locality']:.0%}, given an "
+            f"edit's new answer {m['neighbor_edit_target']:.0%}") in v2_line
 
 
 def test_tampered_adapter_is_refused(tmp_path, tiny_dir, capsys):

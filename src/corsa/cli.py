@@ -532,9 +532,13 @@ def _store_command(args: argparse.Namespace, command: str) -> int:
         print(f"store {args.store}: model {s.meta('model')}, head = version {head}")
         for v in versions:
             m = v.metrics
+            # Locality beside efficacy; n/a for an update without neighbourhood prompts (or recorded before).
+            neighbors = "neighbours n/a" if m.get("locality_agreement") is None else (
+                f"neighbours ({m['n_neighbors']}): as before {m['locality_agreement']:.0%}, correct "
+                f"{m['locality']:.0%}, given an edit's new answer {m['neighbor_edit_target']:.0%}")
             what = {"base": "base model", "revert": f"revert to v{m.get('reverted_to')}"}.get(
                 v.kind, f"{v.method}, {_count(v.n_edits, 'edit')}, efficacy {m.get('efficacy', 0):.0%}, forgetting "
-                        f"{'n/a' if m.get('forgetting') is None else format(m['forgetting'], '.0%')}")
+                        f"{'n/a' if m.get('forgetting') is None else format(m['forgetting'], '.0%')}, {neighbors}")
             mark = "*" if v.version == head else " "
             print(f"{mark} v{v.version:<3} {v.created}  parent {'-' if v.parent is None else v.parent:<3} "
                   f"{(v.sha256 or '')[:12]:<12}  {what}")

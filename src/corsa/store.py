@@ -55,11 +55,11 @@ from typing import Any, Self
 import torch
 
 from corsa import artifacts, models, presets
-from corsa.answers import contains, same_answer
+from corsa.answers import contains, normalize, same_answer
 from corsa.artifacts import ADAPTER_FILES, adapter_sha256
 from corsa.editing import adapter_state, check_result, mine_old_answers, save_result, write_manifest
 from corsa.errors import InputError
-from corsa.evaluate.metrics import forgotten
+from corsa.evaluate.metrics import forgotten, neighbor_edit_target
 from corsa.methods import REGISTRY, get, make_editor
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, check_lengths
@@ -753,15 +753,17 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
         bf16 = bool(getattr(editor.config, "bf16", False))
         requests = mine_old_answers(edited, formatter, requests, autocast=bf16)
         # What the store answered before: recorded at the parent version, or asked now for prompts never asked.
+        # The requests' neighbourhood prompts too, so the update's locality can be measured (update_metrics).
+        neighbors = [n.prompt for r in requests for n in r.neighborhood]
         before = store.answers(parent)
-        missing = [p for p in [*held_before, *(r.prompt for r in requests)] if p not in before]
+        missing = [p for p in [*held_before, *(r.prompt for r in requests), *neighbors] if p not in before]
         before.update(_answer_all(edited, formatter, missing))
 
         result = editor.edit(edited, formatter, requests, progress=progress)
         stage("trained")
         checks = check_result(spec, result, start)  # a diverged or unchanged adapter is refused; nothing written
         held_after = {**held_before, **{r.prompt: r.target_new for r in requests}}
-        after = _answer_all(result.model, formatter, list(held_after))
+        after = _answer_all(result.model, formatter, [*held_after, *neighbors])
         metrics = update_metrics(requests, held_before, before, after)
         metrics["timings"] = {**result.info.get("timings", {}), "wall_s": time.perf_counter() - t_start}
         metrics["steps"] = result.info.get("steps")
@@ -798,11 +800,22 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
 
 def update_metrics(requests: list[EditRequest], held_before: dict[str, str], before: dict[str, str],
                    after: dict[str, str]) -> dict[str, Any]:
-    """Efficacy on this update's edits and forgetting of what the store held before it (docs/METRICS.md).
+    """Efficacy on this update's edits, forgetting of what the store held before it, and locality on the
+    neighbourhood prompts the requests carry (docs/METRICS.md).
 
     Forgetting: of the facts stored before this update and not revised by it, the share the model answered
     correctly before the update and wrongly after it (correct = the answer contains the stored target).
+    Locality (None without neighbourhood prompts): the shares of those prompts answered with their true answer,
+    with the very answer given before the update, and with one of this update's new targets (as
+    gen.neighbor_edit_target: not one that is the true answer or was in the answer before).
     """
+    # Each neighbourhood prompt once, with its true answer: two requests may name the same neighbour.
+    neighbors = list(dict.fromkeys((n.prompt, n.answer) for r in requests for n in r.neighborhood))
+    targets = sorted({normalize(r.target_new) for r in requests})
+
+    def share(hits: list[bool]) -> float | None:
+        return sum(hits) / len(hits) if hits else None
+
     revised = {r.prompt for r in requests}
     kept = {p: t for p, t in held_before.items() if p not in revised}
     correct_before, lost = forgotten(kept, before, after)
@@ -818,6 +831,11 @@ def update_metrics(requests: list[EditRequest], held_before: dict[str, str], bef
         "forgetting": len(lost) / len(correct_before) if correct_before else None,
         "forgotten": lost,
         "retained_accuracy": (sum(contains(after[p], t) for p, t in kept.items()) / len(kept)) if kept else None,
+        "n_neighbors": len(neighbors),
+        "locality": share([contains(after[p], truth) for p, truth in neighbors]),
+        "locality_agreement": share([after[p] == before[p] for p, _ in neighbors]),
+        "neighbor_edit_target": share([neighbor_edit_target(after[p], before[p], truth, targets)
+                                       for p, truth in neighbors]),
     }
 
 
