@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- generated: begin -->", "<!-- generated: end -->"
 STUDY_KEY = ("bench", "split", "model", "n", "seed")
 # Rates shown beside the compared ones when a run has them (not pooled per case: only their aggregates are kept).
-EXTRA = ("gen.multihop", "mmlu")
+# Neighbours given an edit's new target: summaries of runs made before the metric existed lack it, so "-".
+EXTRA = ("gen.neighbor_edit_target", "gen.multihop", "mmlu")
 
 
 def load(folder: Path) -> list[tuple[Path, dict[str, Any]]]:

@@ -85,6 +85,24 @@ def test_older_records_get_the_neighbour_metric_from_their_benchmark_file(tmp_pa
     assert all("gen.neighbor_edit_target" not in r["summary"] for r in load_results(out))
 
 
+def test_results_page_shows_neighbours_given_an_edit_target_when_a_summary_has_it():
+    from conftest import bench_script
+
+    page = bench_script("results_page")
+
+    def row(method, seed, summary):
+        return {"method": method, "training_seed": seed, "config": {}, "summary": summary, "cases": {},
+                "steps": None, "edit_s": None}
+
+    older = {"rows": [row("base", None, {"gen.reliability": 0.1}), row("lora", 0, {"gen.reliability": 1.0})]}
+    assert "gen.neighbor_edit_target" not in page.table([older])[0]  # committed pages stay as they were
+    newer = {"rows": [row("base", None, {"gen.reliability": 0.1, "gen.neighbor_edit_target": 0.0}),
+                      row("lora", 0, {"gen.reliability": 1.0, "gen.neighbor_edit_target": 0.25})]}
+    lines = page.table([newer])
+    assert lines[0].startswith("| method | settings | training seeds | gen.reliability | gen.neighbor_edit_target |")
+    assert lines[3].startswith("| lora | - | 0 | 100.0 | 25.0 |")
+
+
 def test_table_names_the_command_of_every_row():
     rows = [{"method": "base", "command": "corsa bench single --methods lora"},
             {"method": "lora", "command": "corsa bench single --methods lora"},
