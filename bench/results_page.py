@@ -22,7 +22,8 @@ from typing import Any
 
 from corsa import artifacts
 from corsa.evaluate.stats import base_name
-from corsa.evaluate.summary import COMPARED, pooled_difference, read_summary, row_seed, rows_by_seed, write_summary
+from corsa.evaluate.stats import COMPARED
+from corsa.evaluate.summary import pooled_difference, read_summary, row_seed, rows_by_seed, write_summary
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- generated: begin -->", "<!-- generated: end -->"

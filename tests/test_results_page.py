@@ -9,7 +9,8 @@ import random
 import pytest
 from conftest import bench_script
 
-from corsa.evaluate.summary import COMPARED, SCHEMA, pooled_difference, read_summary, summarize, write_summary
+from corsa.evaluate.stats import COMPARED
+from corsa.evaluate.summary import SCHEMA, pooled_difference, read_summary, summarize, write_summary
 
 SEEDS = (0, 1, 2)
 N = 6
@@ -26,7 +27,8 @@ def case(rng: random.Random, case_id: str, skill: float) -> dict:
     return {"id": case_id, "prompt": f"{case_id} lives in", "target_new": f"new-{case_id}", "target_old": "old",
             "answers": {"prompt": "secret answer", "paraphrases": ["secret answer"] * k, "neighborhood": ["x"]},
             "gen.reliability": hit(), "gen.generality": [hit() for _ in range(k)], "gen.locality": [hit()],
-            "gen.locality_agreement": [hit()], "gen.retention": [hit() for _ in range(k)],
+            "gen.locality_agreement": [hit()], "gen.neighbor_edit_target": [not hit()],
+            "gen.retention": [hit() for _ in range(k)],
             "gen.other_target": [False] * k, "tf.reliability": 1.0,
             "tf.generality": [round(rng.random(), 3) for _ in range(k)]}
 

@@ -18,7 +18,12 @@ from typing import Any
 from corsa.evaluate.metrics import case_values
 
 SEED_MARK = "@seed"  # <spec>@seed<k>: a method trained with seed k on the run's cases
-COMPARED = ("gen.reliability", "gen.generality", "gen.retention", "tf.generality")
+# The metrics compared between methods, with paired intervals, in tables and on the results page: edit success
+# and generality, locality beside them (issue 29: correct, as before, given an edit's target), the old answer kept
+# on paraphrases (what CoRSA's DPO term acts on), paraphrases given another edit's target, and teacher-forced
+# generality.
+COMPARED = ("gen.reliability", "gen.generality", "gen.locality", "gen.locality_agreement", "gen.neighbor_edit_target",
+            "gen.retention", "gen.other_target", "tf.generality")
 
 
 @dataclass(frozen=True)

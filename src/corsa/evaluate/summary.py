@@ -21,13 +21,9 @@ from typing import Any
 
 from corsa import artifacts
 from corsa.evaluate.metrics import with_other_targets
-from corsa.evaluate.stats import SEED_MARK, base_name, bootstrap, case_totals, training_seed
+from corsa.evaluate.stats import COMPARED, SEED_MARK, base_name, bootstrap, case_totals, training_seed
 
 SCHEMA = "corsa-summary/1"
-# The metrics the page compares between methods; their per-case totals are kept. gen.retention (the old answer
-# kept on paraphrases) is what CoRSA's DPO term acts on, so it is kept beside the four of the headline rule.
-COMPARED = ("gen.reliability", "gen.generality", "gen.locality", "gen.locality_agreement", "gen.retention",
-            "gen.other_target", "tf.generality")
 # The training settings that tell one row's setting from another's; the rest are the methods' fixed defaults.
 CONFIG_KEYS = ("lr", "rho", "lam", "beta", "use_sam", "use_dpo", "pcgrad", "epochs", "learned_share",
                "stop_when_learned", "bf16")
