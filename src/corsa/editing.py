@@ -72,18 +72,26 @@ def check_result(spec: MethodSpec, result: EditResult,
     else:
         change = sum(float((t.double() - start[k].double()).pow(2).sum()) for k, t in state.items()
                      if k in start) ** 0.5
-    collapse = result.info.get("collapse")
-    nothing = ("the adapter is the one it started from" if change == 0.0 else
-               f"training diverged (step {collapse['step']}) before any edit was learned" if collapse
-               and not collapse.get("restored_share") else
-               "no edit was learned and the training loss did not fall" if len(curves) > 1  # one step: no trend
-               and not checks["learned_share"] and not (checks["first_loss"] is not None and checks["last_loss"] is not None
-                        and checks["last_loss"] < checks["first_loss"]) else None)
+    nothing = nothing_learned(change, result.info.get("collapse"), len(curves), checks)
     if nothing:
         raise InputError(f"training learned nothing: {nothing}; nothing was written; check --lr (a smaller one "
                          "if the loss went to NaN) and the method's settings", field="--lr")
     checks.update(finite=True, adapter_change_norm=change)
     return checks
+
+
+def nothing_learned(change: float, collapse: dict[str, Any] | None, steps: int, checks: dict[str, Any]) -> str | None:
+    """Why a run whose adapter moved by `change` learned nothing, or None when it learned something."""
+    if change == 0.0:
+        return "the adapter is the one it started from"
+    if collapse and not collapse.get("restored_share"):
+        return f"training diverged (step {collapse['step']}) before any edit was learned"
+    if steps < 2:  # one step shows no trend in the loss
+        return None
+    first, last = checks["first_loss"], checks["last_loss"]
+    if not checks["learned_share"] and not (first is not None and last is not None and last < first):
+        return "no edit was learned and the training loss did not fall"
+    return None
 
 
 def set_threads(threads: int | None) -> None:
