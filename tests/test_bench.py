@@ -30,7 +30,7 @@ def test_single_bench_writes_every_metric_and_a_matching_table(tmp_path, tiny_di
             "--max-new-tokens", "4", "--sample-runs", "2"]
     assert main(argv) == 0
     results = load_results(out)
-    assert [r["method"] for r in results] == ["base", "lora", "corsa"]
+    assert [r["method"] for r in results] == ["base", "lora", "lora-routed", "corsa", "corsa-routed"]
     for r in results:
         assert set(METRICS) <= set(r["summary"]) and r["n"] == 4 and len(r["case_ids"]) == 4
         assert {"sample.reliability", "sample.generality"} <= set(r["summary"])
@@ -38,14 +38,16 @@ def test_single_bench_writes_every_metric_and_a_matching_table(tmp_path, tiny_di
     assert results[0]["summary"]["gen.locality_agreement"] == 1.0  # the base model agrees with itself
     assert results[0]["summary"]["gen.neighbor_edit_target"] == 0.0  # and gave no new target it had not given
     assert all(c["neighborhood_truth"] == [f"z{c['id'][3:]}"] for r in results for c in r["cases"])
-    assert results[2]["config"]["use_sam"] and not results[1]["config"]["use_sam"]
+    assert results[3]["config"]["use_sam"] and not results[1]["config"]["use_sam"]
+    assert results[2]["routing"]["layer"] == 1 and not results[2]["routing"]["unscoped"]  # keys from subjects
+    assert set(results[2]["routing"]["routed_share"]) == {"prompt", "paraphrases", "neighborhood"}
     table = (out / "table.md").read_text()
     assert table.strip() == format_table(results)
     header = [c.strip() for c in table.splitlines()[0].split("|")[1:-1]]
     assert header[:6] == ["method", "gen.reliability", "gen.generality", "gen.locality", "gen.locality_agreement",
                           "gen.neighbor_edit_target"]  # locality beside edit success and generality
     corsa_row = next(line for line in table.splitlines() if line.startswith("| corsa |"))
-    assert f"{100 * results[2]['summary']['gen.reliability']:.1f}" in corsa_row
+    assert f"{100 * results[3]['summary']['gen.reliability']:.1f}" in corsa_row
     assert (out / "plot.png").stat().st_size > 1000
     capsys.readouterr()
     assert main(argv) == 0  # rerun: everything done, nothing retrained
@@ -150,9 +152,11 @@ def test_training_seeds_repeat_each_method_on_the_same_cases(tmp_path, tiny_dir)
                  "--mmlu-n", "0", "--quiet", "--max-new-tokens", "2"]) == 0
     results = load_results(out)
     assert [(r["method"], r.get("config", {}).get("seed")) for r in results] == [
-        ("base", None), ("lora", 0), ("lora@seed1", 1)]
-    assert results[1]["case_ids"] == results[2]["case_ids"]
-    assert "Across training seeds (same cases; points):\n- lora, training seeds 0, 1:" in (out / "table.md").read_text()
+        ("base", None), ("lora", 0), ("lora-routed", 0), ("lora@seed1", 1), ("lora-routed@seed1", 1)]
+    assert results[1]["case_ids"] == results[3]["case_ids"]
+    table = (out / "table.md").read_text()
+    assert "Across training seeds (same cases; points):\n- lora, training seeds 0, 1:" in table
+    assert "- lora-routed, training seeds 0, 1:" in table  # routed rows grouped on their own
 
 
 def test_mquake_subset_keeps_cases_whole():

@@ -151,6 +151,29 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=option.dest, type=kind, choices=option.choices, help=option.help)
 
 
+def _add_routing_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-route", action="store_true",
+                   help="answer every query with the adapter (default: only queries about an edit's subject; the "
+                        "rest with the unedited model)")
+    p.add_argument("--route-threshold", type=finite, help="similarity a query needs to an edit's subject key to be "
+                   "answered with the adapter (default 0.95; docs/log/2026-12-05-routing.md)")
+    p.add_argument("--route-depth", type=finite, help="layer of the routing keys, as a share of the model's depth "
+                   "(default 0.17: layer 5 of SmolLM2-135M's 30)")
+
+
+def _router(args: argparse.Namespace) -> Any:
+    """The routing setting the flags ask for; None with --no-route."""
+    from corsa.routing import RouterConfig
+
+    if args.no_route:
+        return None
+    given = {k: v for k, v in (("threshold", args.route_threshold), ("depth", args.route_depth)) if v is not None}
+    try:
+        return RouterConfig(**given)
+    except ValueError as exc:
+        raise InputError(str(exc), field="--route-threshold" if "threshold" in str(exc) else "--route-depth") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="corsa", description="Keep a language model's knowledge up to date "
                                      "with CoRSA-trained LoRA adapters.")
@@ -165,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     _add_method_flags(p)
     _add_training_flags(p)
+    _add_routing_flags(p)
 
     p = sub.add_parser("update", help="continue a store's adapter on new edits, recorded as a new version")
     p.add_argument("store", help="store folder (created on first use)")
@@ -199,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model (default: the adapter's, else smollm2-135m)")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=64)
     p.add_argument("--threads", type=THREADS)
+    p.add_argument("--no-route", action="store_true",
+                   help="answer with the adapter even when the prompt is about none of its edits' subjects")
 
     p = sub.add_parser("demo", help="edit the embedded fact set with LoRA and CoRSA and compare")
     p.add_argument("--out", default="runs/demo")
@@ -216,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--split", default="edit", help="CounterFact split: edit (report), val (tune), train")
         p.add_argument("--subset", type=COUNT, help="block k of the --seed shuffle, k = 0, 1, ...: subsets of one seed "
                                                   "share no case (default: the seed's own draw)")
+        _add_routing_flags(p)
         p.add_argument("--mmlu-n", default="10", help="MMLU questions per subject, 'all' or 0 to skip")
         p.add_argument("--sample-runs", type=COUNT, default=0, help="also evaluate with sampling at T=0.7, K runs")
         p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
@@ -356,7 +383,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         out, result = edit(requests, args.out, method=args.method, model=args.model, overwrite=args.overwrite,
                            preset=args.preset,
                            progress=not args.quiet, command=command, prompt_style=args.prompt_style,
-                           **overrides)
+                           route=_router(args), **overrides)
         last = result.curves[-1] if result.curves else {}
         from corsa import distributed
 
@@ -364,7 +391,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             return 0
         print(f"wrote {out} ({len(requests)} edits, {result.info['steps']} steps, "
               f"final loss {last.get('loss', float('nan')):.4f}, learned {last.get('learned', 0):.0%})"
-              + (f"; it replaced {replaced}" if replaced else "") + _collapse_note(result.info.get("collapse")))
+              + (f"; it replaced {replaced}" if replaced else "") + _collapse_note(result.info.get("collapse"))
+              + _routing_note(result.info.get("routing")))
         return 0
     if args.command in ("update", "log", "revert", "history", "rebuild"):
         return _store_command(args, command)
@@ -376,7 +404,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
         _text(args.prompt, "PROMPT")
         if args.adapter:
-            model, formatter = load_edited(args.adapter, args.model)
+            model, formatter = load_edited(args.adapter, args.model, route=not args.no_route)
         else:
             model, tok, _ = models.load_model(args.model)
             formatter = Formatter(tok)
@@ -396,6 +424,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "bench":
         from corsa.evaluate.metrics import EvalConfig
         from corsa.evaluate.runner import ABLATION, BenchConfig, run_bench
+        from corsa.routing import RouterConfig
 
         if args.bench_command == "speed":
             from corsa.evaluate.speed import SpeedConfig, run_speed
@@ -436,11 +465,21 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                           subset=args.subset,
                           methods=tuple(methods), model=args.model, prompt_style=args.prompt_style, mmlu_n=mmlu,
                           preset=args.preset, overrides=_method_overrides(args),
+                          route=not args.no_route, router=_router(args) or RouterConfig(),
                           eval=EvalConfig(max_new_tokens=args.max_new_tokens, sample_runs=args.sample_runs,
                                           seed=seed, autocast=args.bf16))
         run_bench(cfg, args.out, progress=not args.quiet, command=command)
         return 0
     raise AssertionError(args.command)
+
+
+def _routing_note(scope: dict[str, Any] | None) -> str:
+    if not scope:
+        return ""
+    if not scope["unscoped"]:
+        return "; it answers only queries about its edits' subjects (--no-route: every query)"
+    return (f"; {len(scope['unscoped'])} edit(s) name no subject found in their prompt (first: "
+            f"'{scope['unscoped'][0]}'), so the adapter answers every query that no other adapter claims")
 
 
 def _collapse_note(collapse: dict[str, Any] | None) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from corsa import artifacts, distributed, models, presets
+from corsa import artifacts, distributed, models, presets, routing
 from corsa.answers import contains, first_sentence
 from corsa.errors import InputError
 from corsa.methods import Editor, EditResult, MethodSpec, get, make_editor
@@ -101,8 +101,12 @@ def set_threads(threads: int | None) -> None:
 
 def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa", model: str | None = None,
          overwrite: bool = False, progress: bool = True, command: str | None = None,
-         prompt_style: PromptStyle = "auto", preset: str = "auto", **overrides: Any) -> tuple[Path, EditResult]:
+         prompt_style: PromptStyle = "auto", preset: str = "auto",
+         route: routing.RouterConfig | None = routing.DEFAULT, **overrides: Any) -> tuple[Path, EditResult]:
     """Train an adapter on `requests` and write it to `out` (PEFT adapter + edit_manifest.json), atomically.
+
+    `route`: how a loaded adapter decides which queries it answers (corsa.routing), recorded in the manifest;
+    None answers every query with the adapter.
 
     Settings: the method's defaults, then the model's preset (`preset="auto"`; "paper" for appendix A.2 as
     written), then `overrides`. Under torchrun (several processes) training is split across them; see
@@ -130,6 +134,11 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
     result = editor.edit(base, formatter, requests, progress=progress)
     timings.update(result.info.pop("timings", {}))
     checks = check_result(spec, result)
+    scope = None
+    if route is not None and spec.output == "adapter":  # keys computed here, so unscoped edits are known now
+        scope = routing.record(route, routing.Router(result.model, tok, {"default": routing.edits_of(requests)},
+                                                     route))
+    result.info["routing"] = scope
 
     if distributed.is_main():  # under torchrun every process holds the same adapter; one writes it
         t = time.perf_counter()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from corsa import artifacts, models
+from corsa import artifacts, models, routing
 from corsa.artifacts import ADAPTER_FILES, adapter_sha256
 from corsa.errors import InputError
 from corsa.methods import get
@@ -20,13 +20,17 @@ from corsa.prompts import Formatter
 from corsa.store import DB, STORE_FILE, VERSION_FILE, Store, attach_adapter
 
 
-def load_edited(run_dir: str | Path, model: str | None = None) -> tuple[torch.nn.Module, Formatter]:
-    """A base model with the adapter of a run folder (or any PEFT adapter folder) loaded, ready to answer."""
+def load_edited(run_dir: str | Path, model: str | None = None, *, route: bool = True
+                ) -> tuple[torch.nn.Module, Formatter]:
+    """A base model with the adapter of a run folder (or any PEFT adapter folder) loaded, ready to answer.
+
+    With `route`, an adapter whose manifest records a routing setting, and a store's version, answer only queries
+    about their edits' subjects (corsa.routing); a plain PEFT folder, the portable export, answers everything."""
     run_dir = Path(run_dir)
     if (run_dir / DB).exists() or (run_dir / STORE_FILE).exists():  # a store: its current version, verified
         with Store(run_dir) as store:
             check_store_model(store, model)
-            return store.load()
+            return scoped(*store.load(), store.scope(store.head), routing.DEFAULT if route else None)
     owner = store_holding(run_dir)
     if owner is not None:  # one version of a store: the store's record decides what it is and what it must hold
         with Store(owner) as store:
@@ -35,12 +39,14 @@ def load_edited(run_dir: str | Path, model: str | None = None) -> tuple[torch.nn
             if v is None:
                 raise InputError(f"{run_dir} lies in the store {owner} but is not one of its committed versions; "
                                  "not loaded", field="--adapter")
-            return store.load(v)
-    style, method = "auto", None
+            return scoped(*store.load(v), store.scope(v), routing.DEFAULT if route else None)
+    style, method, scope = "auto", None, None
     if (run_dir / artifacts.MANIFEST).exists():
         manifest = artifacts.read_manifest(run_dir)
         model = model or manifest["model"]["name"]
         style, method = manifest.get("prompt_style", "auto"), manifest.get("method")
+        if route and manifest.get("routing"):
+            scope = routing.RouterConfig(depth=manifest["routing"]["depth"], threshold=manifest["routing"]["threshold"])
     elif (run_dir / "adapter_config.json").exists():
         model = model or json.loads((run_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     elif not (run_dir / CONTEXT_FILE).exists():
@@ -51,7 +57,16 @@ def load_edited(run_dir: str | Path, model: str | None = None) -> tuple[torch.nn
         spec = get(method or "prepend")  # runs written before manifests named the method were prepend's
         assert spec.load_context is not None
         return base, spec.load_context(tok, style, json.loads((run_dir / CONTEXT_FILE).read_text()))
-    return attach_adapter(base, run_dir), Formatter(tok, style)
+    edits = [routing.Edit(e["prompt"], e.get("subject")) for e in manifest["edits"]] if scope else []
+    return scoped(attach_adapter(base, run_dir), Formatter(tok, style), edits, scope)
+
+
+def scoped(model: torch.nn.Module, formatter: Formatter, edits: list[routing.Edit],
+           config: routing.RouterConfig | None) -> tuple[torch.nn.Module, Formatter]:
+    """`model` routed to its adapter only inside the edits' scope; as it is without a setting or an adapter."""
+    if config is None or not hasattr(model, "disable_adapter") or not edits:
+        return model, formatter
+    return routing.routed(model, formatter.tokenizer, edits, config), formatter
 
 
 def check_store_model(store: Store, model: str | None) -> None:

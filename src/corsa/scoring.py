@@ -12,9 +12,9 @@ import contextlib
 import functools
 import inspect
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -244,10 +244,46 @@ class AnswerScore:
         return self.n_correct == self.n_tokens
 
 
+@runtime_checkable
+class Routed(Protocol):
+    """A model that answers each prompt with one of its adapters or with none (corsa.routing.RoutedModel)."""
+
+    model: torch.nn.Module
+
+    def routes(self, prompts: Sequence[str]) -> list[str | None]: ...
+
+    def using(self, route: str | None) -> contextlib.AbstractContextManager[None]: ...
+
+
+T = TypeVar("T")
+
+
+def per_route(model: torch.nn.Module, prompts: Sequence[str],
+              answer: Callable[[torch.nn.Module, list[int]], list[T]]) -> list[T]:
+    """`answer(model, indices)` for the prompts at `indices`, called once per route of a routed model with that
+    route's adapter on (once, with every index, for a plain model); results in prompt order."""
+    if not isinstance(model, Routed):
+        return answer(model, list(range(len(prompts))))
+    routes = model.routes(prompts)
+    out: list[Any] = [None] * len(prompts)
+    for route in dict.fromkeys(routes):
+        indices = [i for i, r in enumerate(routes) if r == route]
+        with model.using(route):
+            for i, value in zip(indices, answer(model.model, indices)):
+                out[i] = value
+    return out
+
+
 @torch.no_grad()
 def score_answers(model: torch.nn.Module, formatter: Formatter, pairs: Sequence[tuple[str, str]],
                   batch_size: int = 16, autocast: bool = False, stop: bool = True) -> list[AnswerScore]:
     """Teacher-forced scores of each (prompt, answer); stop=False leaves the end token out of the answer."""
+    return per_route(model, [p for p, _ in pairs], lambda m, idx: _score_answers(
+        m, formatter, [pairs[i] for i in idx], batch_size, autocast, stop))
+
+
+def _score_answers(model: torch.nn.Module, formatter: Formatter, pairs: Sequence[tuple[str, str]],
+                   batch_size: int, autocast: bool, stop: bool) -> list[AnswerScore]:
     device = next(model.parameters()).device
     out: list[AnswerScore] = []
     with compute_context(model, autocast):  # once, not in every forward
@@ -462,6 +498,12 @@ def _register_sdpa() -> bool:
 def generate(model: torch.nn.Module, formatter: Formatter, prompts: Sequence[str], *, max_new_tokens: int = 32,
              batch_size: int = 16, temperature: float = 0.0, seed: int = 0, autocast: bool = False) -> list[str]:
     """Answers to prompts: greedy by default; temperature > 0 samples (the released CoRSA code samples at 0.7)."""
+    return per_route(model, prompts, lambda m, idx: _generate(
+        m, formatter, [prompts[i] for i in idx], max_new_tokens, batch_size, temperature, seed, autocast))
+
+
+def _generate(model: torch.nn.Module, formatter: Formatter, prompts: Sequence[str], max_new_tokens: int,
+              batch_size: int, temperature: float, seed: int, autocast: bool) -> list[str]:
     device = next(model.parameters()).device
     tok = formatter.tokenizer
     pad = formatter.pad_id

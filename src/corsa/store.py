@@ -54,7 +54,7 @@ from typing import Any, Self
 
 import torch
 
-from corsa import artifacts, models, presets
+from corsa import artifacts, models, presets, routing
 from corsa.answers import contains, normalize, same_answer
 from corsa.artifacts import ADAPTER_FILES, adapter_sha256
 from corsa.editing import adapter_state, check_result, mine_old_answers, save_result, write_manifest
@@ -334,16 +334,28 @@ class Store:
         """prompt -> the answer the store holds at version v: its lineage's edits, the latest one winning. A revert
         holds what the version it restores held. One query however long the lineage (no Python recursion)."""
         self.version(v)  # an unknown version is refused by name
-        rows = self.db.execute("""
+        return dict(self.lineage_edits(v, "target_new"))  # a later edit of a prompt overwrites an earlier one
+
+    def lineage_edits(self, v: int, column: str) -> list[tuple[str, Any]]:
+        """(prompt, `column`) of every edit in version v's lineage, oldest first. One query however long the
+        lineage (no Python recursion)."""
+        assert column in ("target_new", "request")  # a column name, never user text
+        return self.db.execute(f"""
             WITH RECURSIVE lineage(version, depth) AS (
                 SELECT ?, 0
                 UNION ALL
                 SELECT CASE WHEN v.kind = 'revert' THEN v.source ELSE v.parent END, lineage.depth + 1
                 FROM versions v JOIN lineage ON v.version = lineage.version
                 WHERE (CASE WHEN v.kind = 'revert' THEN v.source ELSE v.parent END) IS NOT NULL)
-            SELECT e.prompt, e.target_new FROM lineage JOIN edits e ON e.version = lineage.version
-            ORDER BY lineage.depth DESC, e.position""", (v,))
-        return dict(rows.fetchall())  # oldest first, so a later edit of a prompt overwrites an earlier one
+            SELECT e.prompt, e.{column} FROM lineage JOIN edits e ON e.version = lineage.version
+            ORDER BY lineage.depth DESC, e.position""", (v,)).fetchall()
+
+    def scope(self, v: int) -> list[routing.Edit]:
+        """What version v's adapter was trained to answer, for routing: each fact's prompt and subject, the
+        latest request of a prompt winning as in `facts`."""
+        self.version(v)
+        latest = {prompt: json.loads(request).get("subject") for prompt, request in self.lineage_edits(v, "request")}
+        return [routing.Edit(prompt, subject) for prompt, subject in latest.items()]
 
     def answers(self, v: int) -> dict[str, str]:
         return dict(self.db.execute("SELECT prompt, answer FROM answers WHERE version = ?", (v,)).fetchall())

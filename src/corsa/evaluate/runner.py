@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from corsa import anchors, artifacts, models, presets
+from corsa import anchors, artifacts, models, presets, routing
 from corsa.answers import contains
 from corsa.editing import edit
 from corsa.errors import InputError
 from corsa.evaluate import plots
 from corsa.evaluate.metrics import HEADLINE, METRICS, EvalConfig, evaluate, with_other_targets
-from corsa.evaluate.stats import SEED_MARK, differences_line, mmlu_line, seeds_line
+from corsa.evaluate.stats import SEED_MARK, differences_line, mmlu_line, routed_name, seeds_line, unrouted_name
 from corsa.methods import REGISTRY, make_editor
 from corsa.methods.registry import variant_names
 from corsa.prompts import Formatter, PromptStyle
@@ -115,6 +115,9 @@ class BenchConfig:
     preset: str = "auto"  # the settings `corsa edit` would use on this model (corsa.presets), or "paper"
     eval: EvalConfig = field(default_factory=EvalConfig)
     overrides: dict[str, Any] = field(default_factory=dict)  # training settings applied to every method
+    # Each adapter is also evaluated as `corsa ask` answers with it: scope-routed (the `<method>-routed` row).
+    route: bool = True
+    router: routing.RouterConfig = field(default_factory=routing.RouterConfig)
 
 
 def select_cases(requests: list[EditRequest], n: int, seed: int, bench: str, subset: int | None = None
@@ -274,12 +277,34 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
             **{k: manifest[k] for k in REGISTRY[method].diagnostics if k in manifest}}, **ev}
         record["timings"]["edit_s"] = edit_s
         record["wall_time_s"] = time.perf_counter() - t
+        if cfg.route and REGISTRY[method].output == "adapter":
+            # Written first: a rerun skips a method whose unrouted record exists, so both must be there by then.
+            routed_record(result.model, asked, tok, chosen, result.requests, cfg, base, record, out / spec)
         artifacts.write_json(res_file, _stamp(record))
         print(f"{spec}: {_brief(record['summary'])} ({record['wall_time_s']:.0f} s)")
         del result
 
     write_report(out)
     return out
+
+
+def routed_record(model: torch.nn.Module, formatter: Formatter, tokenizer: Any, chosen: list[EditRequest],
+                  trained: list[EditRequest], cfg: BenchConfig, base: dict[str, Any], unrouted: dict[str, Any],
+                  folder: Path) -> None:
+    """The same adapter evaluated scope-routed, as `<method>-routed`: its keys come from the edits' prompts and
+    subjects alone (what training saw), and each kind of prompt's share sent to the adapter is recorded."""
+    t = time.perf_counter()
+    asked = routing.routed(model, tokenizer, routing.edits_of(chosen), cfg.router)
+    ev = _evaluate_all(asked, formatter, tokenizer, anchors.with_mined(chosen, trained), cfg, base)
+    kinds = {"prompt": [r.prompt for r in chosen], "paraphrases": [p for r in chosen for p in r.paraphrases],
+             "neighborhood": [n.prompt for r in chosen for n in r.neighborhood]}
+    shares = {k: (sum(x is not None for x in asked.routes(v)) / len(v) if v else None) for k, v in kinds.items()}
+    record = {**unrouted, **ev, "method": routed_name(unrouted["method"]),
+              "routing": {**routing.record(cfg.router, asked.router), "routed_share": shares}}
+    record["timings"] = {**ev["timings"], "edit_s": unrouted["timings"]["edit_s"]}
+    record["wall_time_s"] = unrouted["wall_time_s"] + time.perf_counter() - t
+    artifacts.write_json(folder.parent / record["method"] / "results.json", _stamp(record))
+    print(f"{record['method']}: {_brief(record['summary'])}; routed {shares}")
 
 
 # Written into every results.json; bumped when a field changes meaning, so a reader can tell old records apart.
@@ -305,7 +330,9 @@ def load_results(out: str | Path) -> list[dict[str, Any]]:
     older = base is not None and any("gen.neighbor_edit_target" not in r["summary"] for r in found)
     truths = neighborhood_truths(base) if older and base is not None else None
     found = [with_other_targets(r, base, truths) for r in found]
-    return sorted(found, key=lambda r: (r["method"] != "base", r["date"]))
+    dates = {r["method"]: r["date"] for r in found}  # a routed row right after the run it was evaluated from
+    return sorted(found, key=lambda r: (r["method"] != "base", dates.get(unrouted_name(r["method"]), r["date"]),
+                                        r["method"] != unrouted_name(r["method"])))
 
 
 def neighborhood_truths(record: dict[str, Any]) -> list[list[str]] | None:

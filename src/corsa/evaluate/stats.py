@@ -18,6 +18,8 @@ from typing import Any
 from corsa.evaluate.metrics import case_values
 
 SEED_MARK = "@seed"  # <spec>@seed<k>: a method trained with seed k on the run's cases
+# <spec>-routed[@seed<k>]: the same adapter evaluated scope-routed (corsa.routing), compared with routed rows.
+ROUTED = "-routed"
 # The metrics compared between methods, with paired intervals, in tables and on the results page: edit success
 # and generality, locality beside them (issue 29: correct, as before, given an edit's target), the old answer kept
 # on paraphrases (what CoRSA's DPO term acts on), paraphrases given another edit's target, and teacher-forced
@@ -147,6 +149,22 @@ def base_name(method: str) -> str:
     return method.partition(SEED_MARK)[0]
 
 
+def routed_name(method: str) -> str:
+    """'lora@seed1' -> 'lora-routed@seed1': the routed row of a run, grouped over seeds like any other setting."""
+    name, mark, seed = method.partition(SEED_MARK)
+    return f"{name}{ROUTED}{mark}{seed}"
+
+
+def unrouted_name(method: str) -> str:
+    name, mark, seed = method.partition(SEED_MARK)
+    return f"{name.removesuffix(ROUTED)}{mark}{seed}"
+
+
+def reference(method: str, against: str) -> str:
+    """What a row is compared with: `against` as it was evaluated, routed for a routed row."""
+    return against + ROUTED if base_name(method).endswith(ROUTED) else against
+
+
 def partner(results: Sequence[dict[str, Any]], row: dict[str, Any], against: str,
             seed_of: Callable[[dict[str, Any]], int | None] = training_seed) -> dict[str, Any] | None:
     """The `against` row trained with the same seed as `row` (so a seed repeat is compared with its own
@@ -159,9 +177,9 @@ def differences_line(results: Sequence[dict[str, Any]], against: str = "lora") -
     """One Markdown line per method: its differences from `against` with intervals (empty without `against`)."""
     lines = []
     for r in results:
-        if r["method"] == "base" or base_name(r["method"]) == against:
+        if r["method"] == "base" or base_name(r["method"]) == reference(r["method"], against):
             continue
-        ref = partner(results, r, against)
+        ref = partner(results, r, reference(r["method"], against))
         if ref is None:
             continue
         found = [d for m in COMPARED if (d := paired_difference(ref["cases"], r["cases"], m)) is not None]
@@ -196,12 +214,12 @@ def seeds_line(results: Sequence[dict[str, Any]], against: str = "lora",
                 continue
             parts.append(f"{m} {', '.join(f'{v:.1f}' for v in values)} (mean {mean(values):.1f}, "
                          f"sd {stdev(values):.1f})")
-            if name != against:
-                pairs = [(r, ref) for r in rows if (ref := partner(results, r, against)) is not None
+            if name != reference(name, against):
+                pairs = [(r, ref) for r in rows if (ref := partner(results, r, reference(name, against))) is not None
                          and training_seed(ref) == training_seed(r) and r["summary"].get(m) is not None]
                 if len(pairs) >= 2:
                     diffs = [100 * (r["summary"][m] - ref["summary"][m]) for r, ref in pairs]
-                    parts[-1] += (f", minus {against} of the same seed {', '.join(f'{d:+.1f}' for d in diffs)} "
+                    parts[-1] += (f", minus {reference(name, against)} of the same seed {', '.join(f'{d:+.1f}' for d in diffs)} "
                                   f"(mean {mean(diffs):+.1f}, sd {stdev(diffs):.1f})")
         if parts:
             seeds = ", ".join(str(training_seed(r)) for r in rows)

@@ -1,0 +1,221 @@
+"""Scope routing: a query is answered with an edit's adapter only when it is about one of the edits' subjects,
+and otherwise by the unedited model, so a fact the user did not edit cannot change (issue 29).
+
+An adapter trained on "the capital of France is now Lyon" also answers "the capital of China?" with Lyon:
+training alone did not keep neighbouring facts (docs/log/2026-12-04-anchors.md). Routing leaves them to the
+base model instead. The key of an edit is the unedited model's hidden state, at one early layer, at the last
+token of the edit's subject: the position where a causal model recalls facts about a subject (ROME's "subject
+last token"). A query's score for an edit is the highest cosine similarity between that key and the query's
+hidden state at any of its tokens, so a paraphrase that names the subject anywhere in a longer sentence scores
+close to 1, and a same-relation question about another subject scores low. The query goes to the adapter whose
+edits score highest, when that score reaches the threshold; else to no adapter. Keys at the question's last token
+or averaged over it separated paraphrases from neighbours far worse (docs/log/2026-12-05-routing.md).
+
+Every text is read after a fixed prefix, because the first token of any sequence carries the same large
+activation in every sequence (an attention sink): a subject at position 0 would look like every other one.
+
+An edit whose subject is not given, or not found in its prompt, cannot be scoped: an adapter holding one answers
+every query (routing would otherwise silently drop that edit); `unscoped` says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+PREFIX = "Question: "
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    # Layer as a share of the model's depth, so the setting carries to models of other depths; measured on
+    # SmolLM2-135M (30 layers) on CounterFact `val` (docs/log/2026-12-05-routing.md).
+    depth: float = 0.17  # layer 5 of 30
+    threshold: float = 0.95  # cosine similarity; the same log, chosen on `val` paraphrases against neighbours
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.depth <= 1.0:
+            raise ValueError(f"routing depth must be in [0, 1], not {self.depth}")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"routing threshold must be in [-1, 1], not {self.threshold}")
+
+
+DEFAULT = RouterConfig()
+
+
+@dataclass(frozen=True)
+class Edit:
+    """What routing needs of an edit: its prompt and its subject."""
+
+    prompt: str
+    subject: str | None
+
+
+def subject_span(prompt: str, subject: str | None) -> tuple[int, int] | None:
+    """Where `subject` is in `prompt` (case-insensitively), None when it is not given or not there."""
+    if not subject or not subject.strip():
+        return None
+    start = prompt.lower().find(subject.strip().lower())
+    return None if start < 0 else (start, start + len(subject.strip()))
+
+
+def decoder_layers(model: torch.nn.Module) -> int:
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config  # multimodal configs nest the text model's
+    return int(config.num_hidden_layers)
+
+
+def encode(tokenizer: Any, text: str) -> dict[str, list[Any]]:
+    """Token ids and each token's character span; a slow tokenizer (no offsets) gets them by decoding prefixes."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return {"input_ids": list(enc["input_ids"]), "offset_mapping": [tuple(o) for o in enc["offset_mapping"]]}
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ends = [len(tokenizer.decode(ids[: k + 1])) for k in range(len(ids))]
+    return {"input_ids": ids, "offset_mapping": list(zip([0, *ends[:-1]], ends))}
+
+
+@torch.no_grad()
+def token_states(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], layer: int,
+                 batch_size: int = 32) -> list[tuple[torch.Tensor, list[tuple[int, int]]]]:
+    """Per text: the unit-length hidden states at `layer` of the text's own tokens (the prefix left out), and each
+    token's character span in the text. `model` must be the unedited model (callers disable adapters)."""
+    device = next(model.parameters()).device
+    out: list[tuple[torch.Tensor, list[tuple[int, int]]]] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        enc = [encode(tokenizer, PREFIX + t) for t in chunk]
+        width = max(len(e["input_ids"]) for e in enc)
+        ids = torch.zeros((len(enc), width), dtype=torch.long)
+        mask = torch.zeros((len(enc), width), dtype=torch.long)
+        for i, e in enumerate(enc):  # right padding: a token's state never depends on what follows it
+            ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+            mask[i, : len(e["input_ids"])] = 1
+        hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       output_hidden_states=True).hidden_states[layer]
+        for i, e in enumerate(enc):
+            # A token belongs to the text when it ends after the prefix (a BPE token may carry the prefix's space).
+            own = [k for k, (_, end) in enumerate(e["offset_mapping"]) if end > len(PREFIX)]
+            spans = [(max(a - len(PREFIX), 0), b - len(PREFIX)) for a, b in (e["offset_mapping"][k] for k in own)]
+            out.append((F.normalize(hidden[i, own].float(), dim=-1).cpu(), spans))
+    return out
+
+
+def subject_key(states: torch.Tensor, spans: list[tuple[int, int]], span: tuple[int, int]) -> torch.Tensor:
+    """The state at the subject's last token: the last token that starts before the subject ends."""
+    last = max(k for k, (a, _) in enumerate(spans) if a < span[1])
+    return states[last]
+
+
+@contextlib.contextmanager
+def unedited(model: torch.nn.Module) -> Iterator[None]:
+    """`model` with every adapter switched off (a plain model is already unedited)."""
+    disable = getattr(model, "disable_adapter", None)
+    with disable() if disable is not None else contextlib.nullcontext():
+        yield
+
+
+class Router:
+    """Which adapter answers a query: keys of each adapter's edits, computed once with the unedited model."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, scopes: Mapping[str, Sequence[Edit]],
+                 config: RouterConfig = DEFAULT):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.layer = max(1, round(config.depth * decoder_layers(model)))
+        self.names = list(scopes)
+        self.unscoped: dict[str, list[str]] = {}
+        keys, owners = [], []
+        edits = [(name, e, subject_span(e.prompt, e.subject)) for name, es in scopes.items() for e in es]
+        for name, e, span in edits:
+            if span is None:
+                self.unscoped.setdefault(name, []).append(e.prompt)
+        found = [(name, e, span) for name, e, span in edits if span is not None]
+        with unedited(model):
+            states = token_states(model, tokenizer, [e.prompt for _, e, _ in found], self.layer)
+        for (name, _, span), (s, spans) in zip(found, states):
+            keys.append(subject_key(s, spans, span))
+            owners.append(self.names.index(name))
+        self.keys = torch.stack(keys) if keys else torch.zeros((0, 1))
+        self.owners = torch.tensor(owners, dtype=torch.long)
+        self.known: dict[str, str | None] = {}  # query -> route: generation and scoring ask for the same queries
+
+    def scores(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[query, adapter]: the query's best similarity to any key of the adapter's edits (-1 without keys)."""
+        out = torch.full((len(prompts), len(self.names)), -1.0)
+        if not len(self.keys) or not prompts:
+            return out
+        with unedited(self.model):
+            states = token_states(self.model, self.tokenizer, prompts, self.layer)
+        for q, (s, _) in enumerate(states):
+            best = (s @ self.keys.T).max(0).values  # per key: its best token in the query
+            out[q].scatter_reduce_(0, self.owners, best, reduce="amax")
+        return out
+
+    def routes(self, prompts: Sequence[str]) -> list[str | None]:
+        """Per query, the adapter that answers it, or None for the unedited model. An adapter holding an edit
+        without a subject answers whatever no scoped adapter claims."""
+        new = list(dict.fromkeys(p for p in prompts if p not in self.known))
+        fallback = next(iter(self.unscoped), None)
+        for prompt, row in zip(new, self.scores(new)):
+            best = int(row.argmax()) if len(row) else 0
+            self.known[prompt] = self.names[best] if len(row) and row[best] >= self.config.threshold else fallback
+        return [self.known[p] for p in prompts]
+
+
+class RoutedModel(torch.nn.Module):
+    """A PEFT model whose adapters each answer only the queries routed to them (corsa.scoring.Routed): `generate`
+    and `score_answers` split every batch by route. Called directly (e.g. by MMLU) it is the plain PEFT model with
+    its active adapter on, which over-counts any damage rather than hiding it."""
+
+    def __init__(self, model: torch.nn.Module, router: Router):
+        super().__init__()
+        self.model = model
+        self.router = router
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def routes(self, prompts: Sequence[str]) -> list[str | None]:
+        return self.router.routes(prompts)
+
+    @contextlib.contextmanager
+    def using(self, route: str | None) -> Iterator[None]:
+        if route is None:
+            with unedited(self.model):
+                yield
+            return
+        active = self.model.active_adapter
+        self.model.set_adapter(route)
+        try:
+            yield
+        finally:
+            self.model.set_adapter(active)
+
+
+def routed(model: torch.nn.Module, tokenizer: Any, edits: Sequence[Edit],
+           config: RouterConfig = DEFAULT) -> RoutedModel:
+    """A one-adapter PEFT model that answers with its adapter only inside its edits' scope."""
+    return RoutedModel(model, Router(model, tokenizer, {model.active_adapter: edits}, config))
+
+
+def edits_of(requests: Sequence[Any]) -> list[Edit]:
+    """Routing's view of edit requests (anything with `prompt` and `subject`)."""
+    return [Edit(r.prompt, r.subject) for r in requests]
+
+
+def record(config: RouterConfig, router: Router | None = None) -> dict[str, Any]:
+    """What a manifest says about routing: the setting, and the edits it could not scope."""
+    out: dict[str, Any] = {"kind": "subject-key", "depth": config.depth, "threshold": config.threshold}
+    if router is not None:
+        out["layer"] = router.layer
+        out["unscoped"] = [p for ps in router.unscoped.values() for p in ps]
+    return out
