@@ -14,7 +14,8 @@ or averaged over it separated paraphrases from neighbours far worse (docs/log/20
 Every text is read after a fixed prefix, because the first token of any sequence carries the same large
 activation in every sequence (an attention sink): a subject at position 0 would look like every other one.
 
-An edit whose subject is not given, or not found in its prompt, cannot be scoped: an adapter holding one answers
+A subject is keyed as written and with its first letter's case flipped (see `cased`). An edit whose subject is
+not given, or not found in its prompt, cannot be scoped: an adapter holding one answers
 every query (routing would otherwise silently drop that edit); `unscoped` says which.
 """
 
@@ -62,6 +63,19 @@ def subject_span(prompt: str, subject: str | None) -> tuple[int, int] | None:
         return None
     start = prompt.lower().find(subject.strip().lower())
     return None if start < 0 else (start, start + len(subject.strip()))
+
+
+def cased(prompt: str, span: tuple[int, int]) -> list[str]:
+    """The prompt as written, and with the subject's first letter in the other case: a subject is often written
+    lower-case mid-sentence ("the symbol for gold") and capitalised at the start of a rephrasing ("Gold has
+    which symbol?"), and the two are different tokens."""
+    a, b = span
+    first = prompt[a]
+    other = first.lower() if first.isupper() else first.upper()
+    texts = [prompt]
+    if other != first:
+        texts.append(prompt[:a] + other + prompt[a + 1 : b] + prompt[b:])
+    return texts
 
 
 def decoder_layers(model: torch.nn.Module) -> int:
@@ -134,9 +148,10 @@ class Router:
         for name, e, span in edits:
             if span is None:
                 self.unscoped.setdefault(name, []).append(e.prompt)
-        found = [(name, e, span) for name, e, span in edits if span is not None]
+        found = [(name, text, span) for name, e, span in edits if span is not None
+                 for text in cased(e.prompt, span)]
         with unedited(model):
-            states = token_states(model, tokenizer, [e.prompt for _, e, _ in found], self.layer)
+            states = token_states(model, tokenizer, [text for _, text, _ in found], self.layer)
         for (name, _, span), (s, spans) in zip(found, states):
             keys.append(subject_key(s, spans, span))
             owners.append(self.names.index(name))
