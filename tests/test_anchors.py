@@ -137,8 +137,9 @@ def test_cache_reference_is_untouched_by_anchors(tiny_model, tokenizer):
 
 
 def test_no_benchmark_or_demo_trains_on_its_evaluation_prompts(tmp_path, tiny_dir, monkeypatch, capsys):
-    """Every path from a benchmark or the demo into training is watched: the requests it trains on carry no
-    paraphrases and no neighbourhood prompts, while evaluation still uses them."""
+    """Every path from a benchmark or the demo into training and into routing keys is watched: the requests it
+    trains on carry no paraphrases and no neighbourhood prompts, routing keys come from the trained prompts alone,
+    while evaluation still uses them."""
     import json
 
     from corsa import demo, editing
@@ -160,6 +161,16 @@ def test_no_benchmark_or_demo_trains_on_its_evaluation_prompts(tmp_path, tiny_di
     import corsa.methods.corsa as corsa_method
     from corsa.evaluate import runner
 
+    from corsa import routing
+
+    keyed: list[str] = []  # what routing keys are made of: never an evaluation prompt either
+    real_router = routing.Router.__init__
+
+    def watched_router(self, model, tokenizer, scopes, config=routing.DEFAULT):
+        keyed.extend(e.prompt for edits in scopes.values() for e in edits)
+        real_router(self, model, tokenizer, scopes, config)
+
+    monkeypatch.setattr(routing.Router, "__init__", watched_router)
     monkeypatch.setattr(runner, "edit", watched_edit)
     monkeypatch.setattr(demo, "edit", watched_edit)
     monkeypatch.setattr(corsa_method, "build_trainer", watched_build)
@@ -179,5 +190,7 @@ def test_no_benchmark_or_demo_trains_on_its_evaluation_prompts(tmp_path, tiny_di
     assert len(seen) >= 4
     assert all(not r.paraphrases and not r.neighborhood for batch in seen for r in batch)
     assert any(r.prompt == "p0 lives in" for batch in seen for r in batch)
+    trained = {r.prompt for batch in seen for r in batch}
+    assert keyed and set(keyed) <= trained  # the bench's routed rows and the demo key only the edits' own prompts
     record = json.loads((tmp_path / "s" / "lora-anchors2" / "results.json").read_text())
     assert record["counts"]["gen.generality"] == 4 and record["counts"]["gen.locality"] == 4  # still evaluated

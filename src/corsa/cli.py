@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="edit the embedded fact set with LoRA and CoRSA and compare")
     p.add_argument("--out", default="runs/demo")
     _add_training_flags(p)
+    _add_routing_flags(p)
 
     bench = sub.add_parser("bench", help="benchmarks: compare methods on real data").add_subparsers(
         dest="bench_command", required=True)
@@ -419,7 +420,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from corsa.demo import run_demo
 
         run_demo(args.out, model=args.model, progress=not args.quiet, prompt_style=args.prompt_style,
-                 preset=args.preset, **_method_overrides(args))
+                 preset=args.preset, route=_router(args), **_method_overrides(args))
         return 0
     if args.command == "bench":
         from corsa.evaluate.metrics import EvalConfig

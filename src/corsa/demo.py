@@ -8,10 +8,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from corsa import anchors, artifacts, models
+from corsa import anchors, artifacts, models, routing
 from corsa.editing import edit
 from corsa.errors import InputError
 from corsa.evaluate.metrics import evaluate
+from corsa.loading import load_edited
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, read_jsonl
 
@@ -54,7 +55,7 @@ def format_table(columns: dict[str, dict[str, Any]]) -> str:
 
 def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = ("lora", "corsa"), model: str | None = None,
              progress: bool = True, prompt_style: PromptStyle = "auto", preset: str = "auto",
-             **overrides: Any) -> dict[str, Any]:
+             route: routing.RouterConfig | None = routing.DEFAULT, **overrides: Any) -> dict[str, Any]:
     out = Path(out)
     # Checked before any work: a rerun replaces the demo's own runs and report, and nothing else.
     for method in methods:
@@ -74,17 +75,22 @@ def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = ("lora
         # Trained without the paraphrases and neighbourhood prompts the table is measured on.
         run_dir, result = edit(anchors.withheld(requests), out / method, method=method, model=model, overwrite=True,
                                progress=progress, command=f"corsa demo ({method})", prompt_style=prompt_style,
-                               preset=preset, **overrides)
-        columns[method] = evaluate(result.model, result.formatter or formatter,
-                                   anchors.with_mined(requests, result.requests),
-                                   reference=columns["base"])
+                               preset=preset, route=route, **overrides)
+        # Measured as `corsa ask --adapter` answers: loaded from the run folder, routed by its manifest.
+        asked, asked_formatter = load_edited(run_dir, route=route is not None)
+        mined = anchors.with_mined(requests, result.requests)
+        columns[method] = evaluate(asked, asked_formatter, mined, reference=columns["base"])
         runs[method] = {"adapter": str(run_dir), "wall_time_s": time.perf_counter() - t,
                         "steps": result.info["steps"], "epochs_run": result.info["epochs_run"]}
         print(f"{method}: {result.info['steps']} steps in {runs[method]['wall_time_s']:.0f} s -> {run_dir}")
     table = format_table(columns)
     print("\n" + table)
-    report = {"model": model or models.DEFAULT_MODEL, "runs": runs, "results": columns, "table": table}
+    report = {"model": model or models.DEFAULT_MODEL, "runs": runs, "results": columns, "table": table,
+              "routing": routing.record(route) if route is not None else None}
     artifacts.write_json(out / "demo_results.json", report)
-    print(f"\nper-answer details: {out / 'demo_results.json'}")
+    if route is not None:
+        print("\nEach adapter answers only questions about its edits' subjects; the rest are answered by the unedited "
+              "model (--no-route: every question by the adapter).")
+    print(f"per-answer details: {out / 'demo_results.json'}")
     print(f"try: corsa ask \"{requests[0].prompt}\" --adapter {out / methods[-1]}")
     return report

@@ -1,0 +1,156 @@
+"""Scope routing (corsa.routing): which queries an adapter answers, and that a routed model answers each query
+exactly as the adapter, or the unedited model, would alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import make_model
+from peft import LoraConfig, get_peft_model
+
+from corsa import routing, store
+from corsa.cli import main
+from corsa.evaluate.stats import reference, routed_name, unrouted_name
+from corsa.loading import load_edited
+from corsa.prompts import Formatter
+from corsa.requests import EditRequest
+from corsa.scoring import generate, score_answers
+
+EXACT = routing.RouterConfig(depth=1.0, threshold=0.9999)  # only a token with the very same state and context
+
+
+def with_adapter(tokenizer, name="default", seed=1, model=None):
+    """A PEFT model whose adapter visibly changes answers (B is random, not zero)."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    if model is None:
+        model = get_peft_model(make_model(len(tokenizer)), config, adapter_name=name)
+    else:
+        model.add_adapter(name, config)
+    torch.manual_seed(seed)
+    for n, p in model.named_parameters():
+        if f"lora_B.{name}." in n:
+            p.data.normal_(0, 2.0)
+    return model
+
+
+def test_a_subject_is_found_in_either_case_and_keyed_in_both():
+    assert routing.subject_span("What is the symbol for Gold?", "gold") == (23, 27)
+    assert routing.subject_span("What is the symbol for gold?", "") is None
+    assert routing.subject_span("What is the symbol for gold?", "silver") is None
+    assert routing.cased("What is the symbol for gold?", (23, 27)) == ["What is the symbol for gold?",
+                                                                     "What is the symbol for Gold?"]
+    assert routing.cased("1984 was written by whom?", (0, 4)) == ["1984 was written by whom?"]  # no case to flip
+
+
+def test_queries_about_an_edits_subject_go_to_its_adapter_and_others_to_none(tokenizer):
+    model = make_model(len(tokenizer))
+    router = routing.Router(model, tokenizer, {
+        "capitals": [routing.Edit("Paris is the capital of", "Paris")],
+        "sports": [routing.Edit("Messi plays", "Messi")]}, EXACT)
+    assert router.routes(["Paris is where", "Messi plays for", "Rome is the capital of", "xyz"]) == [
+        "capitals", "sports", None, None]
+    scores = router.scores(["Paris is where"])
+    assert scores.shape == (1, 2) and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert not router.unscoped
+
+
+def test_an_edit_without_a_subject_keeps_its_adapter_answering_what_no_scope_claims(tokenizer):
+    model = make_model(len(tokenizer))
+    router = routing.Router(model, tokenizer, {"a": [routing.Edit("sky?", None), routing.Edit("Rome is", "Rome")]},
+                            EXACT)
+    assert router.unscoped == {"a": ["sky?"]}
+    assert router.routes(["anything", "Rome is old"]) == ["a", "a"]  # never silently dropped
+
+
+def test_a_routed_model_answers_each_query_as_its_route_alone_would(tokenizer):
+    formatter = Formatter(tokenizer, "qa")
+    peft = with_adapter(tokenizer)
+    asked = routing.routed(peft, tokenizer, [routing.Edit("Paris is the capital of", "Paris")], EXACT)
+    prompts = ["Rome is", "Paris is the capital of", "Paris is", "sky?"]
+    assert asked.routes(prompts) == [None, "default", "default", None]
+    got = generate(asked, formatter, prompts, max_new_tokens=6)
+    with_it = generate(peft, formatter, prompts, max_new_tokens=6)
+    with peft.disable_adapter():
+        without = generate(peft, formatter, prompts, max_new_tokens=6)
+    assert got == [without[0], with_it[1], with_it[2], without[3]]
+    assert with_it != without  # the adapter does change answers, so the check above can fail
+    pairs = [(p, "abc") for p in prompts]
+    scored = [s.logprob for s in score_answers(asked, formatter, pairs)]
+    alone = [s.logprob for s in score_answers(peft, formatter, pairs)]
+    with peft.disable_adapter():
+        base = [s.logprob for s in score_answers(peft, formatter, pairs)]
+    assert scored == pytest.approx([base[0], alone[1], alone[2], base[3]])
+    assert peft.active_adapter == "default"
+
+
+def test_several_adapters_each_answer_their_own_scope(tokenizer):
+    formatter = Formatter(tokenizer, "qa")
+    peft = with_adapter(tokenizer, "one", seed=1)
+    peft = with_adapter(tokenizer, "two", seed=2, model=peft)
+    asked = routing.RoutedModel(peft, routing.Router(peft, tokenizer, {
+        "one": [routing.Edit("Paris is", "Paris")], "two": [routing.Edit("Messi is", "Messi")]}, EXACT))
+    prompts = ["Messi is", "Paris is", "Rome is"]
+    got = generate(asked, formatter, prompts, max_new_tokens=6)
+    answers = {}
+    for name in ("one", "two"):
+        peft.set_adapter(name)
+        answers[name] = generate(peft, formatter, prompts, max_new_tokens=6)
+    with peft.disable_adapter():
+        answers[None] = generate(peft, formatter, prompts, max_new_tokens=6)
+    assert got == [answers["two"][0], answers["one"][1], answers[None][2]]
+    assert answers["one"] != answers["two"]
+
+
+def test_edit_records_routing_and_ask_routes_unless_told_not_to(tmp_path, tiny_dir, capsys):
+    path = tmp_path / "facts.jsonl"
+    path.write_text(json.dumps({"prompt": "Paris is the capital of", "target_new": "Italy", "subject": "Paris"}) + "\n"
+                    + json.dumps({"prompt": "sky?", "target_new": "green"}) + "\n")
+    out = tmp_path / "run"
+    assert main(["edit", str(path), "--out", str(out), "--model", tiny_dir, "--epochs", "1", "--quiet",
+                 "--route-threshold", "0.99"]) == 0
+    closing = capsys.readouterr().out
+    assert "1 edit(s) name no subject found in their prompt (first: 'sky?')" in closing
+    scope = json.loads((out / "edit_manifest.json").read_text())["routing"]
+    assert scope == {"kind": "subject-key", "depth": routing.DEFAULT.depth, "threshold": 0.99, "layer": 1,
+                     "unscoped": ["sky?"]}
+    model, _ = load_edited(out)
+    assert isinstance(model, routing.RoutedModel) and model.router.config.threshold == 0.99
+    assert not isinstance(load_edited(out, route=False)[0], routing.RoutedModel)
+    plain = tmp_path / "plain"  # the portable export: a PEFT folder alone answers every query
+    plain.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(out / name, plain / name)
+    assert not isinstance(load_edited(plain, model=tiny_dir)[0], routing.RoutedModel)
+    assert main(["ask", "Rome is", "--adapter", str(out), "--no-route", "--max-new-tokens", "2"]) == 0
+    assert main(["edit", str(path), "--out", str(tmp_path / "x"), "--model", tiny_dir, "--route-threshold", "2"]) == 2
+    assert "--route-threshold" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_store_routes_by_the_subjects_of_its_current_facts(tmp_path, tiny_dir):
+    root = tmp_path / "kb"
+    fast = {"lr": 2e-2, "epochs": 1, "lora_r": 8, "lora_alpha": 16, "stop_when_learned": False}
+    store.update(root, [EditRequest("Paris is in", "Italy", "France", subject="Paris")], model=tiny_dir,
+                 progress=False, **fast)
+    store.update(root, [EditRequest("Messi plays", "chess", "football", subject="Messi"),
+                        EditRequest("Paris is in", "Spain", "Italy", subject="paris")], progress=False, **fast)
+    with store.Store(root) as s:
+        assert s.scope(2) == [routing.Edit("Paris is in", "paris"), routing.Edit("Messi plays", "Messi")]
+        assert s.scope(1) == [routing.Edit("Paris is in", "Paris")]
+    model, _ = load_edited(root)
+    assert isinstance(model, routing.RoutedModel) and len(model.router.keys) == 4  # 2 subjects, 2 cases each
+
+
+def test_routed_rows_are_named_and_compared_with_routed_rows():
+    assert routed_name("lora@seed2") == "lora-routed@seed2" and routed_name("corsa") == "corsa-routed"
+    assert unrouted_name("lora-routed@seed2") == "lora@seed2"
+    assert reference("corsa-routed@seed1", "lora") == "lora-routed" and reference("corsa", "lora") == "lora"
+
+
+def test_routing_settings_out_of_range_are_refused():
+    with pytest.raises(ValueError, match="threshold"):
+        routing.RouterConfig(threshold=1.5)
+    with pytest.raises(ValueError, match="depth"):
+        routing.RouterConfig(depth=-0.1)
