@@ -154,3 +154,41 @@ def test_routing_settings_out_of_range_are_refused():
         routing.RouterConfig(threshold=1.5)
     with pytest.raises(ValueError, match="depth"):
         routing.RouterConfig(depth=-0.1)
+
+
+def test_multi_bench_routes_among_adapters_against_the_oracle(tmp_path, tiny_dir, capsys):
+    recs = [{"case_id": i, "prompt": f"p{i} lives in", "target_new": f"x{i}", "subject": f"p{i}",
+             "ground_truth": f"y{i}", "rephrase_prompt": f"p{i} resides in", "locality_prompt": f"q{i} lives in",
+             "locality_ground_truth": f"z{i}"} for i in range(6)]
+    (tmp_path / "counterfact").mkdir()
+    (tmp_path / "counterfact" / "easyedit-counterfact-edit.json").write_text(json.dumps(recs))
+    out = tmp_path / "m"
+    assert main(["bench", "multi", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(out), "--n", "6",
+                 "--parts", "3", "--methods", "lora", "--model", tiny_dir, "--epochs", "1", "--quiet",
+                 "--max-new-tokens", "2"]) == 0
+    from corsa.evaluate.runner import load_results
+
+    rows = {r["method"]: r for r in load_results(out)}
+    assert set(rows) == {"base", "lora-oracle", "lora-routed"}
+    assert sorted(p.name for p in (out / "lora").iterdir()) == ["part0", "part1", "part2"]
+    gap = rows["lora-routed"]["routing"]["gap"]
+    assert gap["paraphrases"] == 6 and 0 <= gap["routed_to_own"] <= 1
+    assert rows["lora-oracle"]["n"] == 6 and rows["lora-oracle"]["parts"] == 3
+    capsys.readouterr()
+    assert main(["bench", "multi", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(out), "--n", "6",
+                 "--parts", "7", "--methods", "lora", "--model", tiny_dir]) == 2
+    assert "--parts" in capsys.readouterr().err
+    assert main(["bench", "multi", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(tmp_path / "p"),
+                 "--methods", "prepend", "--model", tiny_dir]) == 2
+    assert not (tmp_path / "p").exists()
+
+
+def test_routing_gap_counts_what_routing_loses_against_the_oracle():
+    from corsa.evaluate.multi import routing_gap, split
+
+    routed = [{"gen.generality": [True, False]}, {"gen.generality": [False]}]
+    oracle = [{"gen.generality": [True, True]}, {"gen.generality": [True]}]
+    gap = routing_gap(routed, oracle, ["a", None, "b"], ["a", "a", "b"])
+    assert gap["lost_against_oracle"] == 2 and gap["lost_and_misrouted"] == 1
+    assert gap["share_of_loss_from_routing"] == 0.5 and gap["routed_to_own"] == pytest.approx(2 / 3)
+    assert [len(p) for p in split(list(range(7)), 3)] == [2, 2, 3]

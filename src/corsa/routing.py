@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -182,12 +182,16 @@ class Router:
         return [self.known[p] for p in prompts]
 
 
+class Routes(Protocol):
+    def routes(self, prompts: Sequence[str]) -> list[str | None]: ...
+
+
 class RoutedModel(torch.nn.Module):
     """A PEFT model whose adapters each answer only the queries routed to them (corsa.scoring.Routed): `generate`
     and `score_answers` split every batch by route. Called directly (e.g. by MMLU) it is the plain PEFT model with
     its active adapter on, which over-counts any damage rather than hiding it."""
 
-    def __init__(self, model: torch.nn.Module, router: Router):
+    def __init__(self, model: torch.nn.Module, router: Routes):
         super().__init__()
         self.model = model
         self.router = router

@@ -189,7 +189,7 @@ def multihop(model: torch.nn.Module, formatter: Formatter, requests: list[EditRe
             "n_cases": len(multi), "answers": dict(zip(prompts, answers))}
 
 
-def _evaluate_all(model: torch.nn.Module, formatter: Formatter, tokenizer: Any, requests: list[EditRequest],
+def evaluate_all(model: torch.nn.Module, formatter: Formatter, tokenizer: Any, requests: list[EditRequest],
                   cfg: BenchConfig, reference: dict[str, Any] | None) -> dict[str, Any]:
     t = time.perf_counter()
     out: dict[str, Any] = evaluate(model, formatter, requests, reference=reference, config=cfg.eval)
@@ -230,30 +230,11 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
     check_before_work(out, methods, preset, cfg.model, cfg.overrides, str(cfg.data))
     requests, skipped = load_benchmark_with_report(cfg.bench, cfg.data, cfg.split)
     chosen = select_cases(requests, cfg.n, cfg.seed, cfg.bench, cfg.subset)
-    # Paths and models recorded absolute / canonical, so a record still says what ran when read from elsewhere.
-    header = {"bench": cfg.bench, "data": str(Path(cfg.data).resolve()), "split": cfg.split, "n": len(chosen),
-              "seed": cfg.seed, "subset": cfg.subset,
-              "skipped_in_file": skipped, "case_ids": [r.id for r in chosen], "command": command,
-              "model": models.canonical(cfg.model), "prompt_style": cfg.prompt_style,
-              "eval_config": dataclasses.asdict(cfg.eval),
-              "mmlu_n_per_subject": cfg.mmlu_n, "preset": preset.record()}
+    header = run_header(cfg, chosen, skipped, command, preset)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{cfg.bench}/{cfg.split}: {len(chosen)} edits (seed {cfg.seed}); methods: {', '.join(cfg.methods)}")
 
-    base_file = out / "base" / "results.json"
-    if base_file.exists():
-        base = json.loads(base_file.read_text())
-        if base["case_ids"] != header["case_ids"]:
-            raise InputError(f"{out} holds results for other cases; use a new --out", field="--out")
-    else:
-        model, tok, _ = models.load_model(cfg.model)
-        t = time.perf_counter()
-        formatter = Formatter(tok, cfg.prompt_style)
-        base = {**header, "method": "base", **_evaluate_all(model, formatter, tok, chosen, cfg, None)}
-        base["wall_time_s"] = time.perf_counter() - t
-        artifacts.write_json(base_file, _stamp(base))
-        print(f"base: {_brief(base['summary'])}")
-        del model
+    base = base_record(out, header, chosen, cfg)
 
     for spec, method, overrides in methods:
         res_file = out / spec / "results.json"
@@ -269,7 +250,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
         edit_s = time.perf_counter() - t
         tok = models.load_tokenizer(models.resolve(cfg.model))
         asked = result.formatter or Formatter(tok, cfg.prompt_style)  # in-context methods bring their own
-        ev = _evaluate_all(result.model, asked, tok, anchors.with_mined(chosen, result.requests), cfg, base)
+        ev = evaluate_all(result.model, asked, tok, anchors.with_mined(chosen, result.requests), cfg, base)
         manifest = artifacts.read_manifest(adapter)
         record = {**header, "method": spec, "config": manifest["config"], "train": {
             "steps": manifest["steps"], "epochs_run": manifest["epochs_run"], "timings": manifest["timings"],
@@ -280,8 +261,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
         if cfg.route and REGISTRY[method].output == "adapter":
             # Written first: a rerun skips a method whose unrouted record exists, so both must be there by then.
             routed_record(result.model, asked, tok, chosen, result.requests, cfg, base, record, out / spec)
-        artifacts.write_json(res_file, _stamp(record))
-        print(f"{spec}: {_brief(record['summary'])} ({record['wall_time_s']:.0f} s)")
+        artifacts.write_json(res_file, stamp(record))
+        print(f"{spec}: {brief(record['summary'])} ({record['wall_time_s']:.0f} s)")
         del result
 
     write_report(out)
@@ -294,31 +275,63 @@ def routed_record(model: torch.nn.Module, formatter: Formatter, tokenizer: Any, 
     """The same adapter evaluated scope-routed, as `<method>-routed`: its keys come from the edits' prompts and
     subjects alone (what training saw), and each kind of prompt's share sent to the adapter is recorded."""
     t = time.perf_counter()
-    asked = routing.routed(model, tokenizer, routing.edits_of(chosen), cfg.router)
-    ev = _evaluate_all(asked, formatter, tokenizer, anchors.with_mined(chosen, trained), cfg, base)
+    router = routing.Router(model, tokenizer, {model.active_adapter: routing.edits_of(chosen)}, cfg.router)
+    asked = routing.RoutedModel(model, router)
+    ev = evaluate_all(asked, formatter, tokenizer, anchors.with_mined(chosen, trained), cfg, base)
     kinds = {"prompt": [r.prompt for r in chosen], "paraphrases": [p for r in chosen for p in r.paraphrases],
              "neighborhood": [n.prompt for r in chosen for n in r.neighborhood]}
     shares = {k: (sum(x is not None for x in asked.routes(v)) / len(v) if v else None) for k, v in kinds.items()}
     record = {**unrouted, **ev, "method": routed_name(unrouted["method"]),
-              "routing": {**routing.record(cfg.router, asked.router), "routed_share": shares}}
+              "routing": {**routing.record(cfg.router, router), "routed_share": shares}}
     record["timings"] = {**ev["timings"], "edit_s": unrouted["timings"]["edit_s"]}
     record["wall_time_s"] = unrouted["wall_time_s"] + time.perf_counter() - t
-    artifacts.write_json(folder.parent / record["method"] / "results.json", _stamp(record))
-    print(f"{record['method']}: {_brief(record['summary'])}; routed {shares}")
+    artifacts.write_json(folder.parent / record["method"] / "results.json", stamp(record))
+    print(f"{record['method']}: {brief(record['summary'])}; routed {shares}")
+
+
+def run_header(cfg: BenchConfig, chosen: list[EditRequest], skipped: Any, command: str | None,
+               preset: presets.Preset) -> dict[str, Any]:
+    """What every record of a run starts with. Paths and models recorded absolute / canonical, so a record still
+    says what ran when read from elsewhere."""
+    return {"bench": cfg.bench, "data": str(Path(cfg.data).resolve()), "split": cfg.split, "n": len(chosen),
+            "seed": cfg.seed, "subset": cfg.subset,
+            "skipped_in_file": skipped, "case_ids": [r.id for r in chosen], "command": command,
+            "model": models.canonical(cfg.model), "prompt_style": cfg.prompt_style,
+            "eval_config": dataclasses.asdict(cfg.eval),
+            "mmlu_n_per_subject": cfg.mmlu_n, "preset": preset.record()}
+
+
+def base_record(out: Path, header: dict[str, Any], chosen: list[EditRequest], cfg: BenchConfig) -> dict[str, Any]:
+    """The unedited model's record on the run's cases: read back when the run folder has it (for the same cases),
+    else measured and written."""
+    base_file = out / "base" / "results.json"
+    if base_file.exists():
+        base = json.loads(base_file.read_text())
+        if base["case_ids"] != header["case_ids"]:
+            raise InputError(f"{out} holds results for other cases; use a new --out", field="--out")
+        return base
+    model, tok, _ = models.load_model(cfg.model)
+    t = time.perf_counter()
+    formatter = Formatter(tok, cfg.prompt_style)
+    base = {**header, "method": "base", **evaluate_all(model, formatter, tok, chosen, cfg, None)}
+    base["wall_time_s"] = time.perf_counter() - t
+    artifacts.write_json(base_file, stamp(base))
+    print(f"base: {brief(base['summary'])}")
+    return base
 
 
 # Written into every results.json; bumped when a field changes meaning, so a reader can tell old records apart.
 RESULT_SCHEMA = "corsa-bench-single/1"
 
 
-def _stamp(record: dict[str, Any]) -> dict[str, Any]:
+def stamp(record: dict[str, Any]) -> dict[str, Any]:
     record["schema"] = RESULT_SCHEMA
     record["date"] = artifacts.now()
     record["versions"] = artifacts.library_versions()
     return record
 
 
-def _brief(summary: dict[str, Any]) -> str:
+def brief(summary: dict[str, Any]) -> str:
     return ", ".join(f"{k} {summary[k]:.3f}" for k in HEADLINE if k.startswith("gen.") and summary.get(k) is not None)
 
 

@@ -1,0 +1,144 @@
+"""`corsa bench multi`: several adapters, each query routed to one (paper appendix B.2, Table 8).
+
+The run's edits are cut into --parts consecutive parts and each method trains one adapter per part. All adapters
+are loaded into one model and two ways of choosing among them are evaluated on every case:
+
+  <method>-routed   corsa.routing picks the adapter whose edits' subjects the query matches, or none
+  <method>-oracle   each prompt goes to the adapter of its own case's part (the paper's "single adapter upper
+                    bound": what the adapters can do when routing never errs)
+
+and the record of the routed row says how much of the gap to the oracle in generality comes from routing errors:
+of the paraphrases the oracle answers with the new target and routing does not, the share sent to another
+adapter or to none. Training never sees the evaluation's paraphrases or neighbourhood prompts, and the router's
+keys are the edits' own prompts and subjects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from corsa import anchors, artifacts, models, presets, routing
+from corsa.editing import edit
+from corsa.errors import InputError
+from corsa.evaluate.metrics import evaluate
+from corsa.evaluate.runner import (
+    BenchConfig,
+    base_record,
+    brief,
+    check_before_work,
+    method_overrides,
+    parse_method,
+    run_header,
+    select_cases,
+    stamp,
+    write_report,
+)
+from corsa.evaluate.stats import routed_name
+from corsa.methods import REGISTRY
+from corsa.prompts import Formatter
+from corsa.requests import EditRequest, load_benchmark_with_report
+
+ORACLE = "-oracle"
+
+
+@dataclass(frozen=True)
+class KnownRoutes:
+    """The oracle: each prompt to the adapter of the part its case belongs to."""
+
+    table: dict[str, str]
+
+    def routes(self, prompts: list[str]) -> list[str | None]:
+        return [self.table.get(p) for p in prompts]
+
+
+def split(chosen: list[EditRequest], parts: int) -> list[list[EditRequest]]:
+    """Consecutive parts of (nearly) equal size."""
+    return [chosen[k * len(chosen) // parts : (k + 1) * len(chosen) // parts] for k in range(parts)]
+
+
+def routing_gap(routed: list[dict[str, Any]], oracle: list[dict[str, Any]], routes: list[str | None],
+                own: list[str]) -> dict[str, Any]:
+    """Paraphrase by paraphrase (cases in the same order): which ones routing loses against the oracle, and how
+    many of those it sent to another adapter or to none."""
+    got = [x for c in routed for x in c["gen.generality"]]
+    best = [x for c in oracle for x in c["gen.generality"]]
+    lost = [i for i, (g, b) in enumerate(zip(got, best)) if b and not g]
+    misrouted = [i for i in lost if routes[i] != own[i]]
+    return {"paraphrases": len(got), "routed_to_own": sum(r == o for r, o in zip(routes, own)) / max(len(own), 1),
+            "lost_against_oracle": len(lost), "gained_against_oracle": sum(g and not b for g, b in zip(got, best)),
+            "lost_and_misrouted": len(misrouted),
+            "share_of_loss_from_routing": len(misrouted) / len(lost) if lost else None}
+
+
+def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool = True,
+              command: str | None = None) -> Path:
+    from peft import PeftModel
+
+    out = Path(out)
+    cfg = dataclasses.replace(cfg, mmlu_n=0)  # rows differ only in routing; MMLU is `corsa bench single`'s
+    methods = [(spec, *parse_method(spec)) for spec in cfg.methods]
+    for spec, method, _ in methods:
+        if REGISTRY[method].output != "adapter":
+            raise InputError(f"'{spec}' writes no adapter, so there is nothing to route", field="--methods")
+    if parts < 2:
+        raise InputError("must be at least 2", field="--parts")
+    preset = presets.choose(cfg.preset, cfg.model, "edit")
+    check_before_work(out, methods, preset, cfg.model, cfg.overrides, str(cfg.data))
+    requests, skipped = load_benchmark_with_report(cfg.bench, cfg.data, cfg.split)
+    chosen = select_cases(requests, cfg.n, cfg.seed, cfg.bench, cfg.subset)
+    if len(chosen) < parts:
+        raise InputError(f"{len(chosen)} edits cannot make {parts} parts", field="--parts")
+    header = {**run_header(cfg, chosen, skipped, command, preset), "parts": parts}
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{cfg.bench}/{cfg.split}: {len(chosen)} edits in {parts} parts (seed {cfg.seed}); methods: "
+          f"{', '.join(cfg.methods)}")
+    base = base_record(out, header, chosen, cfg)
+    pieces = split(chosen, parts)
+    names = [f"part{k}" for k in range(parts)]
+    known = {q: name for name, piece in zip(names, pieces) for r in piece
+             for q in [r.prompt, *r.paraphrases, *(n.prompt for n in r.neighborhood)]}
+
+    for spec, method, overrides in methods:
+        if (out / routed_name(spec) / "results.json").exists():
+            print(f"{spec}: done earlier, skipped")
+            continue
+        t = time.perf_counter()
+        folders, trained = [], []
+        for name, piece in zip(names, pieces):
+            folder, result = edit(anchors.withheld(piece), out / spec / name, method=method, model=cfg.model,
+                                  overwrite=True, progress=progress, command=command, prompt_style=cfg.prompt_style,
+                                  preset=cfg.preset, **method_overrides(method, overrides, cfg.overrides, cfg.data))
+            folders.append(folder)
+            trained += result.requests
+            del result
+        edit_s = time.perf_counter() - t
+        model, tok, _ = models.load_model(cfg.model)
+        peft = PeftModel.from_pretrained(model, str(folders[0]), adapter_name=names[0])
+        for name, folder in zip(names[1:], folders[1:]):
+            peft.load_adapter(str(folder), adapter_name=name)
+        formatter = Formatter(tok, cfg.prompt_style)
+        mined = anchors.with_mined(chosen, trained)
+        router = routing.Router(peft, tok, {n: routing.edits_of(p) for n, p in zip(names, pieces)}, cfg.router)
+        records = {}
+        for row, routes in ((routed_name(spec), router), (spec + ORACLE, KnownRoutes(known))):
+            t_eval = time.perf_counter()
+            ev = evaluate(routing.RoutedModel(peft, routes), formatter, mined, reference=base, config=cfg.eval)
+            ev["timings"] = {"eval_s": time.perf_counter() - t_eval, "edit_s": edit_s}
+            records[row] = {**header, "method": row, "adapters": [str(f) for f in folders], **ev}
+        paraphrases = [p for r in chosen for p in r.paraphrases]
+        records[routed_name(spec)]["routing"] = {
+            **routing.record(cfg.router, router),
+            "gap": routing_gap(records[routed_name(spec)]["cases"], records[spec + ORACLE]["cases"],
+                               router.routes(paraphrases), [known[p] for p in paraphrases])}
+        for row in (spec + ORACLE, routed_name(spec)):  # the routed row last: its file marks the method done
+            records[row]["wall_time_s"] = time.perf_counter() - t
+            artifacts.write_json(out / row / "results.json", stamp(records[row]))
+            print(f"{row}: {brief(records[row]['summary'])}")
+        print(f"routing gap: {records[routed_name(spec)]['routing']['gap']}")
+        del peft, model
+    write_report(out)
+    return out
