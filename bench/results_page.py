@@ -21,8 +21,7 @@ from statistics import mean
 from typing import Any
 
 from corsa import artifacts
-from corsa.evaluate.stats import base_name
-from corsa.evaluate.stats import COMPARED
+from corsa.evaluate.stats import COMPARED, base_name, reference
 from corsa.evaluate.summary import pooled_difference, read_summary, row_seed, rows_by_seed, write_summary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,33 +120,34 @@ def table(summaries: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def differences(summaries: Sequence[dict[str, Any]]) -> list[str]:
-    """CoRSA (every setting whose name starts with corsa) minus LoRA, per compared metric, pooled over seeds and
-    subsets, then each subset alone."""
+    """CoRSA (every setting whose name starts with corsa) minus LoRA as evaluated alike (a routed row minus routed
+    LoRA), per compared metric, pooled over seeds and subsets, then each subset alone."""
     methods = list(dict.fromkeys(base_name(r["method"]) for s in summaries for r in s["rows"]))
-    if "lora" not in methods:
-        return []
     lines = []
     for corsa in (m for m in methods if m.startswith("corsa")):
+        lora = reference(corsa, "lora")
+        if lora not in methods:
+            continue
         for metric in COMPARED:
             try:
-                d = pooled_difference(summaries, "lora", corsa, metric)
+                d = pooled_difference(summaries, lora, corsa, metric)
             except ValueError as e:
-                lines.append(f"- {corsa} minus lora, {metric}: not pooled ({e})")
+                lines.append(f"- {corsa} minus {lora}, {metric}: not pooled ({e})")
                 continue
             if d is None:
                 continue
-            line = (f"- {corsa} minus lora, {metric}, pooled over {len(d.seeds)} seeds and {len(d.subsets)} "
+            line = (f"- {corsa} minus {lora}, {metric}, pooled over {len(d.seeds)} seeds and {len(d.subsets)} "
                     f"subsets: {100 * d.estimate:+.1f} ({100 * d.low:+.1f} to {100 * d.high:+.1f}), {d.cases} cases")
             if len(summaries) > 1:
-                alone = [(s.get("subset"), pooled_difference([s], "lora", corsa, metric)) for s in summaries]
+                alone = [(s.get("subset"), pooled_difference([s], lora, corsa, metric)) for s in summaries]
                 line += "; each subset: " + ", ".join(
                     f"{k} {100 * a.estimate:+.1f} ({100 * a.low:+.1f} to {100 * a.high:+.1f})"
                     for k, a in alone if a is not None)
             lines.append(line)
     if not lines:
         return []
-    return ["CoRSA minus LoRA in points, 95 % percentile bootstrap over cases (2,000 resamples), each case "
-            "carrying the summed outcomes of every training seed for both methods:", "", *lines]
+    return [("CoRSA minus LoRA in points, 95 % percentile bootstrap over cases (2,000 resamples), each case "
+            "carrying the summed outcomes of every training seed for both methods:"), "", *lines]
 
 
 def link(target: str, page: Path) -> str:
@@ -174,9 +174,9 @@ def study(members: Sequence[tuple[Path, dict[str, Any]]], page: Path) -> str:
         where = f"{first['n']} cases (case seed {first['seed']}" + (
             f", subset {subsets[0]})" if subsets[0] is not None else ")")
     out = [f"### {first['bench']} `{first['split']}`, {first['model']}, {where}", "", *table(summaries), "",
-           f"Values in %; a method's cell is the mean over its training seeds "
+           (f"Values in %; a method's cell is the mean over its training seeds "
            f"({', '.join('-' if k is None else str(k) for k in seeds) or '-'}) with each seed's value in "
-           "parentheses, each seed pooled over the subsets. Steps and edit time: mean per adapter."]
+           "parentheses, each seed pooled over the subsets. Steps and edit time: mean per adapter.")]
     diff = differences(summaries)
     if diff:
         out += ["", *diff]
@@ -185,9 +185,9 @@ def study(members: Sequence[tuple[Path, dict[str, Any]]], page: Path) -> str:
     commits = list(dict.fromkeys(str(s.get("commit") or "not recorded") for s in summaries))
     dates = sorted(s["date"] for s in summaries if s.get("date"))
     logs = [link(g, page) for g in dict.fromkeys(s["log"] for s in summaries if s.get("log"))]
-    out += ["", f"Commit: {', '.join(commits)}. Last result written: {dates[-1] if dates else 'not recorded'}. "
+    out += ["", (f"Commit: {', '.join(commits)}. Last result written: {dates[-1] if dates else 'not recorded'}. "
             f"Summaries: {', '.join(f'[{p.name}]({link(str(p), page)})' for p, _ in members)}. "
-            f"Log: {', '.join(f'[{g}]({g})' for g in logs) if logs else 'not named (summarize --log)'}."]
+            f"Log: {', '.join(f'[{g}]({g})' for g in logs) if logs else 'not named (summarize --log)'}.")]
     return "\n".join(out)
 
 
