@@ -114,8 +114,8 @@ def test_edit_records_routing_and_ask_routes_unless_told_not_to(tmp_path, tiny_d
     closing = capsys.readouterr().out
     assert "1 edit(s) name no subject found in their prompt (first: 'sky?')" in closing
     scope = json.loads((out / "edit_manifest.json").read_text())["routing"]
-    assert scope == {"kind": "subject-key", "depth": routing.DEFAULT.depth, "threshold": 0.99, "layer": 1,
-                     "unscoped": ["sky?"]}
+    assert scope == {"kind": "subject-key", "depth": routing.DEFAULT.depth, "threshold": 0.99, "hint": False,
+                     "layer": 1, "unscoped": ["sky?"]}
     model, _ = load_edited(out)
     assert isinstance(model, routing.RoutedModel) and model.router.config.threshold == 0.99
     assert not isinstance(load_edited(out, route=False)[0], routing.RoutedModel)
@@ -137,8 +137,8 @@ def test_a_store_routes_by_the_subjects_of_its_current_facts(tmp_path, tiny_dir)
     store.update(root, [EditRequest("Messi plays", "chess", "football", subject="Messi"),
                         EditRequest("Paris is in", "Spain", "Italy", subject="paris")], progress=False, **fast)
     with store.Store(root) as s:
-        assert s.scope(2) == [routing.Edit("Paris is in", "paris"), routing.Edit("Messi plays", "Messi")]
-        assert s.scope(1) == [routing.Edit("Paris is in", "Paris")]
+        assert s.scope(2) == [routing.Edit("Paris is in", "paris", "Spain"), routing.Edit("Messi plays", "Messi", "chess")]
+        assert s.scope(1) == [routing.Edit("Paris is in", "Paris", "Italy")]
     model, _ = load_edited(root)
     assert isinstance(model, routing.RoutedModel) and len(model.router.keys) == 4  # 2 subjects, 2 cases each
 
@@ -192,3 +192,17 @@ def test_routing_gap_counts_what_routing_loses_against_the_oracle():
     assert gap["lost_against_oracle"] == 2 and gap["lost_and_misrouted"] == 1
     assert gap["share_of_loss_from_routing"] == 0.5 and gap["routed_to_own"] == pytest.approx(2 / 3)
     assert [len(p) for p in split(list(range(7)), 3)] == [2, 2, 3]
+
+
+def test_a_hint_writes_the_matched_edits_fact_in_front_of_a_routed_query_only(tokenizer):
+    model = make_model(len(tokenizer))
+    hinted = routing.RouterConfig(depth=1.0, threshold=0.9999, hint=True)
+    router = routing.Router(model, tokenizer, {"a": [routing.Edit("Paris is the capital of", "Paris", "Italy"),
+                                                     routing.Edit("Messi plays", "Messi", "chess")]}, hinted)
+    asked = routing.asking(Formatter(tokenizer, "qa"), router)
+    plain = Formatter(tokenizer, "qa")
+    assert asked.prompt_ids("Paris is where") == plain.prompt_ids(
+        "New fact: Paris is the capital of Italy\nParis is where")
+    assert asked.prompt_ids("Messi is") == plain.prompt_ids("New fact: Messi plays chess\nMessi is")
+    assert asked.prompt_ids("Rome is") == plain.prompt_ids("Rome is")
+    assert routing.asking(plain, routing.Router(model, tokenizer, {"a": []}, EXACT)) is plain  # off by default

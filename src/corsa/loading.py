@@ -46,7 +46,9 @@ def load_edited(run_dir: str | Path, model: str | None = None, *, route: bool = 
         model = model or manifest["model"]["name"]
         style, method = manifest.get("prompt_style", "auto"), manifest.get("method")
         if route and manifest.get("routing"):
-            scope = routing.RouterConfig(depth=manifest["routing"]["depth"], threshold=manifest["routing"]["threshold"])
+            recorded = manifest["routing"]
+            scope = routing.RouterConfig(depth=recorded["depth"], threshold=recorded["threshold"],
+                                         hint=recorded.get("hint", False))
     elif (run_dir / "adapter_config.json").exists():
         model = model or json.loads((run_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     elif not (run_dir / CONTEXT_FILE).exists():
@@ -57,7 +59,7 @@ def load_edited(run_dir: str | Path, model: str | None = None, *, route: bool = 
         spec = get(method or "prepend")  # runs written before manifests named the method were prepend's
         assert spec.load_context is not None
         return base, spec.load_context(tok, style, json.loads((run_dir / CONTEXT_FILE).read_text()))
-    edits = [routing.Edit(e["prompt"], e.get("subject")) for e in manifest["edits"]] if scope else []
+    edits = [routing.Edit(e["prompt"], e.get("subject"), e["target_new"]) for e in manifest["edits"]] if scope else []
     return scoped(attach_adapter(base, run_dir), Formatter(tok, style), edits, scope)
 
 
@@ -66,7 +68,8 @@ def scoped(model: torch.nn.Module, formatter: Formatter, edits: list[routing.Edi
     """`model` routed to its adapter only inside the edits' scope; as it is without a setting or an adapter."""
     if config is None or not hasattr(model, "disable_adapter") or not edits:
         return model, formatter
-    return routing.routed(model, formatter.tokenizer, edits, config), formatter
+    router = routing.Router(model, formatter.tokenizer, {model.active_adapter: edits}, config)
+    return routing.RoutedModel(model, router), routing.asking(formatter, router)
 
 
 def check_store_model(store: Store, model: str | None) -> None:

@@ -29,6 +29,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from corsa.methods.prepend import PrependConfig, fact_text
+from corsa.prompts import Formatter
+
 PREFIX = "Question: "
 
 
@@ -38,6 +41,8 @@ class RouterConfig:
     # SmolLM2-135M (30 layers) on CounterFact `val` (docs/log/2026-12-05-routing.md).
     depth: float = 0.17  # layer 5 of 30
     threshold: float = 0.95  # cosine similarity; the same log, chosen on `val` paraphrases against neighbours
+    # Ask a routed query with its matched edit's fact written in front (HintFormatter). Off until measured.
+    hint: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.depth <= 1.0:
@@ -51,10 +56,11 @@ DEFAULT = RouterConfig()
 
 @dataclass(frozen=True)
 class Edit:
-    """What routing needs of an edit: its prompt and its subject."""
+    """What routing needs of an edit: its prompt and its subject (and its new answer, for a hint)."""
 
     prompt: str
     subject: str | None
+    target_new: str = ""
 
 
 def subject_span(prompt: str, subject: str | None) -> tuple[int, int] | None:
@@ -135,51 +141,62 @@ def unedited(model: torch.nn.Module) -> Iterator[None]:
 
 
 class Router:
-    """Which adapter answers a query: keys of each adapter's edits, computed once with the unedited model."""
+    """Which adapter answers a query, and which edit it is about: keys of each adapter's edits, computed once with
+    the unedited model."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, scopes: Mapping[str, Sequence[Edit]],
                  config: RouterConfig = DEFAULT):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.layer = max(1, round(config.depth * decoder_layers(model)))
         self.names = list(scopes)
+        self.edits = [e for es in scopes.values() for e in es]
+        self.edit_owner = torch.tensor([self.names.index(n) for n, es in scopes.items() for _ in es], dtype=torch.long)
         self.unscoped: dict[str, list[str]] = {}
-        keys, owners = [], []
-        edits = [(name, e, subject_span(e.prompt, e.subject)) for name, es in scopes.items() for e in es]
-        for name, e, span in edits:
-            if span is None:
-                self.unscoped.setdefault(name, []).append(e.prompt)
-        found = [(name, text, span) for name, e, span in edits if span is not None
-                 for text in cased(e.prompt, span)]
+        for name, es in scopes.items():
+            for e in es:
+                if subject_span(e.prompt, e.subject) is None:
+                    self.unscoped.setdefault(name, []).append(e.prompt)
+        found = [(i, text, span) for i, e in enumerate(self.edits)
+                 if (span := subject_span(e.prompt, e.subject)) is not None for text in cased(e.prompt, span)]
         with unedited(model):
             states = token_states(model, tokenizer, [text for _, text, _ in found], self.layer)
-        for (name, _, span), (s, spans) in zip(found, states):
-            keys.append(subject_key(s, spans, span))
-            owners.append(self.names.index(name))
+        keys = [subject_key(s, spans, span) for (_, _, span), (s, spans) in zip(found, states)]
         self.keys = torch.stack(keys) if keys else torch.zeros((0, 1))
-        self.owners = torch.tensor(owners, dtype=torch.long)
-        self.known: dict[str, str | None] = {}  # query -> route: generation and scoring ask for the same queries
+        self.key_edit = torch.tensor([i for i, _, _ in found], dtype=torch.long)
+        self.known: dict[str, int | None] = {}  # query -> matched edit: generation and scoring ask the same queries
 
-    def scores(self, prompts: Sequence[str]) -> torch.Tensor:
-        """[query, adapter]: the query's best similarity to any key of the adapter's edits (-1 without keys)."""
-        out = torch.full((len(prompts), len(self.names)), -1.0)
+    def edit_scores(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[query, edit]: the query's best similarity to any key of the edit (-1 for an edit without keys)."""
+        out = torch.full((len(prompts), len(self.edits)), -1.0)
         if not len(self.keys) or not prompts:
             return out
         with unedited(self.model):
             states = token_states(self.model, self.tokenizer, prompts, self.layer)
         for q, (s, _) in enumerate(states):
             best = (s @ self.keys.T).max(0).values  # per key: its best token in the query
-            out[q].scatter_reduce_(0, self.owners, best, reduce="amax")
+            out[q].scatter_reduce_(0, self.key_edit, best, reduce="amax")
         return out
+
+    def scores(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[query, adapter]: the best of the adapter's edits."""
+        per_edit = self.edit_scores(prompts)
+        out = torch.full((len(prompts), len(self.names)), -1.0)
+        return out.scatter_reduce(1, self.edit_owner.expand_as(per_edit), per_edit, reduce="amax")
+
+    def matched(self, prompts: Sequence[str]) -> list[Edit | None]:
+        """Per query, the edit whose subject it matches best, when that reaches the threshold."""
+        new = list(dict.fromkeys(p for p in prompts if p not in self.known))
+        for prompt, row in zip(new, self.edit_scores(new)):
+            best = int(row.argmax()) if len(row) else -1
+            self.known[prompt] = best if best >= 0 and row[best] >= self.config.threshold else None
+        return [None if (i := self.known[p]) is None else self.edits[i] for p in prompts]
 
     def routes(self, prompts: Sequence[str]) -> list[str | None]:
         """Per query, the adapter that answers it, or None for the unedited model. An adapter holding an edit
         without a subject answers whatever no scoped adapter claims."""
-        new = list(dict.fromkeys(p for p in prompts if p not in self.known))
         fallback = next(iter(self.unscoped), None)
-        for prompt, row in zip(new, self.scores(new)):
-            best = int(row.argmax()) if len(row) else 0
-            self.known[prompt] = self.names[best] if len(row) and row[best] >= self.config.threshold else fallback
-        return [self.known[p] for p in prompts]
+        self.matched(prompts)
+        return [fallback if (i := self.known[p]) is None else self.names[int(self.edit_owner[i])] for p in prompts]
 
 
 class Routes(Protocol):
@@ -227,13 +244,37 @@ def routed(model: torch.nn.Module, tokenizer: Any, edits: Sequence[Edit],
 
 
 def edits_of(requests: Sequence[Any]) -> list[Edit]:
-    """Routing's view of edit requests (anything with `prompt` and `subject`)."""
-    return [Edit(r.prompt, r.subject) for r in requests]
+    """Routing's view of edit requests (anything with `prompt`, `subject` and `target_new`)."""
+    return [Edit(r.prompt, r.subject, r.target_new) for r in requests]
+
+
+@dataclass
+class HintFormatter(Formatter):
+    """Asks a query that routing matched to an edit with that edit's fact written in front, the way in-context
+    editing asks (the prepend method's template), and any other query as it is. The fact comes from the edits the
+    adapter was trained on, found by the router: nothing about the query is looked up elsewhere."""
+
+    router: Router | None = None
+    template: str = PrependConfig.template
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        edit = self.router.matched([prompt])[0] if self.router is not None else None
+        if edit is None or not edit.target_new:
+            return super().prompt_ids(prompt)
+        return super().prompt_ids(self.template.format(fact=fact_text(edit), query=prompt))
+
+
+def asking(formatter: Formatter, router: Router) -> Formatter:
+    """How a routed model is asked: with hints when its setting says so, else as before."""
+    if not router.config.hint:
+        return formatter
+    return HintFormatter(formatter.tokenizer, formatter.style, router=router)
 
 
 def record(config: RouterConfig, router: Router | None = None) -> dict[str, Any]:
     """What a manifest says about routing: the setting, and the edits it could not scope."""
-    out: dict[str, Any] = {"kind": "subject-key", "depth": config.depth, "threshold": config.threshold}
+    out: dict[str, Any] = {"kind": "subject-key", "depth": config.depth, "threshold": config.threshold,
+                           "hint": config.hint}
     if router is not None:
         out["layer"] = router.layer
         out["unscoped"] = [p for ps in router.unscoped.values() for p in ps]

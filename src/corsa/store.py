@@ -354,8 +354,8 @@ class Store:
         """What version v's adapter was trained to answer, for routing: each fact's prompt and subject, the
         latest request of a prompt winning as in `facts`."""
         self.version(v)
-        latest = {prompt: json.loads(request).get("subject") for prompt, request in self.lineage_edits(v, "request")}
-        return [routing.Edit(prompt, subject) for prompt, subject in latest.items()]
+        latest = {prompt: json.loads(request) for prompt, request in self.lineage_edits(v, "request")}
+        return [routing.Edit(prompt, r.get("subject"), r["target_new"]) for prompt, r in latest.items()]
 
     def answers(self, v: int) -> dict[str, str]:
         return dict(self.db.execute("SELECT prompt, answer FROM answers WHERE version = ?", (v,)).fetchall())

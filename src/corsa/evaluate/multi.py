@@ -126,7 +126,8 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
         records = {}
         for row, routes in ((routed_name(spec), router), (spec + ORACLE, KnownRoutes(known))):
             t_eval = time.perf_counter()
-            ev = evaluate(routing.RoutedModel(peft, routes), formatter, mined, reference=base, config=cfg.eval)
+            asked = routing.asking(formatter, router) if routes is router else formatter
+            ev = evaluate(routing.RoutedModel(peft, routes), asked, mined, reference=base, config=cfg.eval)
             ev["timings"] = {"eval_s": time.perf_counter() - t_eval, "edit_s": edit_s}
             records[row] = {**header, "method": row, "adapters": [str(f) for f in folders], **ev}
         paraphrases = [p for r in chosen for p in r.paraphrases]

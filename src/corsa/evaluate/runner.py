@@ -277,7 +277,8 @@ def routed_record(model: torch.nn.Module, formatter: Formatter, tokenizer: Any, 
     t = time.perf_counter()
     router = routing.Router(model, tokenizer, {model.active_adapter: routing.edits_of(chosen)}, cfg.router)
     asked = routing.RoutedModel(model, router)
-    ev = evaluate_all(asked, formatter, tokenizer, anchors.with_mined(chosen, trained), cfg, base)
+    ev = evaluate_all(asked, routing.asking(formatter, router), tokenizer, anchors.with_mined(chosen, trained), cfg,
+                      base)
     kinds = {"prompt": [r.prompt for r in chosen], "paraphrases": [p for r in chosen for p in r.paraphrases],
              "neighborhood": [n.prompt for r in chosen for n in r.neighborhood]}
     shares = {k: (sum(x is not None for x in asked.routes(v)) / len(v) if v else None) for k, v in kinds.items()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -43,7 +43,13 @@ class PrependFormatter(Formatter):
         return {"template": self.template, "context": self.context}
 
 
-def fact_text(r: EditRequest) -> str:
+class Fact(Protocol):
+    prompt: str
+    target_new: str
+
+
+def fact_text(r: Fact) -> str:
+    """An edit as one sentence: its prompt and new answer (also routing's hint, corsa.routing.HintFormatter)."""
     return f"{r.prompt.strip()} {r.target_new.strip()}"
 
 
