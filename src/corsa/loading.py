@@ -66,10 +66,10 @@ def load_edited(run_dir: str | Path, model: str | None = None, *, route: bool = 
 def scoped(model: torch.nn.Module, formatter: Formatter, edits: list[routing.Edit],
            config: routing.RouterConfig | None) -> tuple[torch.nn.Module, Formatter]:
     """`model` routed to its adapter only inside the edits' scope; as it is without a setting or an adapter."""
-    if config is None or not hasattr(model, "disable_adapter") or not edits:
-        return model, formatter
-    router = routing.Router(model, formatter.tokenizer, {model.active_adapter: edits}, config)
-    return routing.RoutedModel(model, router), routing.asking(formatter, router)
+    asked = model if config is None else routing.within(model, formatter.tokenizer, edits, config)
+    if not isinstance(asked, routing.RoutedModel) or not isinstance(asked.router, routing.Router):
+        return asked, formatter
+    return asked, routing.asking(formatter, asked.router)
 
 
 def check_store_model(store: Store, model: str | None) -> None:

@@ -243,6 +243,14 @@ def routed(model: torch.nn.Module, tokenizer: Any, edits: Sequence[Edit],
     return RoutedModel(model, Router(model, tokenizer, {model.active_adapter: edits}, config))
 
 
+def within(model: torch.nn.Module, tokenizer: Any, edits: Sequence[Edit],
+           config: RouterConfig = DEFAULT) -> torch.nn.Module:
+    """`model` answering with its adapter only inside the edits' scope; as it is without an adapter or edits."""
+    if not hasattr(model, "disable_adapter") or not edits:
+        return model
+    return routed(model, tokenizer, edits, config)
+
+
 def edits_of(requests: Sequence[Any]) -> list[Edit]:
     """Routing's view of edit requests (anything with `prompt`, `subject` and `target_new`)."""
     return [Edit(r.prompt, r.subject, r.target_new) for r in requests]
