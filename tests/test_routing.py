@@ -206,3 +206,46 @@ def test_a_hint_writes_the_matched_edits_fact_in_front_of_a_routed_query_only(to
     assert asked.prompt_ids("Messi is") == plain.prompt_ids("New fact: Messi plays chess\nMessi is")
     assert asked.prompt_ids("Rome is") == plain.prompt_ids("Rome is")
     assert routing.asking(plain, routing.Router(model, tokenizer, {"a": []}, EXACT)) is plain  # off by default
+
+
+def test_compose_bench_merges_two_adapters_and_counts_forgetting(tmp_path, tiny_dir, capsys):
+    from test_sequence import mquake
+
+    recs = [{"case_id": i, "prompt": f"p{i} lives in", "target_new": f"x{i}", "subject": f"p{i}",
+             "ground_truth": f"y{i}", "rephrase_prompt": f"p{i} resides in", "locality_prompt": f"q{i} lives in",
+             "locality_ground_truth": f"z{i}"} for i in range(4)]
+    (tmp_path / "counterfact").mkdir()
+    (tmp_path / "counterfact" / "easyedit-counterfact-edit.json").write_text(json.dumps(recs))
+    mquake(tmp_path, n=4)
+    out = tmp_path / "c"
+    from corsa.evaluate.compose import run_compose
+    from corsa.evaluate.metrics import EvalConfig
+    from corsa.evaluate.runner import BenchConfig
+
+    # A rank under the tiny model's smallest layer (16): TIES stores its merge at the adapters' rank.
+    cfg = BenchConfig(bench="counterfact", data=str(tmp_path), n=3, methods=("lora",), model=tiny_dir,
+                      eval=EvalConfig(max_new_tokens=3), overrides={"epochs": 1, "lora_r": 8, "lora_alpha": 16})
+    run_compose(cfg, out, progress=False, command="test")
+    record = json.loads((out / "lora" / "results.json").read_text())
+    assert set(record["forgetting"]) == {"linear/counterfact", "ties/counterfact", "linear/mquake", "ties/mquake"}
+    assert record["n"] == {"counterfact": 3, "mquake": 3}
+    for row in record["forgetting"].values():
+        assert row["prompts"] == 6 and 0 <= row["forgotten"] <= row["correct_alone"] <= 6
+    assert set(record["answers"]) == {"counterfact", "mquake", "linear", "ties"}
+    assert "forgetting, linear/counterfact" in (out / "table.md").read_text()
+    assert main(["bench", "compose", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(tmp_path / "p"),
+                 "--methods", "prepend", "--model", tiny_dir]) == 2
+    assert "nothing to merge" in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
+def test_linear_merge_is_the_sum_of_the_two_updates(tokenizer):
+    """`linear` is PEFT's `cat` at weight 1: the merged model's change is exactly both adapters' changes added."""
+    peft = with_adapter(tokenizer, "one", seed=1)
+    peft = with_adapter(tokenizer, "two", seed=2, model=peft)
+    peft.add_weighted_adapter(["one", "two"], [1.0, 1.0], "linear", combination_type="cat")
+    layer = peft.base_model.model.model.layers[0].self_attn.q_proj
+
+    def delta(name):
+        return layer.lora_B[name].weight @ layer.lora_A[name].weight * layer.scaling[name]
+
+    assert torch.allclose(delta("linear"), delta("one") + delta("two"), atol=1e-5)

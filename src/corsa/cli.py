@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("single", "one adapter per method on N edits at once (paper section 4.2)"),
                        ("ablation", "CoRSA with each component removed (paper Table 9), or a --lambda sweep"),
                        ("multi", ("the edits in --parts parts, one adapter each, every query routed to one "
-                                  "(paper appendix B.2, Table 8)"))):
+                                  "(paper appendix B.2, Table 8)")),
+                       ("compose", ("a CounterFact adapter and an MQuAKE adapter merged, linearly and with TIES: "
+                                    "forgetting on both sets (paper appendix B.1, Figure 6)"))):
         p = bench.add_parser(name, help=text)
         p.add_argument("--bench", required=True, choices=["counterfact", "zsre", "mquake"])
         p.add_argument("--data", required=True, help="benchmarks folder (e.g. ../shared/benchmarks) or a file")
@@ -256,10 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--train-seeds", help="comma-separated training seeds: every method is trained once per seed "
                        "on the same cases (rows <method>@seed<k>; the run's own seed keeps the plain name), and the "
                        "table adds each setting's mean and spread over seeds")
-        if name == "multi":
-            p.add_argument("--parts", type=POSITIVE, default=5, help="adapters the edits are split into (paper: 5)")
-            p.add_argument("--methods", default="lora,corsa", help="comma-separated adapter methods and settings, "
-                           "as for `corsa bench single`")
+        if name in ("multi", "compose"):
+            if name == "multi":
+                p.add_argument("--parts", type=POSITIVE, default=5, help="adapters the edits are split into (paper: 5)")
+            p.add_argument("--methods", default="lora,corsa" if name == "multi" else "lora,corsa,merge",
+                           help="comma-separated adapter methods and settings, as for `corsa bench single`")
         elif name == "single":
             p.add_argument("--methods", default="lora,corsa",
                            help="comma-separated: lora, corsa, flearning, memit, merge, merge-ties, prepend, "
@@ -459,7 +462,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                 max_new_tokens=args.max_new_tokens, preset=args.preset, overrides=_method_overrides(args))
             run_sequence(seq, args.out, progress=not args.quiet, command=command)
             return 0
-        if args.bench_command in ("single", "multi"):
+        if args.bench_command in ("single", "multi", "compose"):
             methods = _names(args.methods)
         elif args.lambdas or args.rhos or args.forget_lambdas:
             methods = [f"{name}{_number(v, flag)}" for name, flag, values in
@@ -479,6 +482,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                           route=not args.no_route, router=_router(args) or RouterConfig(),
                           eval=EvalConfig(max_new_tokens=args.max_new_tokens, sample_runs=args.sample_runs,
                                           seed=seed, autocast=args.bf16))
+        if args.bench_command == "compose":
+            from corsa.evaluate.compose import run_compose
+
+            run_compose(cfg, args.out, progress=not args.quiet, command=command)
+            return 0
         if args.bench_command == "multi":
             from corsa.evaluate.multi import run_multi
 
