@@ -71,12 +71,16 @@ def report(name: str, scores: torch.Tensor, para_group: list[int], n_para: int, 
     def at(tau: float) -> tuple[float, float]:
         return float(((own >= tau) & right).float().mean()), float((best_neigh < tau).float().mean())
 
-    tau = max(torch.cat([own, best_neigh]).tolist(), key=lambda t: sum(at(t)))
+    candidates = sorted(set(torch.cat([own, best_neigh]).tolist()))
+    tau = max(candidates, key=lambda t: sum(at(t)))
+    step = max(1, len(candidates) // 100)  # the trade-off curve over thresholds, at most ~100 points
     row = {"signal": name, "auc": auc, "best_is_own": float(right.float().mean()), "oracle_threshold": tau,
-           "oracle_paraphrases_routed": at(tau)[0], "oracle_neighbours_kept": at(tau)[1]}
+           "oracle_paraphrases_routed": at(tau)[0], "oracle_neighbours_kept": at(tau)[1],
+           "curve": [(t, *at(t)) for t in candidates[::step]]}
     if shipped is not None:
         row.update(shipped_threshold=shipped, paraphrases_routed=at(shipped)[0], neighbours_kept=at(shipped)[1])
-    print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "curve"),
+          flush=True)
     return row
 
 
