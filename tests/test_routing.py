@@ -249,3 +249,25 @@ def test_linear_merge_is_the_sum_of_the_two_updates(tokenizer):
         return layer.lora_B[name].weight @ layer.lora_A[name].weight * layer.scaling[name]
 
     assert torch.allclose(delta("linear"), delta("one") + delta("two"), atol=1e-5)
+
+
+def test_a_runs_adapters_are_rerouted_without_training(tmp_path, tiny_dir, monkeypatch):
+    from corsa import editing
+    from corsa.evaluate.runner import load_results, reroute
+
+    recs = [{"case_id": i, "prompt": f"p{i} lives in", "target_new": f"x{i}", "subject": f"p{i}",
+             "ground_truth": f"y{i}", "rephrase_prompt": f"p{i} resides in", "locality_prompt": f"q{i} lives in",
+             "locality_ground_truth": f"z{i}"} for i in range(4)]
+    (tmp_path / "counterfact").mkdir()
+    (tmp_path / "counterfact" / "easyedit-counterfact-edit.json").write_text(json.dumps(recs))
+    run = tmp_path / "run"
+    assert main(["bench", "single", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(run), "--n", "3",
+                 "--methods", "lora", "--model", tiny_dir, "--epochs", "1", "--mmlu-n", "0", "--quiet",
+                 "--max-new-tokens", "2", "--no-route"]) == 0
+    monkeypatch.setattr(editing, "edit", None)  # no training on the way
+    out = reroute(run, tmp_path / "again", routing.RouterConfig(threshold=0.5, hint=True), command="test")
+    rows = {r["method"]: r for r in load_results(out)}
+    assert set(rows) == {"base", "lora", "lora-routed"}
+    assert rows["lora-routed"]["routing"]["threshold"] == 0.5 and rows["lora-routed"]["routing"]["hint"]
+    assert rows["lora-routed"]["case_ids"] == rows["lora"]["case_ids"] and rows["lora-routed"]["command"] == "test"
+    assert (out / "table.md").exists()

@@ -28,6 +28,7 @@ from corsa.errors import InputError
 from corsa.evaluate import plots
 from corsa.evaluate.metrics import HEADLINE, METRICS, EvalConfig, evaluate, with_other_targets
 from corsa.evaluate.stats import SEED_MARK, differences_line, mmlu_line, routed_name, seeds_line, unrouted_name
+from corsa.loading import load_edited
 from corsa.methods import REGISTRY, make_editor
 from corsa.methods.registry import variant_names
 from corsa.prompts import Formatter, PromptStyle
@@ -300,6 +301,38 @@ def run_header(cfg: BenchConfig, chosen: list[EditRequest], skipped: Any, comman
             "model": models.canonical(cfg.model), "prompt_style": cfg.prompt_style,
             "eval_config": dataclasses.asdict(cfg.eval),
             "mmlu_n_per_subject": cfg.mmlu_n, "preset": preset.record()}
+
+
+def reroute(run: str | Path, out: str | Path, router: routing.RouterConfig, *, command: str | None = None
+            ) -> Path:
+    """Every adapter of a `corsa bench single` run evaluated again, scope-routed with another routing setting,
+    without training: `out` gets the run's base and unrouted records and a new `<method>-routed` row for each."""
+    run, out = Path(run), Path(out)
+    artifacts.check_writable(out, overwrite=False)
+    records = [r for r in load_results(run) if r["method"] == unrouted_name(r["method"])]
+    base = next(r for r in records if r["method"] == "base")
+    cfg = BenchConfig(bench=base["bench"], data=base["data"], split=base["split"], n=base["n"], seed=base["seed"],
+                      subset=base.get("subset"), model=base["model"], prompt_style=base["prompt_style"], mmlu_n=0,
+                      eval=EvalConfig(**base["eval_config"]), router=router)
+    requests, _ = load_benchmark_with_report(cfg.bench, cfg.data, cfg.split)
+    by_id = {r.id: r for r in requests}
+    chosen = [by_id[i] for i in base["case_ids"]]
+    out.mkdir(parents=True)
+    artifacts.write_json(out / "base" / "results.json", base)
+    for record in records:
+        adapter = run / record["method"] / "adapter"
+        if record["method"] == "base" or not (adapter / "adapter_config.json").exists():
+            continue
+        manifest = artifacts.read_manifest(adapter)
+        mined = manifest.get("mined_old_answers", {})
+        trained = [dataclasses.replace(r, target_old=e.get("target_old"), old_mined=(r.id or str(i)) in mined)
+                   for i, (r, e) in enumerate(zip(chosen, manifest["edits"]))]
+        model, formatter = load_edited(adapter, route=False)
+        artifacts.write_json(out / record["method"] / "results.json", record)
+        routed_record(model, formatter, formatter.tokenizer, chosen, trained, cfg, base,
+                      {**record, "command": command or record.get("command")}, out / record["method"])
+    write_report(out)
+    return out
 
 
 def base_record(out: Path, header: dict[str, Any], chosen: list[EditRequest], cfg: BenchConfig) -> dict[str, Any]:

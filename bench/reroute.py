@@ -1,0 +1,32 @@
+"""A `corsa bench single` run's adapters evaluated again with another routing setting, without training.
+
+    python bench/reroute.py RUN_DIR --out NEW_DIR [--route-hint] [--route-threshold T] [--route-depth D]
+
+NEW_DIR gets the run's unedited and unrouted records as they are and a `<method>-routed` row per adapter, routed
+with the setting given (corsa.routing's defaults otherwise), so one training run answers for several settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from corsa.evaluate.runner import reroute
+from corsa.routing import RouterConfig
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--route-hint", action="store_true")
+    p.add_argument("--route-threshold", type=float, default=RouterConfig.threshold)
+    p.add_argument("--route-depth", type=float, default=RouterConfig.depth)
+    args = p.parse_args()
+    config = RouterConfig(depth=args.route_depth, threshold=args.route_threshold, hint=args.route_hint)
+    reroute(args.run, args.out, config, command="python bench/reroute.py " + shlex.join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
