@@ -303,13 +303,15 @@ def run_header(cfg: BenchConfig, chosen: list[EditRequest], skipped: Any, comman
             "mmlu_n_per_subject": cfg.mmlu_n, "preset": preset.record()}
 
 
-def reroute(run: str | Path, out: str | Path, router: routing.RouterConfig, *, command: str | None = None
-            ) -> Path:
-    """Every adapter of a `corsa bench single` run evaluated again, scope-routed with another routing setting,
-    without training: `out` gets the run's base and unrouted records and a new `<method>-routed` row for each."""
+def reroute(run: str | Path, out: str | Path, router: routing.RouterConfig, *, command: str | None = None,
+            methods: Sequence[str] | None = None) -> Path:
+    """Every adapter of a `corsa bench single` run (or those of `methods`) evaluated again, scope-routed with
+    another routing setting, without training: `out` gets the run's base and unrouted records and a new
+    `<method>-routed` row for each."""
     run, out = Path(run), Path(out)
     artifacts.check_writable(out, overwrite=False)
-    records = [r for r in load_results(run) if r["method"] == unrouted_name(r["method"])]
+    records = [r for r in load_results(run) if r["method"] == unrouted_name(r["method"])
+               and (methods is None or r["method"] in ("base", *methods))]
     base = next(r for r in records if r["method"] == "base")
     cfg = BenchConfig(bench=base["bench"], data=base["data"], split=base["split"], n=base["n"], seed=base["seed"],
                       subset=base.get("subset"), model=base["model"], prompt_style=base["prompt_style"], mmlu_n=0,
