@@ -516,10 +516,10 @@ def _collapse_note(collapse: dict[str, Any] | None) -> str:
 
 def _text(value: str, field: str) -> None:
     """Command-line text is decoded with surrogate escapes; bytes that are not UTF-8 cannot be asked or stored."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InputError("is not valid UTF-8 text", field=field) from None
+    from corsa.requests import invalid_character
+
+    if invalid_character(value) is not None:
+        raise InputError("is not valid UTF-8 text", field=field)
     if not value.strip():
         raise InputError("is empty", field=field)
 

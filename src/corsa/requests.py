@@ -30,6 +30,17 @@ class Neighbor:
     answer: str
 
 
+def invalid_character(text: str) -> int | None:
+    """The 1-based position of the first character UTF-8 cannot hold, None when there is none. JSON can spell a
+    lone surrogate ("\\ud800") and a command line decodes stray bytes to them; no tokenizer, database or file can
+    hold one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start + 1
+    return None
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """One fact to change: at `prompt` the model should answer `target_new` instead of `target_old`.
@@ -111,11 +122,9 @@ class _Line:
             raise self.error(f"must be a non-empty string, got {_type(value)}", name)
         if not value.strip():
             raise self.error("must be a non-empty string", name)
-        try:  # JSON can spell a lone surrogate ("\ud800"), which no tokenizer, database or file can hold
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise self.error(f"holds an invalid character (a lone surrogate at position {exc.start + 1})",
-                             name) from None
+        bad = invalid_character(value)
+        if bad is not None:
+            raise self.error(f"holds an invalid character (a lone surrogate at position {bad})", name)
         return value
 
     def texts(self, value: Any, name: str) -> tuple[str, ...]:
