@@ -11,13 +11,13 @@ from typing import Any
 import torch
 
 from corsa import artifacts, distributed, models, presets, routing
-from corsa.answers import contains, first_sentence
+from corsa.answers import contains
 from corsa.errors import InputError
 from corsa.methods import Editor, EditResult, MethodSpec, get, make_editor
 from corsa.methods.base import CONTEXT_FILE
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, check_lengths
-from corsa.scoring import generate
+from corsa.scoring import current_answers
 
 
 def mine_old_answers(model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest], *,
@@ -30,11 +30,11 @@ def mine_old_answers(model: torch.nn.Module, formatter: Formatter, requests: lis
     todo = [i for i, r in enumerate(requests) if r.target_old is None]
     if not todo:
         return list(requests)
-    answers = generate(model, formatter, [requests[i].prompt for i in todo], max_new_tokens=max_new_tokens,
-                       autocast=autocast)
+    answers = current_answers(model, formatter, [requests[i].prompt for i in todo], max_new_tokens=max_new_tokens,
+                              autocast=autocast)
     out = list(requests)
     for i, answer in zip(todo, answers):
-        out[i] = requests[i].with_old(first_sentence(answer) or "(empty answer)", mined=True)
+        out[i] = requests[i].with_old(answer or "(empty answer)", mined=True)
     return out
 
 

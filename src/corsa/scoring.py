@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from corsa.answers import first_sentence
 from corsa.prompts import Formatter
 
 
@@ -522,3 +523,11 @@ def _generate(model: torch.nn.Module, formatter: Formatter, prompts: Sequence[st
             for row in out[:, width:]:
                 answers.append(formatter.clean(tok.decode(row, skip_special_tokens=True)))
     return answers
+
+
+def current_answers(model: torch.nn.Module, formatter: Formatter, prompts: Sequence[str], *,
+                    max_new_tokens: int = 32, autocast: bool = False) -> list[str]:
+    """What the model answers now, greedy and cut to its first sentence (empty when it says nothing): the old
+    answers an edit pushes down, and the answers anchors keep."""
+    return [first_sentence(a) for a in generate(model, formatter, prompts, max_new_tokens=max_new_tokens,
+                                                 autocast=autocast)]

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from corsa import anchors, distributed
-from corsa.answers import contains, first_sentence
+from corsa.answers import contains
 from corsa.methods.base import EditResult
 from corsa.methods.registry import MethodSpec, Option, Sweep, register
 from corsa.optim import losses, pcgrad, sam
@@ -32,7 +32,7 @@ from corsa.scoring import (
     SharedBatch,
     autocast_context,
     compute_context,
-    generate,
+    current_answers,
     make_shared_batch,
     score_answers,
     sum_by_row,
@@ -525,10 +525,10 @@ def answer_anchors(model: torch.nn.Module, formatter: Formatter, requests: list[
     sets = anchors.build(requests, cfg.anchors_per_edit, cfg.seed)
     items = [(i, a) for i, s in enumerate(sets) for a in s]
     model.eval()
-    answers = generate(model, formatter, [a.prompt for _, a in items], max_new_tokens=cfg.anchor_tokens,
-                       autocast=cfg.bf16) if items else []
-    return [{"edit": i, "prompt": a.prompt, "source": a.source, "answer": first_sentence(answer)}
-            for (i, a), answer in zip(items, answers) if first_sentence(answer)]
+    answers = current_answers(model, formatter, [a.prompt for _, a in items], max_new_tokens=cfg.anchor_tokens,
+                              autocast=cfg.bf16) if items else []
+    return [{"edit": i, "prompt": a.prompt, "source": a.source, "answer": answer}
+            for (i, a), answer in zip(items, answers) if answer]
 
 
 class CorsaEditor:
