@@ -94,7 +94,7 @@ def settings(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def table(summaries: Sequence[dict[str, Any]]) -> list[str]:
-    metrics = [m for m in (*COMPARED, *EXTRA)
+    metrics = [m for m in dict.fromkeys((*COMPARED, *EXTRA))  # a metric in both lists is one column
                if any(r["summary"].get(m) is not None for s in summaries for r in s["rows"])]
     methods = list(dict.fromkeys(base_name(r["method"]) for s in summaries for r in s["rows"]))
     lines = ["| method | settings | training seeds | " + " | ".join(metrics) + " | steps | edit time (s) |",
