@@ -114,7 +114,7 @@ def test_edit_records_routing_and_ask_routes_unless_told_not_to(tmp_path, tiny_d
     closing = capsys.readouterr().out
     assert "1 edit(s) name no subject found in their prompt (first: 'sky?')" in closing
     scope = json.loads((out / "edit_manifest.json").read_text())["routing"]
-    assert scope == {"kind": "subject-key", "depth": routing.DEFAULT.depth, "threshold": 0.99, "hint": False,
+    assert scope == {"kind": "subject-key", "depth": routing.DEFAULT.depth, "threshold": 0.99, "hint": True,
                      "layer": 1, "unscoped": ["sky?"]}
     model, _ = load_edited(out)
     assert isinstance(model, routing.RoutedModel) and model.router.config.threshold == 0.99
@@ -205,7 +205,9 @@ def test_a_hint_writes_the_matched_edits_fact_in_front_of_a_routed_query_only(to
         "New fact: Paris is the capital of Italy\nParis is where")
     assert asked.prompt_ids("Messi is") == plain.prompt_ids("New fact: Messi plays chess\nMessi is")
     assert asked.prompt_ids("Rome is") == plain.prompt_ids("Rome is")
-    assert routing.asking(plain, routing.Router(model, tokenizer, {"a": []}, EXACT)) is plain  # off by default
+    unhinted = routing.RouterConfig(depth=1.0, threshold=0.9999, hint=False)
+    assert routing.asking(plain, routing.Router(model, tokenizer, {"a": []}, unhinted)) is plain
+    assert routing.DEFAULT.hint  # on by default (chosen on CounterFact val)
 
 
 def test_compose_bench_merges_two_adapters_and_counts_forgetting(tmp_path, tiny_dir, capsys):

@@ -159,8 +159,8 @@ def _add_routing_flags(p: argparse.ArgumentParser) -> None:
                    "answered with the adapter (default 0.95; docs/log/2026-12-05-routing.md)")
     p.add_argument("--route-depth", type=finite, help="layer of the routing keys, as a share of the model's depth "
                    "(default 0.17: layer 5 of SmolLM2-135M's 30)")
-    p.add_argument("--route-hint", action="store_true", help="ask a routed question with its matched edit's fact "
-                   "written in front (in-context, on top of the adapter)")
+    p.add_argument("--no-route-hint", action="store_true", help="ask a routed question as it is (default: with its "
+                   "matched edit's fact written in front, on top of the adapter)")
 
 
 def _router(args: argparse.Namespace) -> Any:
@@ -170,8 +170,8 @@ def _router(args: argparse.Namespace) -> Any:
     if args.no_route:
         return None
     given = {k: v for k, v in (("threshold", args.route_threshold), ("depth", args.route_depth)) if v is not None}
-    if args.route_hint:
-        given["hint"] = True
+    if args.no_route_hint:
+        given["hint"] = False
     try:
         return RouterConfig(**given)
     except ValueError as exc:

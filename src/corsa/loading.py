@@ -30,7 +30,7 @@ def load_edited(run_dir: str | Path, model: str | None = None, *, route: bool = 
     if (run_dir / DB).exists() or (run_dir / STORE_FILE).exists():  # a store: its current version, verified
         with Store(run_dir) as store:
             check_store_model(store, model)
-            return scoped(*store.load(), store.scope(store.head), routing.DEFAULT if route else None)
+            return routing.answering(*store.load(), store.scope(store.head), routing.DEFAULT if route else None)
     owner = store_holding(run_dir)
     if owner is not None:  # one version of a store: the store's record decides what it is and what it must hold
         with Store(owner) as store:
@@ -39,7 +39,7 @@ def load_edited(run_dir: str | Path, model: str | None = None, *, route: bool = 
             if v is None:
                 raise InputError(f"{run_dir} lies in the store {owner} but is not one of its committed versions; "
                                  "not loaded", field="--adapter")
-            return scoped(*store.load(v), store.scope(v), routing.DEFAULT if route else None)
+            return routing.answering(*store.load(v), store.scope(v), routing.DEFAULT if route else None)
     style, method, scope = "auto", None, None
     if (run_dir / artifacts.MANIFEST).exists():
         manifest = artifacts.read_manifest(run_dir)
@@ -60,16 +60,7 @@ def load_edited(run_dir: str | Path, model: str | None = None, *, route: bool = 
         assert spec.load_context is not None
         return base, spec.load_context(tok, style, json.loads((run_dir / CONTEXT_FILE).read_text()))
     edits = [routing.Edit(e["prompt"], e.get("subject"), e["target_new"]) for e in manifest["edits"]] if scope else []
-    return scoped(attach_adapter(base, run_dir), Formatter(tok, style), edits, scope)
-
-
-def scoped(model: torch.nn.Module, formatter: Formatter, edits: list[routing.Edit],
-           config: routing.RouterConfig | None) -> tuple[torch.nn.Module, Formatter]:
-    """`model` routed to its adapter only inside the edits' scope; as it is without a setting or an adapter."""
-    asked = model if config is None else routing.within(model, formatter.tokenizer, edits, config)
-    if not isinstance(asked, routing.RoutedModel) or not isinstance(asked.router, routing.Router):
-        return asked, formatter
-    return asked, routing.asking(formatter, asked.router)
+    return routing.answering(attach_adapter(base, run_dir), Formatter(tok, style), edits, scope)
 
 
 def check_store_model(store: Store, model: str | None) -> None:

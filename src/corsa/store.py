@@ -765,21 +765,21 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
         bf16 = bool(getattr(editor.config, "bf16", False))
         # What the store answers is what `corsa ask` answers: each version's adapter routed to its facts' scope.
         scope = {e.prompt: e for e in store.scope(parent)}
-        asked = routing.within(edited, tok, list(scope.values()))
-        requests = mine_old_answers(asked, formatter, requests, autocast=bf16)
+        asked, asked_formatter = routing.answering(edited, formatter, list(scope.values()))
+        requests = mine_old_answers(asked, asked_formatter, requests, autocast=bf16)
         # What the store answered before: recorded at the parent version, or asked now for prompts never asked.
         # The requests' neighbourhood prompts too, so the update's locality can be measured (update_metrics).
         neighbors = [n.prompt for r in requests for n in r.neighborhood]
         before = store.answers(parent)
         missing = [p for p in [*held_before, *(r.prompt for r in requests), *neighbors] if p not in before]
-        before.update(_answer_all(asked, formatter, missing))
+        before.update(_answer_all(asked, asked_formatter, missing))
 
         result = editor.edit(edited, formatter, requests, progress=progress)
         stage("trained")
         checks = check_result(spec, result, start)  # a diverged or unchanged adapter is refused; nothing written
         held_after = {**held_before, **{r.prompt: r.target_new for r in requests}}
         scope.update({e.prompt: e for e in routing.edits_of(requests)})
-        after = _answer_all(routing.within(result.model, tok, list(scope.values())), formatter,
+        after = _answer_all(*routing.answering(result.model, formatter, list(scope.values())),
                             [*held_after, *neighbors])
         metrics = update_metrics(requests, held_before, before, after)
         metrics["timings"] = {**result.info.get("timings", {}), "wall_s": time.perf_counter() - t_start}
@@ -903,8 +903,7 @@ def history(root: str | Path, prompt: str) -> list[tuple[Version, str]]:
                     folder = store.adapter_dir(ver.version)
                     asked = model if folder is None else attach_adapter(model, folder)
                     # As `corsa ask` answers at that version: its adapter routed to its facts' scope.
-                    answer = generate(routing.within(asked, formatter.tokenizer, store.scope(ver.version)),
-                                      formatter, [prompt])[0]
+                    answer = generate(*routing.answering(asked, formatter, store.scope(ver.version)), [prompt])[0]
                     if folder is not None:
                         model = asked.unload()  # back to the plain base model for the next version
                     if recorder is not None:

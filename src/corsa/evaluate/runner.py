@@ -374,13 +374,17 @@ def brief(summary: dict[str, Any]) -> str:
 def load_results(out: str | Path) -> list[dict[str, Any]]:
     """base first, then methods in the order they were run; records written before a metric existed get it from
     their stored answers (with the unedited model's record as the reference the neighbour metric needs)."""
-    found = [json.loads(p.read_text()) for p in Path(out).glob("*/results.json")]
+    paths = list(Path(out).glob("*/results.json"))
+    found = [json.loads(p.read_text()) for p in paths]
     base = next((r for r in found if r["method"] == "base"), None)
     older = base is not None and any("gen.neighbor_edit_target" not in r["summary"] for r in found)
     truths = neighborhood_truths(base) if older and base is not None else None
     found = [with_other_targets(r, base, truths) for r in found]
-    dates = {r["method"]: r["date"] for r in found}  # a routed row right after the run it was evaluated from
-    return sorted(found, key=lambda r: (r["method"] != "base", dates.get(unrouted_name(r["method"]), r["date"]),
+    # When each was written (the file's time breaks ties within a second), a routed row right after the run it
+    # was evaluated from.
+    written = {r["method"]: (r["date"], p.stat().st_mtime_ns) for r, p in zip(found, paths)}
+    return sorted(found, key=lambda r: (r["method"] != "base", written.get(unrouted_name(r["method"]),
+                                                                           written[r["method"]]),
                                         r["method"] != unrouted_name(r["method"])))
 
 
