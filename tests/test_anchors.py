@@ -142,6 +142,8 @@ def test_no_benchmark_or_demo_trains_on_its_evaluation_prompts(tmp_path, tiny_di
     while evaluation still uses them."""
     import json
 
+    from test_bench import counterfact
+
     from corsa import demo, editing
     from corsa.cli import main
 
@@ -159,9 +161,8 @@ def test_no_benchmark_or_demo_trains_on_its_evaluation_prompts(tmp_path, tiny_di
         return real_build(model, formatter, requests, cfg)
 
     import corsa.methods.corsa as corsa_method
-    from corsa.evaluate import runner
-
     from corsa import routing
+    from corsa.evaluate import runner
 
     keyed: list[str] = []  # what routing keys are made of: never an evaluation prompt either
     real_router = routing.Router.__init__
@@ -174,11 +175,7 @@ def test_no_benchmark_or_demo_trains_on_its_evaluation_prompts(tmp_path, tiny_di
     monkeypatch.setattr(runner, "edit", watched_edit)
     monkeypatch.setattr(demo, "edit", watched_edit)
     monkeypatch.setattr(corsa_method, "build_trainer", watched_build)
-    recs = [{"case_id": i, "prompt": f"p{i} lives in", "target_new": f"x{i}", "subject": f"p{i}",
-             "ground_truth": f"y{i}", "rephrase_prompt": f"p{i} resides in", "locality_prompt": f"q{i} lives in",
-             "locality_ground_truth": f"z{i}"} for i in range(6)]
-    (tmp_path / "counterfact").mkdir()
-    (tmp_path / "counterfact" / "easyedit-counterfact-edit.json").write_text(json.dumps(recs))
+    counterfact(tmp_path, n=6)
     common = ["--data", str(tmp_path), "--model", str(tiny_dir), "--epochs", "1", "--quiet", "--max-new-tokens", "2"]
     assert main(["bench", "single", "--bench", "counterfact", "--out", str(tmp_path / "s"), "--n", "4",
                  "--methods", "lora-anchors2", "--mmlu-n", "0", *common]) == 0

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import make_model
 from peft import LoraConfig, get_peft_model
+from test_bench import counterfact
 
 from corsa import routing, store
 from corsa.cli import main
@@ -68,7 +69,8 @@ def test_an_edit_without_a_subject_keeps_its_adapter_answering_what_no_scope_cla
 def test_a_routed_model_answers_each_query_as_its_route_alone_would(tokenizer):
     formatter = Formatter(tokenizer, "qa")
     peft = with_adapter(tokenizer)
-    asked = routing.routed(peft, tokenizer, [routing.Edit("Paris is the capital of", "Paris")], EXACT)
+    asked = routing.RoutedModel(peft, routing.Router(peft, tokenizer, {"default": [
+        routing.Edit("Paris is the capital of", "Paris")]}, EXACT))
     prompts = ["Rome is", "Paris is the capital of", "Paris is", "sky?"]
     assert asked.routes(prompts) == [None, "default", "default", None]
     got = generate(asked, formatter, prompts, max_new_tokens=6)
@@ -157,11 +159,7 @@ def test_routing_settings_out_of_range_are_refused():
 
 
 def test_multi_bench_routes_among_adapters_against_the_oracle(tmp_path, tiny_dir, capsys):
-    recs = [{"case_id": i, "prompt": f"p{i} lives in", "target_new": f"x{i}", "subject": f"p{i}",
-             "ground_truth": f"y{i}", "rephrase_prompt": f"p{i} resides in", "locality_prompt": f"q{i} lives in",
-             "locality_ground_truth": f"z{i}"} for i in range(6)]
-    (tmp_path / "counterfact").mkdir()
-    (tmp_path / "counterfact" / "easyedit-counterfact-edit.json").write_text(json.dumps(recs))
+    counterfact(tmp_path, n=6)
     out = tmp_path / "m"
     assert main(["bench", "multi", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(out), "--n", "6",
                  "--parts", "3", "--methods", "lora", "--model", tiny_dir, "--epochs", "1", "--quiet",
@@ -213,11 +211,7 @@ def test_a_hint_writes_the_matched_edits_fact_in_front_of_a_routed_query_only(to
 def test_compose_bench_merges_two_adapters_and_counts_forgetting(tmp_path, tiny_dir, capsys):
     from test_sequence import mquake
 
-    recs = [{"case_id": i, "prompt": f"p{i} lives in", "target_new": f"x{i}", "subject": f"p{i}",
-             "ground_truth": f"y{i}", "rephrase_prompt": f"p{i} resides in", "locality_prompt": f"q{i} lives in",
-             "locality_ground_truth": f"z{i}"} for i in range(4)]
-    (tmp_path / "counterfact").mkdir()
-    (tmp_path / "counterfact" / "easyedit-counterfact-edit.json").write_text(json.dumps(recs))
+    counterfact(tmp_path, n=4)
     mquake(tmp_path, n=4)
     out = tmp_path / "c"
     from corsa.evaluate.compose import run_compose
@@ -257,11 +251,7 @@ def test_a_runs_adapters_are_rerouted_without_training(tmp_path, tiny_dir, monke
     from corsa import editing
     from corsa.evaluate.runner import load_results, reroute
 
-    recs = [{"case_id": i, "prompt": f"p{i} lives in", "target_new": f"x{i}", "subject": f"p{i}",
-             "ground_truth": f"y{i}", "rephrase_prompt": f"p{i} resides in", "locality_prompt": f"q{i} lives in",
-             "locality_ground_truth": f"z{i}"} for i in range(4)]
-    (tmp_path / "counterfact").mkdir()
-    (tmp_path / "counterfact" / "easyedit-counterfact-edit.json").write_text(json.dumps(recs))
+    counterfact(tmp_path, n=4)
     run = tmp_path / "run"
     assert main(["bench", "single", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(run), "--n", "3",
                  "--methods", "lora", "--model", tiny_dir, "--epochs", "1", "--mmlu-n", "0", "--quiet",

@@ -134,11 +134,8 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
     result = editor.edit(base, formatter, requests, progress=progress)
     timings.update(result.info.pop("timings", {}))
     checks = check_result(spec, result)
-    scope = None
-    if route is not None and spec.output == "adapter":  # keys computed here, so unscoped edits are known now
-        scope = routing.record(route, routing.Router(result.model, tok, {"default": routing.edits_of(requests)},
-                                                     route))
-    result.info["routing"] = scope
+    result.info["routing"] = (routing.record(route, result.model, routing.edits_of(requests))
+                              if route is not None and spec.output == "adapter" else None)
 
     if distributed.is_main():  # under torchrun every process holds the same adapter; one writes it
         t = time.perf_counter()

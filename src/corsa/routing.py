@@ -85,6 +85,16 @@ def cased(prompt: str, span: tuple[int, int]) -> list[str]:
     return texts
 
 
+def unscoped(edits: Sequence[Edit]) -> list[str]:
+    """The prompts of the edits that cannot be keyed: no subject given, or not written in the prompt."""
+    return [e.prompt for e in edits if subject_span(e.prompt, e.subject) is None]
+
+
+def key_layer(config: RouterConfig, model: torch.nn.Module) -> int:
+    """The layer whose states are the keys: `depth` of the model's layers, at least the first."""
+    return max(1, round(config.depth * decoder_layers(model)))
+
+
 def decoder_layers(model: torch.nn.Module) -> int:
     config = getattr(model, "config", None)
     config = getattr(config, "text_config", None) or config  # multimodal configs nest the text model's
@@ -148,15 +158,11 @@ class Router:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, scopes: Mapping[str, Sequence[Edit]],
                  config: RouterConfig = DEFAULT):
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.layer = max(1, round(config.depth * decoder_layers(model)))
+        self.layer = key_layer(config, model)
         self.names = list(scopes)
         self.edits = [e for es in scopes.values() for e in es]
         self.edit_owner = torch.tensor([self.names.index(n) for n, es in scopes.items() for _ in es], dtype=torch.long)
-        self.unscoped: dict[str, list[str]] = {}
-        for name, es in scopes.items():
-            for e in es:
-                if subject_span(e.prompt, e.subject) is None:
-                    self.unscoped.setdefault(name, []).append(e.prompt)
+        self.unscoped = {name: missing for name, es in scopes.items() if (missing := unscoped(es))}
         found = [(i, text, span) for i, e in enumerate(self.edits)
                  if (span := subject_span(e.prompt, e.subject)) is not None for text in cased(e.prompt, span)]
         with unedited(model):
@@ -238,12 +244,6 @@ class RoutedModel(torch.nn.Module):
             self.model.set_adapter(active)
 
 
-def routed(model: torch.nn.Module, tokenizer: Any, edits: Sequence[Edit],
-           config: RouterConfig = DEFAULT) -> RoutedModel:
-    """A one-adapter PEFT model that answers with its adapter only inside its edits' scope."""
-    return RoutedModel(model, Router(model, tokenizer, {model.active_adapter: edits}, config))
-
-
 def answering(model: torch.nn.Module, formatter: Formatter, edits: Sequence[Edit],
               config: RouterConfig | None = DEFAULT) -> tuple[torch.nn.Module, Formatter]:
     """The model and formatter that answer as `corsa ask` does: the adapter only inside the edits' scope, asked
@@ -282,11 +282,13 @@ def asking(formatter: Formatter, router: Router) -> Formatter:
     return HintFormatter(formatter.tokenizer, formatter.style, router=router)
 
 
-def record(config: RouterConfig, router: Router | None = None) -> dict[str, Any]:
-    """What a manifest says about routing: the setting, and the edits it could not scope."""
+def record(config: RouterConfig, model: torch.nn.Module | None = None, edits: Sequence[Edit] = ()
+           ) -> dict[str, Any]:
+    """What a manifest says about routing: the setting, and with the model and its edits the key layer and the
+    edits it cannot scope (found without computing any key)."""
     out: dict[str, Any] = {"kind": "subject-key", "depth": config.depth, "threshold": config.threshold,
                            "hint": config.hint}
-    if router is not None:
-        out["layer"] = router.layer
-        out["unscoped"] = [p for ps in router.unscoped.values() for p in ps]
+    if model is not None:
+        out["layer"] = key_layer(config, model)
+        out["unscoped"] = unscoped(edits)
     return out

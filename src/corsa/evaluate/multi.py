@@ -132,7 +132,7 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
             records[row] = {**header, "method": row, "adapters": [str(f) for f in folders], **ev}
         paraphrases = [p for r in chosen for p in r.paraphrases]
         records[routed_name(spec)]["routing"] = {
-            **routing.record(cfg.router, router),
+            **routing.record(cfg.router, peft, router.edits),
             "gap": routing_gap(records[routed_name(spec)]["cases"], records[spec + ORACLE]["cases"],
                                router.routes(paraphrases), [known[p] for p in paraphrases])}
         for row in (spec + ORACLE, routed_name(spec)):  # the routed row last: its file marks the method done

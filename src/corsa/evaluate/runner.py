@@ -276,15 +276,14 @@ def routed_record(model: torch.nn.Module, formatter: Formatter, tokenizer: Any, 
     """The same adapter evaluated scope-routed, as `<method>-routed`: its keys come from the edits' prompts and
     subjects alone (what training saw), and each kind of prompt's share sent to the adapter is recorded."""
     t = time.perf_counter()
-    router = routing.Router(model, tokenizer, {model.active_adapter: routing.edits_of(chosen)}, cfg.router)
-    asked = routing.RoutedModel(model, router)
-    ev = evaluate_all(asked, routing.asking(formatter, router), tokenizer, anchors.with_mined(chosen, trained), cfg,
-                      base)
+    edits = routing.edits_of(chosen)
+    asked, asked_formatter = routing.answering(model, formatter, edits, cfg.router)
+    ev = evaluate_all(asked, asked_formatter, tokenizer, anchors.with_mined(chosen, trained), cfg, base)
     kinds = {"prompt": [r.prompt for r in chosen], "paraphrases": [p for r in chosen for p in r.paraphrases],
              "neighborhood": [n.prompt for r in chosen for n in r.neighborhood]}
     shares = {k: (sum(x is not None for x in asked.routes(v)) / len(v) if v else None) for k, v in kinds.items()}
     record = {**unrouted, **ev, "method": routed_name(unrouted["method"]),
-              "routing": {**routing.record(cfg.router, router), "routed_share": shares}}
+              "routing": {**routing.record(cfg.router, model, edits), "routed_share": shares}}
     record["timings"] = {**ev["timings"], "edit_s": unrouted["timings"]["edit_s"]}
     record["wall_time_s"] = unrouted["wall_time_s"] + time.perf_counter() - t
     artifacts.write_json(folder.parent / record["method"] / "results.json", stamp(record))
