@@ -113,7 +113,7 @@ def run_folder(folder: Path, radii: list[float], directions: int, bf16: bool,
         if methods and record["method"] not in methods:
             continue
         t = time.perf_counter()
-        model, formatter = load_edited(adapter)
+        model, formatter = load_edited(adapter, route=False)  # the adapter's own weights are measured
         row = {"run": str(folder), "method": record["method"], "lr": record["config"].get("lr"),
                "rho": record["config"].get("rho") if record["config"].get("use_sam") else None,
                "seed": record["config"].get("seed"), "n": len(chosen),

@@ -43,7 +43,7 @@ def score_run(folder: Path, data: str | None, n_per_subject: int | None,
         if record["method"] == "base":
             model, tokenizer, _ = models.load_model(base["model"])
         elif (adapter / "adapter_config.json").exists():
-            model, formatter = load_edited(adapter)
+            model, formatter = load_edited(adapter, route=False)  # MMLU of the adapter itself, as the run measured it
             tokenizer = formatter.tokenizer
         else:  # a method that leaves no adapter (prepend) or changed the weights in place: not rescored here
             continue

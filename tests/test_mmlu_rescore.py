@@ -19,7 +19,8 @@ def test_bench_keeps_mmlu_per_question_and_rescoring_pairs_it_with_the_base(tmp_
     assert main(["bench", "single", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(run), "--n", "3",
                  "--methods", "lora", "--model", str(tiny_dir), "--epochs", "1", "--mmlu-n", "1", "--quiet",
                  "--max-new-tokens", "2"]) == 0
-    base, lora = load_results(run)
+    base, lora, routed = load_results(run)
+    assert routed["method"] == "lora-routed" and routed["mmlu"] == lora["mmlu"]  # the unrouted row's, not rescored
     assert len(base["mmlu"]["correct"]) == base["mmlu"]["n"] == len(base["mmlu"]["ids"])
     assert sum(base["mmlu"]["correct"]) / base["mmlu"]["n"] == base["summary"]["mmlu"]
     table = (run / "table.md").read_text()

@@ -278,7 +278,13 @@ def routed_record(model: torch.nn.Module, formatter: Formatter, tokenizer: Any, 
     t = time.perf_counter()
     edits = routing.edits_of(chosen)
     asked, asked_formatter = routing.answering(model, formatter, edits, cfg.router)
-    ev = evaluate_all(asked, asked_formatter, tokenizer, anchors.with_mined(chosen, trained), cfg, base)
+    # MMLU is the unrouted row's: its questions are scored on the model directly, which a routed model leaves to
+    # its adapter (corsa.routing.RoutedModel), so scoring them again would repeat the same numbers.
+    ev = evaluate_all(asked, asked_formatter, tokenizer, anchors.with_mined(chosen, trained),
+                      dataclasses.replace(cfg, mmlu_n=0), base)
+    if "mmlu" in unrouted:
+        ev["mmlu"] = unrouted["mmlu"]
+        ev["summary"]["mmlu"] = unrouted["summary"]["mmlu"]
     kinds = {"prompt": [r.prompt for r in chosen], "paraphrases": [p for r in chosen for p in r.paraphrases],
              "neighborhood": [n.prompt for r in chosen for n in r.neighborhood]}
     shares = {k: (sum(x is not None for x in asked.routes(v)) / len(v) if v else None) for k, v in kinds.items()}
