@@ -181,6 +181,19 @@ def test_multi_bench_routes_among_adapters_against_the_oracle(tmp_path, tiny_dir
     assert not (tmp_path / "p").exists()
 
 
+def test_the_oracle_asks_a_case_s_own_prompts_with_its_own_fact(tokenizer):
+    from corsa.evaluate.multi import KnownRoutes
+
+    paris = routing.Edit("Paris is the capital of", "Paris", "Italy")
+    oracle = KnownRoutes({"Paris is where": "part0", "Rome is": "part0"}, {"Paris is where": paris})
+    assert oracle.routes(["Paris is where", "Rome is", "Oslo is"]) == ["part0", "part0", None]
+    asked = routing.asking(Formatter(tokenizer, "qa"), oracle, True)
+    plain = Formatter(tokenizer, "qa")
+    assert asked.prompt_ids("Paris is where") == plain.prompt_ids(
+        "New fact: Paris is the capital of Italy\nParis is where")
+    assert asked.prompt_ids("Rome is") == plain.prompt_ids("Rome is")  # a neighbour: its adapter, no fact
+
+
 def test_routing_gap_counts_what_routing_loses_against_the_oracle():
     from corsa.evaluate.multi import routing_gap, split
 
@@ -197,14 +210,14 @@ def test_a_hint_writes_the_matched_edits_fact_in_front_of_a_routed_query_only(to
     hinted = routing.RouterConfig(depth=1.0, threshold=0.9999, hint=True)
     router = routing.Router(model, tokenizer, {"a": [routing.Edit("Paris is the capital of", "Paris", "Italy"),
                                                      routing.Edit("Messi plays", "Messi", "chess")]}, hinted)
-    asked = routing.asking(Formatter(tokenizer, "qa"), router)
+    asked = routing.asking(Formatter(tokenizer, "qa"), router, router.config.hint)
     plain = Formatter(tokenizer, "qa")
     assert asked.prompt_ids("Paris is where") == plain.prompt_ids(
         "New fact: Paris is the capital of Italy\nParis is where")
     assert asked.prompt_ids("Messi is") == plain.prompt_ids("New fact: Messi plays chess\nMessi is")
     assert asked.prompt_ids("Rome is") == plain.prompt_ids("Rome is")
     unhinted = routing.RouterConfig(depth=1.0, threshold=0.9999, hint=False)
-    assert routing.asking(plain, routing.Router(model, tokenizer, {"a": []}, unhinted)) is plain
+    assert routing.asking(plain, routing.Router(model, tokenizer, {"a": []}, unhinted), unhinted.hint) is plain
     assert routing.DEFAULT.hint  # on by default (chosen on CounterFact val)
 
 

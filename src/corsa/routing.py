@@ -210,6 +210,10 @@ class Routes(Protocol):
     def routes(self, prompts: Sequence[str]) -> list[str | None]: ...
 
 
+class Matches(Protocol):
+    def matched(self, prompts: Sequence[str]) -> list[Edit | None]: ...
+
+
 class RoutedModel(torch.nn.Module):
     """A PEFT model whose adapters each answer only the queries routed to them (corsa.scoring.Routed): `generate`
     and `score_answers` split every batch by route. Called directly (e.g. by MMLU) it is the plain PEFT model with
@@ -251,7 +255,7 @@ def answering(model: torch.nn.Module, formatter: Formatter, edits: Sequence[Edit
     if config is None or not hasattr(model, "disable_adapter") or not edits:
         return model, formatter
     router = Router(model, formatter.tokenizer, {model.active_adapter: edits}, config)
-    return RoutedModel(model, router), asking(formatter, router)
+    return RoutedModel(model, router), asking(formatter, router, config.hint)
 
 
 def edits_of(requests: Sequence[Any]) -> list[Edit]:
@@ -265,7 +269,7 @@ class HintFormatter(Formatter):
     editing asks (the prepend method's template), and any other query as it is. The fact comes from the edits the
     adapter was trained on, found by the router: nothing about the query is looked up elsewhere."""
 
-    router: Router | None = None
+    router: Matches | None = None
     template: str = PrependConfig.template
 
     def prompt_ids(self, prompt: str) -> list[int]:
@@ -275,9 +279,9 @@ class HintFormatter(Formatter):
         return super().prompt_ids(self.template.format(fact=fact_text(edit), query=prompt))
 
 
-def asking(formatter: Formatter, router: Router) -> Formatter:
-    """How a routed model is asked: with hints when its setting says so, else as before."""
-    if not router.config.hint:
+def asking(formatter: Formatter, router: Matches, hint: bool) -> Formatter:
+    """How a routed model is asked: with the matched edit's fact in front when `hint`, else as before."""
+    if not hint:
         return formatter
     return HintFormatter(formatter.tokenizer, formatter.style, router=router)
 

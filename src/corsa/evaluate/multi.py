@@ -47,12 +47,17 @@ ORACLE = "-oracle"
 
 @dataclass(frozen=True)
 class KnownRoutes:
-    """The oracle: each prompt to the adapter of the part its case belongs to."""
+    """The oracle: each prompt to the adapter of the part its case belongs to, matched to its own case's edit (so
+    that, with hints on, it is asked with its own fact, as routing at its best would ask it)."""
 
     table: dict[str, str]
+    edits: dict[str, routing.Edit]
 
     def routes(self, prompts: list[str]) -> list[str | None]:
         return [self.table.get(p) for p in prompts]
+
+    def matched(self, prompts: list[str]) -> list[routing.Edit | None]:
+        return [self.edits.get(p) for p in prompts]
 
 
 def split(chosen: list[EditRequest], parts: int) -> list[list[EditRequest]]:
@@ -99,8 +104,12 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
     base = base_record(out, header, chosen, cfg)
     pieces = split(chosen, parts)
     names = [f"part{k}" for k in range(parts)]
-    known = {q: name for name, piece in zip(names, pieces) for r in piece
-             for q in [r.prompt, *r.paraphrases, *(n.prompt for n in r.neighborhood)]}
+    own = {q: (name, r) for name, piece in zip(names, pieces) for r in piece
+           for q in [r.prompt, *r.paraphrases, *(n.prompt for n in r.neighborhood)]}
+    known = {q: name for q, (name, _) in own.items()}
+    # Only a case's own prompt and paraphrases are about its subject: a neighbour is matched to no edit.
+    oracle = KnownRoutes(known, {q: routing.edits_of([r])[0] for q, (_, r) in own.items()
+                                 if q == r.prompt or q in r.paraphrases})
 
     for spec, method, overrides in methods:
         if (out / routed_name(spec) / "results.json").exists():
@@ -124,9 +133,9 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
         mined = anchors.with_mined(chosen, trained)
         router = routing.Router(peft, tok, {n: routing.edits_of(p) for n, p in zip(names, pieces)}, cfg.router)
         records = {}
-        for row, routes in ((routed_name(spec), router), (spec + ORACLE, KnownRoutes(known))):
+        for row, routes in ((routed_name(spec), router), (spec + ORACLE, oracle)):
             t_eval = time.perf_counter()
-            asked = routing.asking(formatter, router) if routes is router else formatter
+            asked = routing.asking(formatter, routes, cfg.router.hint)
             ev = evaluate(routing.RoutedModel(peft, routes), asked, mined, reference=base, config=cfg.eval)
             ev["timings"] = {"eval_s": time.perf_counter() - t_eval, "edit_s": edit_s}
             records[row] = {**header, "method": row, "adapters": [str(f) for f in folders], **ev}
