@@ -37,6 +37,23 @@ def with_adapter(tokenizer, name="default", seed=1, model=None):
     return model
 
 
+def test_a_key_cache_shared_by_routers_computes_each_key_once(tokenizer):
+    model = make_model(len(tokenizer))
+    edits = [routing.Edit("Paris is the capital of", "Paris"), routing.Edit("Messi plays", "Messi")]
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    fresh = routing.Router(model, tokenizer, {"a": edits}, EXACT)
+    cache = routing.KeyCache()
+    routing.Router(model, tokenizer, {"a": edits[:1]}, EXACT, cache)
+    calls.clear()
+    again = routing.Router(model, tokenizer, {"a": edits}, EXACT, cache)  # only Messi's keys are new
+    assert len(calls) == 1 and len(cache.keys) == 4  # two edits, each in both cases of its first letter
+    calls.clear()
+    routing.Router(model, tokenizer, {"b": edits}, EXACT, cache)
+    assert not calls
+    assert torch.allclose(again.keys, fresh.keys, atol=1e-5)  # batched differently: equal up to rounding
+
+
 def test_a_subject_is_found_in_either_case_and_keyed_in_both():
     assert routing.subject_span("What is the symbol for Gold?", "gold") == (23, 27)
     assert routing.subject_span("What is the symbol for gold?", "") is None

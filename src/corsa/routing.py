@@ -151,12 +151,31 @@ def unedited(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
+class KeyCache:
+    """Edit keys computed so far, by layer, keyed text and subject span. A key depends only on the unedited model,
+    so the routers of a store's versions (each update answers before and after training; `corsa history` asks
+    every version) share one cache instead of running the model again over every stored fact. One cache serves
+    one base model."""
+
+    def __init__(self) -> None:
+        self.keys: dict[tuple[int, str, tuple[int, int]], torch.Tensor] = {}
+
+    def get(self, model: torch.nn.Module, tokenizer: Any, layer: int,
+            wanted: Sequence[tuple[str, tuple[int, int]]]) -> list[torch.Tensor]:
+        missing = list(dict.fromkeys((text, span) for text, span in wanted if (layer, text, span) not in self.keys))
+        with unedited(model):
+            states = token_states(model, tokenizer, [text for text, _ in missing], layer)
+        for (text, span), (s, spans) in zip(missing, states):
+            self.keys[layer, text, span] = subject_key(s, spans, span)
+        return [self.keys[layer, text, span] for text, span in wanted]
+
+
 class Router:
     """Which adapter answers a query, and which edit it is about: keys of each adapter's edits, computed once with
-    the unedited model."""
+    the unedited model (or taken from `cache`)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, scopes: Mapping[str, Sequence[Edit]],
-                 config: RouterConfig = DEFAULT):
+                 config: RouterConfig = DEFAULT, cache: KeyCache | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.layer = key_layer(config, model)
         self.names = list(scopes)
@@ -165,9 +184,7 @@ class Router:
         self.unscoped = {name: missing for name, es in scopes.items() if (missing := unscoped(es))}
         found = [(i, text, span) for i, e in enumerate(self.edits)
                  if (span := subject_span(e.prompt, e.subject)) is not None for text in cased(e.prompt, span)]
-        with unedited(model):
-            states = token_states(model, tokenizer, [text for _, text, _ in found], self.layer)
-        keys = [subject_key(s, spans, span) for (_, _, span), (s, spans) in zip(found, states)]
+        keys = (cache or KeyCache()).get(model, tokenizer, self.layer, [(text, span) for _, text, span in found])
         self.keys = torch.stack(keys) if keys else torch.zeros((0, 1))
         self.key_edit = torch.tensor([i for i, _, _ in found], dtype=torch.long)
         self.known: dict[str, int | None] = {}  # query -> matched edit: generation and scoring ask the same queries
@@ -249,12 +266,13 @@ class RoutedModel(torch.nn.Module):
 
 
 def answering(model: torch.nn.Module, formatter: Formatter, edits: Sequence[Edit],
-              config: RouterConfig | None = DEFAULT) -> tuple[torch.nn.Module, Formatter]:
+              config: RouterConfig | None = DEFAULT, cache: KeyCache | None = None
+              ) -> tuple[torch.nn.Module, Formatter]:
     """The model and formatter that answer as `corsa ask` does: the adapter only inside the edits' scope, asked
     with hints when the setting says so. Unchanged without a setting (None), an adapter, or edits."""
     if config is None or not hasattr(model, "disable_adapter") or not edits:
         return model, formatter
-    router = Router(model, formatter.tokenizer, {model.active_adapter: edits}, config)
+    router = Router(model, formatter.tokenizer, {model.active_adapter: edits}, config, cache)
     return RoutedModel(model, router), asking(formatter, router, config.hint)
 
 

@@ -765,7 +765,8 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
         bf16 = bool(getattr(editor.config, "bf16", False))
         # What the store answers is what `corsa ask` answers: each version's adapter routed to its facts' scope.
         scope = {e.prompt: e for e in store.scope(parent)}
-        asked, asked_formatter = routing.answering(edited, formatter, list(scope.values()))
+        keys = routing.KeyCache()  # the stored facts' keys, computed once for the answers before and after
+        asked, asked_formatter = routing.answering(edited, formatter, list(scope.values()), cache=keys)
         requests = mine_old_answers(asked, asked_formatter, requests, autocast=bf16)
         # What the store answered before: recorded at the parent version, or asked now for prompts never asked.
         # The requests' neighbourhood prompts too, so the update's locality can be measured (update_metrics).
@@ -779,7 +780,7 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
         checks = check_result(spec, result, start)  # a diverged or unchanged adapter is refused; nothing written
         held_after = {**held_before, **{r.prompt: r.target_new for r in requests}}
         scope.update({e.prompt: e for e in routing.edits_of(requests)})
-        after = _answer_all(*routing.answering(result.model, formatter, list(scope.values())),
+        after = _answer_all(*routing.answering(result.model, formatter, list(scope.values()), cache=keys),
                             [*held_after, *neighbors])
         metrics = update_metrics(requests, held_before, before, after)
         metrics["timings"] = {**result.info.get("timings", {}), "wall_s": time.perf_counter() - t_start}
@@ -893,6 +894,7 @@ def history(root: str | Path, prompt: str) -> list[tuple[Version, str]]:
         recorded_at = store.answers_to(prompt)
         cache: dict[str | None, str] = {}  # by adapter: a revert answers exactly as the version it restores
         model = formatter = recorder = None
+        keys = routing.KeyCache()  # every version's facts keyed once
         try:
             for ver in store.versions():
                 answer = recorded_at.get(ver.version, cache.get(ver.adapter))
@@ -903,7 +905,8 @@ def history(root: str | Path, prompt: str) -> list[tuple[Version, str]]:
                     folder = store.adapter_dir(ver.version)
                     asked = model if folder is None else attach_adapter(model, folder)
                     # As `corsa ask` answers at that version: its adapter routed to its facts' scope.
-                    answer = generate(*routing.answering(asked, formatter, store.scope(ver.version)), [prompt])[0]
+                    answer = generate(*routing.answering(asked, formatter, store.scope(ver.version), cache=keys),
+                                      [prompt])[0]
                     if folder is not None:
                         model = asked.unload()  # back to the plain base model for the next version
                     if recorder is not None:
