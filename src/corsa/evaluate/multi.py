@@ -30,14 +30,16 @@ from corsa.evaluate.runner import (
     base_record,
     brief,
     check_before_work,
+    format_table,
+    load_results,
     method_overrides,
     parse_method,
+    plot,
     run_header,
     select_cases,
     stamp,
-    write_report,
 )
-from corsa.evaluate.stats import routed_name
+from corsa.evaluate.stats import base_name, paired_difference, routed_name
 from corsa.methods import REGISTRY
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest, load_benchmark_with_report
@@ -150,5 +152,33 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
             print(f"{row}: {brief(records[row]['summary'])}")
         print(f"routing gap: {records[routed_name(spec)]['routing']['gap']}")
         del peft, model
-    write_report(out)
+    write_multi_report(out)
     return out
+
+
+def oracle_line(results: list[dict[str, Any]]) -> str:
+    """Table 8's question: how far routing falls short of the oracle, per method, with a paired interval."""
+    lines = []
+    for r in results:
+        if not base_name(r["method"]).endswith(ORACLE):
+            continue
+        routed = next((x for x in results if x["method"] == routed_name(r["method"].removesuffix(ORACLE))), None)
+        if routed is None:
+            continue
+        found = [d for m in ("gen.generality", "gen.reliability")
+                 if (d := paired_difference(r["cases"], routed["cases"], m)) is not None]
+        lines.append(f"- {routed['method']} minus {r['method']}: " + "; ".join(
+            f"{d.metric} {100 * d.estimate:+.1f} ({100 * d.low:+.1f} to {100 * d.high:+.1f})" for d in found)
+            + f"; of the paraphrases the oracle gets and routing loses, sent elsewhere by routing: "
+              f"{routed['routing']['gap']['lost_and_misrouted']} of {routed['routing']['gap']['lost_against_oracle']}")
+    return ("Routing against the oracle (the same adapters, each prompt sent to its own case's adapter), 95 % paired "
+            "bootstrap intervals:\n" + "\n".join(lines)) if lines else ""
+
+
+def write_multi_report(out: Path) -> None:
+    results = load_results(out)
+    if results:
+        table = format_table(results)
+        if extra := oracle_line(results):
+            table += "\n\n" + extra
+        artifacts.write_report(out, table, lambda path: plot(results, path))
