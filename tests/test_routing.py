@@ -189,6 +189,7 @@ def test_multi_bench_routes_among_adapters_against_the_oracle(tmp_path, tiny_dir
     gap = rows["lora-routed"]["routing"]["gap"]
     assert gap["paraphrases"] == 6 and 0 <= gap["routed_to_own"] <= 1
     assert rows["lora-oracle"]["n"] == 6 and rows["lora-oracle"]["parts"] == 3
+    assert "- lora-routed minus lora-oracle: gen.generality" in (out / "table.md").read_text()
     capsys.readouterr()
     assert main(["bench", "multi", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(out), "--n", "6",
                  "--parts", "7", "--methods", "lora", "--model", tiny_dir]) == 2
