@@ -90,7 +90,7 @@ def test_memit_needs_a_corpus(tiny_model, tokenizer):
 def test_batched_targets_equal_one_edit_at_a_time(tokenizer, monkeypatch):
     """Each edit's delta has its own rows, loss term and Adam moments, so optimising a batch of edits must give
     each edit the z it gets alone, also when the edits reach the NLL stop at different steps."""
-    import corsa.methods.memit as memit
+    from corsa.methods import memit
 
     # The tiny random model never gets near EasyEdit's 5e-2; at 6.0 its edits stop at different steps.
     monkeypatch.setattr(memit, "STOP_NLL", 6.0)

@@ -23,7 +23,10 @@ def case(rng: random.Random, case_id: str, skill: float) -> dict:
     same for every method), so a rate pooled over prompts differs from a mean over cases and a summary that got
     the pooling wrong would show."""
     k = int(case_id.rsplit("-", 1)[1]) % 3 + 1
-    hit = lambda: rng.random() < skill  # noqa: E731
+
+    def hit() -> bool:
+        return rng.random() < skill
+
     return {"id": case_id, "prompt": f"{case_id} lives in", "target_new": f"new-{case_id}", "target_old": "old",
             "answers": {"prompt": "secret answer", "paraphrases": ["secret answer"] * k, "neighborhood": ["x"]},
             "gen.reliability": hit(), "gen.generality": [hit() for _ in range(k)], "gen.locality": [hit()],
@@ -75,7 +78,7 @@ def values(c: dict, metric: str) -> list:
 
 
 def test_summary_has_its_schema_and_no_answers(runs, tmp_path):
-    run, records = runs[0]
+    run, _ = runs[0]
     path = tmp_path / "out" / "s0.json"
     written = write_summary(run, path, commit="abc1234", log="docs/log/rule.md")
     text = path.read_text()

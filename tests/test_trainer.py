@@ -168,7 +168,8 @@ def test_learned_enough_counts_a_share_of_the_edits():
 
 
 def test_stop_share_stops_at_the_first_epoch_with_that_share(tiny_model, tokenizer):
-    common = dict(lr=2e-2, epochs=60, stop_when_learned=True, min_epochs=1, patience=1, lora_r=8, lora_alpha=16)
+    common = {"lr": 2e-2, "epochs": 60, "stop_when_learned": True, "min_epochs": 1, "patience": 1, "lora_r": 8,
+              "lora_alpha": 16}
     every, _, _ = run(tiny_model, tokenizer, **common)
     some, _, _ = run(tiny_model, tokenizer, **common, learned_share=0.25)
     epoch_ends = [c["learned"] for c, nxt in zip(some.curves, some.curves[1:] + [None])
@@ -194,7 +195,7 @@ def test_divergence_guard_restores_the_best_epoch(monkeypatch, tokenizer, how):
     """A run that diverges after learning its edits ends with the adapter of its best epoch, not the wreck."""
     from conftest import make_model
 
-    common = dict(epochs=12, batch_size=4)  # one step per epoch on the 4 edits
+    common = {"epochs": 12, "batch_size": 4}  # one step per epoch on the 4 edits
     clean, _, _ = run(make_model(len(tokenizer)), tokenizer, **common)
     at_end = [c["learned"] for c in clean.curves]
     first_half = next(e for e, share in enumerate(at_end) if share >= 0.5)

@@ -28,6 +28,7 @@ for name, (method, over) in CASES.items():
                  "curves": [{k: r[k] for k in ("loss", "sft_loss", "dpo_loss", "margin", "learned") } for r in res.curves],
                  "param_sum": float(sum(p.double().sum() for p in lora.values())),
                  "param_abs": float(sum(p.double().abs().sum() for p in lora.values()))}
-json.dump({"edits": [[r.prompt, r.target_new, r.target_old] for r in EDITS], "config": FAST, "runs": out},
-          open("tests/data/step_before_refactor.json", "w"), indent=1)
+with open("tests/data/step_before_refactor.json", "w") as f:
+    json.dump({"edits": [[r.prompt, r.target_new, r.target_old] for r in EDITS], "config": FAST, "runs": out}, f,
+              indent=1)
 print({k: v["param_abs"] for k, v in out.items()})
