@@ -166,6 +166,18 @@ def test_network_access_is_refused(attempt):
     assert out.status == "refused", out.stderr
 
 
+def test_libraries_of_the_installation_load_and_no_other_native_code_runs():
+    # torch loads its own libraries with ctypes when imported (CodeUpdateArena has torch updates).
+    out = run("import torch\nassert torch.ones(2).sum().item() == 2.0", Limits(wall_s=60, cpu_s=30, memory_mb=4096))
+    assert out.status == "passed", out.stderr
+    for attempt in ("import ctypes; ctypes.CDLL('libc.so.6')",
+                    "import ctypes; ctypes.CDLL(None).getpid()",
+                    # A file of its own folder: refused before it is loaded (else: "failed", not a library).
+                    "import ctypes\nopen('x.so', 'wb').write(b'0')\nctypes.CDLL('./x.so')"):
+        out = run(attempt, SMALL)
+        assert out.status == "refused", (attempt, out.stderr)
+
+
 def test_it_cannot_kill_its_parent_or_the_caller():
     for target in ("os.getppid()", str(os.getpid())):
         out = run(f"import os, signal\nos.kill({target}, signal.SIGKILL)", SMALL)

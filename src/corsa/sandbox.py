@@ -363,7 +363,8 @@ class Policy:
         self.folder = str(folder)
         prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
         devices = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
-        self.readable = (self.folder, *sorted(prefixes), "/usr/share/zoneinfo", *devices)
+        self.installation = tuple(sorted(prefixes))
+        self.readable = (self.folder, *self.installation, "/usr/share/zoneinfo", *devices)
         self.writable = (self.folder, "/dev/null")
         self.supervisor = supervisor
         # The fork budget: a pipe holding one byte per fork. Forked children share it, and a read takes a byte
@@ -407,10 +408,23 @@ class Policy:
             check(*args)
         elif event in REFUSED_EVENTS:
             raise Refused(errno.EPERM, f"sandbox: {REFUSED_EVENTS[event]} is not allowed")
-        elif event.startswith("ctypes.") and (event, args) != ("ctypes.dlopen", (None,)):
-            # Importing ctypes opens the running process (numpy imports it); looking up or calling a function,
-            # or reading and writing memory by address, goes past every check here.
+        elif event == "ctypes.dlopen" and (args[0] is None or self.installed(args[0])):
+            # Importing ctypes opens the running process (numpy imports it), and torch loads its own libraries
+            # with ctypes when imported: a library of the Python installation is what importing an extension
+            # module loads anyway. Not one from the sandbox folder, which the program can write.
+            return
+        elif event.startswith("ctypes."):
+            # Looking up or calling a function, or reading and writing memory by address, goes past every check
+            # here.
             raise Refused(errno.EPERM, "sandbox: ctypes is not allowed")
+
+    def installed(self, path: Any) -> bool:
+        """Whether `path` names a file inside the Python installation (a bare library name does not)."""
+        if not isinstance(path, (str, bytes, os.PathLike)) or os.sep not in os.fsdecode(path):
+            return False
+        real = os.path.realpath(os.fsdecode(path))
+        return (any(real.startswith(prefix + os.sep) for prefix in self.installation)
+                and not real.startswith(self.folder + os.sep))
 
     def patch(self) -> None:
         """Guard the few calls that announce no audit event: leaving the process group (which would escape the
