@@ -167,9 +167,9 @@ def test_no_benchmark_or_demo_trains_on_its_evaluation_prompts(tmp_path, tiny_di
     keyed: list[str] = []  # what routing keys are made of: never an evaluation prompt either
     real_router = routing.Router.__init__
 
-    def watched_router(self, model, tokenizer, scopes, config=routing.DEFAULT):
+    def watched_router(self, model, tokenizer, scopes, *args, **kwargs):
         keyed.extend(e.prompt for edits in scopes.values() for e in edits)
-        real_router(self, model, tokenizer, scopes, config)
+        real_router(self, model, tokenizer, scopes, *args, **kwargs)
 
     monkeypatch.setattr(routing.Router, "__init__", watched_router)
     monkeypatch.setattr(runner, "edit", watched_edit)
