@@ -108,6 +108,13 @@ def _number(text: str, flag: str) -> float:
         raise InputError(str(exc), field=flag) from None
 
 
+def _whole(text: str, flag: str) -> int:
+    """A whole number >= 0 from a list-valued or 'all'-or-number flag, refused in one line otherwise."""
+    if not text.strip().isdigit():
+        raise InputError(f"'{text}' is not a whole number >= 0", field=flag)
+    return int(text)
+
+
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="smollm2-135m (default), gemma-3-270m, a local folder or a hub id")
     p.add_argument("--epochs", type=POSITIVE, help="upper bound on epochs (training stops once all edits are learned)")
@@ -276,6 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--flearning-lambda", dest="forget_lambdas",
                            help="comma-separated F-Learning forgetting coefficients: run flearning-lambda<λ> each")
         _add_training_flags(p)
+    p = bench.add_parser("code", help="API updates taught as edits, measured by running the code in the sandbox: "
+                                      "UPass on CodeUpdateArena, SPass on HumanEval (paper section 5.3, Table 6)")
+    p.add_argument("--data", required=True, help="benchmarks folder (with codeupdatearena/arena.jsonl) or the file")
+    p.add_argument("--out", required=True, help="run folder; a rerun skips finished rows")
+    p.add_argument("--n", type=POSITIVE, default=20, help="updates in the seeded subset (the release has 141)")
+    p.add_argument("--methods", default="base,prepend,lora,flearning,corsa",
+                   help="comma-separated: base, prepend and adapter methods (lora, flearning, corsa)")
+    p.add_argument("--samples", type=POSITIVE, default=5, help="samples per problem for pass@1 and pass@5 (>= 5)")
+    p.add_argument("--temperature", type=finite, default=0.7, help="sampling temperature (default 0.7)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=384)
+    p.add_argument("--humaneval-n", default="40", help="HumanEval problems in the seeded subset, or 'all'")
+    p.add_argument("--workers", type=POSITIVE, default=2, help="sandboxed programs run at once")
+    p.add_argument("--train-seeds", help="comma-separated training seeds for the adapter methods")
+    _add_training_flags(p)
     p = bench.add_parser("speed", help="time a LoRA step, a CoRSA step and their parts on the same batch")
     p.add_argument("--data", required=True, help="benchmarks folder (CounterFact val supplies the batch)")
     p.add_argument("--out", required=True, help="folder for speed.json and speed.md")
@@ -445,6 +466,19 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
             run_speed(SpeedConfig(data=args.data, models=tuple(args.models.split(",")), batch_size=args.batch_size,
                                   steps=args.steps, bf16=args.bf16), args.out, command=command)
+            return 0
+        if args.bench_command == "code":
+            from corsa.evaluate.codebench import CodeBenchConfig, run_code_bench
+
+            seeds = tuple(_whole(v, "--train-seeds") for v in _names(args.train_seeds)) if args.train_seeds \
+                else (args.seed or 0,)
+            humaneval_n = None if args.humaneval_n == "all" else _whole(args.humaneval_n, "--humaneval-n")
+            run_code_bench(CodeBenchConfig(
+                data=args.data, n=args.n, seed=args.seed or 0, methods=tuple(_names(args.methods)), model=args.model,
+                prompt_style=args.prompt_style, preset=args.preset, samples=args.samples,
+                temperature=args.temperature, max_new_tokens=args.max_new_tokens, humaneval_n=humaneval_n,
+                train_seeds=seeds, workers=args.workers, overrides=_method_overrides(args)),
+                args.out, progress=not args.quiet, command=command)
             return 0
         if args.bench_command in ("inject", "revise"):
             from corsa.evaluate.sequence import SequenceConfig, run_sequence

@@ -101,7 +101,7 @@ def set_threads(threads: int | None) -> None:
 
 def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa", model: str | None = None,
          overwrite: bool = False, progress: bool = True, command: str | None = None,
-         prompt_style: PromptStyle = "auto", preset: str = "auto",
+         prompt_style: PromptStyle = "auto", preset: str = "auto", scenario: presets.Scenario = "edit",
          route: routing.RouterConfig | None = routing.DEFAULT, **overrides: Any) -> tuple[Path, EditResult]:
     """Train an adapter on `requests` and write it to `out` (PEFT adapter + edit_manifest.json), atomically.
 
@@ -109,11 +109,11 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
     None answers every query with the adapter.
 
     Settings: the method's defaults, then the model's preset (`preset="auto"`; "paper" for appendix A.2 as
-    written), then `overrides`. Under torchrun (several processes) training is split across them; see
-    corsa.distributed."""
+    written), then `overrides`; `scenario` "code" picks the paper's code settings (presets.PAPER_CODE). Under
+    torchrun (several processes) training is split across them; see corsa.distributed."""
     distributed.setup()
     artifacts.check_writable(out, overwrite)
-    chosen = presets.choose(preset, model, "edit")
+    chosen = presets.choose(preset, model, scenario)
     spec = get(method)
     editor = make_editor(method, **presets.settings(chosen, method, overrides))  # a bad config fails here
     t_start = time.perf_counter()

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from corsa import models
 from corsa.errors import InputError
 
-Scenario = Literal["edit", "update"]
+Scenario = Literal["edit", "update", "code"]
 JOURNAL = "docs/log/2026-11-24-to-12-03-journal.md"
 
 
@@ -37,6 +37,14 @@ class Preset:
 PAPER = Preset("paper", MappingProxyType({}),
                "CoRSA paper appendix A.2 (LoRA r 32, alpha 64; lr 2e-4; batch 16; λ 1; β 0.1; ρ 0.05; PCGrad at "
                "both SAM points), the defaults of the method configs")
+
+# API updates (corsa bench code), paper section 5.3: "for code update, we set the rank to 128, alpha to 256, and
+# learning rate to 2e-5". F-Learning's overrides reach both of its SFT phases.
+_CODE = {"lora_r": 128, "lora_alpha": 256, "lr": 2e-5}
+PAPER_CODE = Preset("paper-code", MappingProxyType({m: dict(_CODE) for m in ("lora", "corsa", "flearning")}),
+                    "CoRSA paper section 5.3 (code updates: LoRA r 128, alpha 256, lr 2e-5); the rest as appendix A.2")
+# What a scenario falls back to for a model with no measured preset, and what `--preset paper` means there.
+PAPER_BY_SCENARIO: Mapping[str, Preset] = MappingProxyType({"edit": PAPER, "update": PAPER, "code": PAPER_CODE})
 
 # (model, scenario) -> preset. Only settings measured on that model are here; other models get PAPER.
 _BY_MODEL: dict[tuple[str, Scenario], Preset] = {
@@ -69,10 +77,10 @@ def model_key(model: str | None) -> str | None:
 def choose(preset: str, model: str | None, scenario: Scenario) -> Preset:
     """`auto`: the model's measured preset for the scenario, else the paper's; `paper`: the paper's."""
     if preset == "paper":
-        return PAPER
+        return PAPER_BY_SCENARIO[scenario]
     if preset != "auto":
         raise InputError(f"unknown preset '{preset}' (auto or paper)", field="--preset")
-    return PRESETS.get((model_key(model) or "", scenario), PAPER)
+    return PRESETS.get((model_key(model) or "", scenario), PAPER_BY_SCENARIO[scenario])
 
 
 def settings(preset: Preset, method: str, user: Mapping[str, Any]) -> dict[str, Any]:
