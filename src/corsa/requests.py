@@ -11,7 +11,7 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -193,17 +193,15 @@ def parse_request(obj: Any, path: str, line: int) -> EditRequest:
     return req
 
 
-def read_jsonl(path: str | Path) -> list[EditRequest]:
-    """Read and validate a JSONL file of edit requests (one object per line; blank lines are skipped).
-
-    Exact duplicates (same prompt, same target) are kept: they are harmless and the user may mean the weight.
-    """
+def json_lines(path: str | Path, folder_hint: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line of a JSONL file. A missing file, a folder (refused with
+    `folder_hint`), a device, bytes that are not UTF-8 and invalid JSON are InputErrors naming the file and line.
+    Decoding line by line (not the whole file at once) is what lets a bad byte be reported with its line."""
     name = str(path)
     if not os.path.exists(name):
         raise InputError("no such file", path=name)
     if os.path.isdir(name):
-        raise InputError("is a folder; give a .jsonl file (or --format counterfact|zsre|mquake for a benchmark)",
-                         path=name)
+        raise InputError(f"is a folder; {folder_hint}", path=name)
     mode = os.stat(name).st_mode
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):  # /dev/zero would be read for ever; a pipe (<(...)) is fine
         raise InputError("is a device, not a file", path=name)
@@ -212,12 +210,8 @@ def read_jsonl(path: str | Path) -> list[EditRequest]:
             raw_lines = fh.read().split(b"\n")
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror or exc}", path=name) from None
-    # Decoding line by line (not the whole file at once) is what lets a bad byte be reported with its line.
     if raw_lines[0].startswith(b"\xef\xbb\xbf"):  # a BOM from Windows editors is not an error
         raw_lines[0] = raw_lines[0][3:]
-    requests: list[EditRequest] = []
-    seen_prompt: dict[str, tuple[int, str]] = {}
-    seen_id: dict[str, int] = {}
     for lineno, raw in enumerate(raw_lines, start=1):
         try:
             text = raw.decode("utf-8")
@@ -227,11 +221,23 @@ def read_jsonl(path: str | Path) -> list[EditRequest]:
         if not text.strip():
             continue
         try:
-            obj = json.loads(text)
+            yield lineno, json.loads(text)
         except json.JSONDecodeError as exc:
             raise InputError(f"invalid JSON: {exc.msg} at column {exc.colno}", path=name, line=lineno) from None
         except RecursionError:
-            raise InputError("JSON nested too deeply to be an edit request", path=name, line=lineno) from None
+            raise InputError("JSON nested too deeply", path=name, line=lineno) from None
+
+
+def read_jsonl(path: str | Path) -> list[EditRequest]:
+    """Read and validate a JSONL file of edit requests (one object per line; blank lines are skipped).
+
+    Exact duplicates (same prompt, same target) are kept: they are harmless and the user may mean the weight.
+    """
+    name = str(path)
+    requests: list[EditRequest] = []
+    seen_prompt: dict[str, tuple[int, str]] = {}
+    seen_id: dict[str, int] = {}
+    for lineno, obj in json_lines(path, "give a .jsonl file (or --format counterfact|zsre|mquake for a benchmark)"):
         req = parse_request(obj, name, lineno)
         key = req.prompt.strip()
         if key in seen_prompt and not same_answer(seen_prompt[key][1], req.target_new):

@@ -30,7 +30,6 @@ import ast
 import dataclasses
 import json
 import math
-import os
 import re
 import sys
 import warnings
@@ -43,6 +42,7 @@ from typing import Any
 
 from corsa import sandbox
 from corsa.errors import InputError
+from corsa.requests import json_lines
 
 # The sandbox's defaults fit: numpy, sympy and torch import in about a second, and the reference test suites
 # run in well under the 10 s of CPU time. A solution that loops for ever meets the CPU limit.
@@ -100,30 +100,9 @@ def load_arena(path: str | Path) -> list[ApiUpdate]:
     program impossible to build (a missing field, an implementation that is not one function, an update type we
     cannot install, unit tests that do not parse) is an InputError naming the file, line and field."""
     name = str(path)
-    if not os.path.exists(name):
-        raise InputError("no such file", path=name)
-    if os.path.isdir(name):
-        raise InputError("is a folder; give CodeUpdateArena's arena.jsonl", path=name)
-    try:
-        with open(name, "rb") as fh:
-            raw_lines = fh.read().split(b"\n")
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", path=name) from None
     updates: list[ApiUpdate] = []
     seen: dict[str, int] = {}  # update and example ids -> the line that has them; results are keyed by them
-    for lineno, raw in enumerate(raw_lines, start=1):
-        try:
-            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"not valid UTF-8 (byte {exc.start + 1} of the line)", path=name, line=lineno) from None
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"invalid JSON: {exc.msg} at column {exc.colno}", path=name, line=lineno) from None
-        except RecursionError:
-            raise InputError("JSON nested too deeply", path=name, line=lineno) from None
+    for lineno, record in json_lines(path, "give CodeUpdateArena's arena.jsonl"):
         update = parse_update(record, name, lineno)
         for ident, field in [(update.update_id, "update.update_id")] + [
                 (p.prog_syn_id, f"prog_syn_examples[{i}].prog_syn_id") for i, p in enumerate(update.programs)]:
