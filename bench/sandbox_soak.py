@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,19 +22,6 @@ from pathlib import Path
 from corsa import artifacts, sandbox
 
 LEAVES_A_CHILD = "\nimport os, time\nif os.fork() == 0:\n    time.sleep(60)\n"
-
-
-def sandboxed_pids() -> set[int]:
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if sandbox.CHILD.encode() in f.read():
-                        pids.add(int(entry))
-            except OSError:  # ended while we looked
-                pass
-    return pids
 
 
 def sandbox_folders() -> set[str]:
@@ -56,13 +42,13 @@ def main() -> None:
         q = problems[i % len(problems)]
         text = f"{q['prompt']}{q['canonical_solution']}\n\n{q['test']}\n\ncheck({q['entry_point']})\n"
         texts.append(text + (LEAVES_A_CHILD if i % 10 == 9 else ""))
-    pids_before, folders_before = sandboxed_pids(), sandbox_folders()
+    pids_before, folders_before = sandbox.running(), sandbox_folders()
     t = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         outcomes = list(pool.map(lambda text: sandbox.run(text), texts))
     wall = time.perf_counter() - t
     time.sleep(1)  # SIGKILL is asynchronous: give the last killed processes a moment
-    leaked = sorted(sandboxed_pids() - pids_before)
+    leaked = sorted(sandbox.running() - pids_before)
     folders = sorted(sandbox_folders() - folders_before)
     statuses = collections.Counter(o.status for o in outcomes)
     failed = [i for i, o in enumerate(outcomes) if o.status != "passed"]

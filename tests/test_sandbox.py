@@ -14,29 +14,15 @@ import time
 
 import pytest
 
-from corsa.sandbox import CHILD, Limits, run, run_tests
+from corsa.sandbox import Limits, run, run_tests, running
 
 SMALL = Limits(cpu_s=2, wall_s=5, memory_mb=512, processes=8, file_size_mb=4)
-
-
-def sandboxed_pids() -> set[int]:
-    """Processes still running sandboxed code: each one carries CHILD on its command line (forks inherit it)."""
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if CHILD.encode() in f.read():
-                        pids.add(int(entry))
-            except OSError:  # ended while we looked
-                pass
-    return pids
 
 
 def assert_no_strays(before: set[int]) -> None:
     """SIGKILL is delivered asynchronously: give killed processes a moment to be gone."""
     deadline = time.monotonic() + 3
-    while (left := sandboxed_pids() - before) and time.monotonic() < deadline:
+    while (left := running() - before) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not left, f"processes outlived the sandbox: {sorted(left)}"
 
@@ -109,14 +95,14 @@ def test_a_memory_bomb_runs_out_of_memory():
 
 
 def test_a_fork_bomb_is_stopped_and_leaves_no_process_behind():
-    before = sandboxed_pids()
+    before = running()
     out = run("import os\nwhile True:\n    os.fork()", SMALL)
     assert out.status in ("failed", "killed", "timeout")
     assert_no_strays(before)
 
 
 def test_processes_left_running_are_killed_with_the_sandbox():
-    before = sandboxed_pids()
+    before = running()
     out = run("import os, time\nif os.fork() == 0:\n    time.sleep(60)\nprint('parent done')", SMALL)
     assert out.status == "passed" and out.wall_s < 2
     assert_no_strays(before)

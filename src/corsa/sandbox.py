@@ -159,6 +159,21 @@ def run_tests(program: str, tests: str, limits: Limits = DEFAULT) -> Outcome:
     return run(program + "\n\n" + tests + "\n", limits)
 
 
+def running() -> set[int]:
+    """The ids of processes on this machine still running sandboxed code: each carries CHILD on its command line
+    (forks inherit it), so a caller can check that nothing outlived its programs."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if CHILD.encode() in f.read():
+                        pids.add(int(entry))
+            except OSError:  # ended while we looked
+                pass
+    return pids
+
+
 def environment(folder: Path) -> dict[str, str]:
     """All the environment the program gets: nothing of the caller's (no tokens, no proxies, no paths)."""
     return {"PATH": "/usr/bin:/bin", "HOME": str(folder), "TMPDIR": str(folder), "LANG": "C.UTF-8",
