@@ -34,7 +34,7 @@ import re
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,6 +271,12 @@ def run_program(update: ApiUpdate, program: Program, solution: str, limits: sand
     return sandbox.run(program_text(update, program, solution, new_api), limits)
 
 
+def run_many(texts: Sequence[str], limits: sandbox.Limits = LIMITS, workers: int = 1) -> list[sandbox.Outcome]:
+    """Each program in the sandbox, `workers` at once (threads: each program is its own process), in order."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda text: sandbox.run(text, limits), texts))
+
+
 def all_passed(outcome: sandbox.Outcome, program: Program) -> bool:
     """Whether every unit test ran and passed: the program exited 0 after the runner's summary said so."""
     total = len(unit_test_names(program.unit_tests))
@@ -322,8 +328,7 @@ def check_references(updates: Iterable[ApiUpdate], limits: sandbox.Limits = LIMI
     jobs = [(u, p, new_api) for u in updates for p in u.programs for new_api in (True, False)]
     # Built here, not in the threads: `parse` swaps the process's warning filters, which is not thread-safe.
     texts = [program_text(update, program, program.ref_solution, new_api) for update, program, new_api in jobs]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        outcomes = list(pool.map(lambda text: sandbox.run(text, limits), texts))
+    outcomes = run_many(texts, limits, workers)
     counts: dict[str, dict[str, Any]] = {}
     for i in range(0, len(jobs), 2):
         update, program, _ = jobs[i]

@@ -26,8 +26,8 @@ import json
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,9 @@ import torch
 from corsa import artifacts, models, presets, sandbox
 from corsa.editing import edit
 from corsa.errors import InputError
-from corsa.evaluate import code, plots
+from corsa.evaluate import code, plots, runner
 from corsa.evaluate.stats import bootstrap
-from corsa.methods import get, make_editor
+from corsa.methods import get
 from corsa.methods.prepend import PrependFormatter
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest
@@ -162,18 +162,19 @@ def select_updates(updates: Sequence[code.ApiUpdate], n: int, seed: int) -> list
     return [u for i, u in enumerate(usable) if i in keep]
 
 
-def run_all(texts: Sequence[str], limits: sandbox.Limits, workers: int) -> list[sandbox.Outcome]:
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda text: sandbox.run(text, limits), texts))
+def run_grouped(groups: Sequence[Sequence[str]], cfg: CodeBenchConfig) -> list[list[sandbox.Outcome]]:
+    """Every program of every group in the sandbox at once, the outcomes given back in the same groups."""
+    outcomes = iter(code.run_many([text for group in groups for text in group], cfg.limits, cfg.workers))
+    return [[next(outcomes) for _ in group] for group in groups]
 
 
 def needs_update(updates: Sequence[code.ApiUpdate], cfg: CodeBenchConfig) -> dict[str, bool]:
     """Per held-out example: does its reference pass with the new API and fail with the old one?"""
-    jobs = [(u, p) for u in updates for p in code.split_programs(u)[1]]
-    texts = [code.program_text(u, p, p.ref_solution, new_api) for u, p in jobs for new_api in (True, False)]
-    outcomes = run_all(texts, cfg.limits, cfg.workers)
-    return {p.prog_syn_id: code.all_passed(outcomes[2 * i], p) and not code.all_passed(outcomes[2 * i + 1], p)
-            for i, (_, p) in enumerate(jobs)}
+    held = [(u, p) for u in updates for p in code.split_programs(u)[1]]
+    runs = run_grouped([[code.program_text(u, p, p.ref_solution, new_api) for new_api in (True, False)]
+                        for u, p in held], cfg)
+    return {p.prog_syn_id: code.all_passed(new, p) and not code.all_passed(old, p)
+            for (_, p), (new, old) in zip(held, runs)}
 
 
 def sample(model: torch.nn.Module, formatter: Formatter, prompts: Sequence[str], cfg: CodeBenchConfig
@@ -184,11 +185,11 @@ def sample(model: torch.nn.Module, formatter: Formatter, prompts: Sequence[str],
     return [flat[i * cfg.samples : (i + 1) * cfg.samples] for i in range(len(prompts))]
 
 
-def problem_row(pid: str, outcomes: Sequence[sandbox.Outcome], passed: Sequence[bool]) -> dict[str, Any]:
+def problem_row(pid: str, outcomes: Sequence[sandbox.Outcome], passed: Sequence[bool],
+                answers: Sequence[str]) -> dict[str, Any]:
     n, c = len(passed), sum(passed)
     return {"id": pid, "n": n, "c": c, **{f"pass@{k}": code.pass_at_k(n, c, k) for k in KS},
-            "status": dict(sorted({s: sum(o.status == s for o in outcomes) for s in {o.status for o in outcomes}
-                                   }.items()))}
+            "status": dict(sorted(Counter(o.status for o in outcomes).items())), "answers": list(answers)}
 
 
 def held_out(updates: Sequence[code.ApiUpdate], needed: dict[str, bool]
@@ -200,27 +201,18 @@ def held_out(updates: Sequence[code.ApiUpdate], needed: dict[str, bool]
 def upass_rows(held: Sequence[tuple[code.ApiUpdate, code.Program]], answers: Sequence[Sequence[str]],
                cfg: CodeBenchConfig) -> list[dict[str, Any]]:
     """Each held-out example's answers run against its unit tests with the new API installed."""
-    texts = [code.program_text(u, p, extract_code(a)) for (u, p), group in zip(held, answers) for a in group]
-    outcomes = iter(run_all(texts, cfg.limits, cfg.workers))
-    rows = []
-    for (_, p), group in zip(held, answers):
-        mine = [next(outcomes) for _ in group]
-        rows.append({**problem_row(p.prog_syn_id, mine, [code.all_passed(o, p) for o in mine]),
-                     "answers": list(group)})
-    return rows
+    runs = run_grouped([[code.program_text(u, p, extract_code(a)) for a in group]
+                        for (u, p), group in zip(held, answers)], cfg)
+    return [problem_row(p.prog_syn_id, mine, [code.all_passed(o, p) for o in mine], group)
+            for (_, p), group, mine in zip(held, answers, runs)]
 
 
 def spass_rows(problems: Sequence[dict[str, Any]], answers: Sequence[Sequence[str]], cfg: CodeBenchConfig
                ) -> list[dict[str, Any]]:
     """Each HumanEval problem's answers run against its `check`."""
-    texts = [humaneval_program(q, a) for q, group in zip(problems, answers) for a in group]
-    outcomes = iter(run_all(texts, cfg.limits, cfg.workers))
-    rows = []
-    for q, group in zip(problems, answers):
-        mine = [next(outcomes) for _ in group]
-        rows.append({**problem_row(q["task_id"], mine, [o.status == "passed" for o in mine]),
-                     "answers": list(group)})
-    return rows
+    runs = run_grouped([[humaneval_program(q, a) for a in group] for q, group in zip(problems, answers)], cfg)
+    return [problem_row(q["task_id"], mine, [o.status == "passed" for o in mine], group)
+            for q, group, mine in zip(problems, answers, runs)]
 
 
 def measure(model: torch.nn.Module, formatter: Formatter, updates: Sequence[code.ApiUpdate],
@@ -267,21 +259,15 @@ def row_names(cfg: CodeBenchConfig) -> list[tuple[str, str, int | None]]:
 
 
 def check_before_work(cfg: CodeBenchConfig, out: Path) -> presets.Preset:
-    """Everything a run can be refused for, before a folder is created or a model loaded."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out} exists and is not a folder", field="--out")
-    if not out.exists():
-        artifacts.check_writable(out, overwrite=False)
+    """Everything a run can be refused for, before a folder is created or a model loaded: the checks every
+    bench makes (corsa.evaluate.runner.check_before_work), then that the methods write adapters and the data."""
     chosen = presets.choose(cfg.preset, cfg.model, "code")
-    for method in cfg.methods:
-        if method in ROWS:
-            continue
-        spec = get(method)  # an unknown method fails here
-        if spec.output != "adapter":
+    trained = [m for m in cfg.methods if m not in ROWS]
+    for method in trained:
+        if get(method).output != "adapter":  # an unknown method fails here too
             raise InputError(f"method '{method}' writes no adapter; code rows are base, prepend and adapter "
                              "methods", field="--methods")
-        make_editor(method, **presets.settings(chosen, method, cfg.overrides))  # a bad setting fails here
-    models.canonical(cfg.model)
+    runner.check_before_work(out, [(m, m, {}) for m in trained], chosen, cfg.model, cfg.overrides, str(cfg.data))
     if not arena_path(cfg.data).is_file():
         raise InputError(f"CodeUpdateArena not found: {arena_path(cfg.data)}", path=str(arena_path(cfg.data)))
     return chosen
@@ -311,6 +297,7 @@ def run_code_bench(cfg: CodeBenchConfig, out: str | Path, *, progress: bool = Tr
           f"{', '.join(r for r, _, _ in row_names(cfg))}")
     train = [code.split_programs(u)[0] for u in updates]
     base_model = None
+    requests: list[EditRequest] | None = None
     for row, method, seed in row_names(cfg):
         res_file = out / row / "results.json"
         if res_file.exists():
@@ -320,10 +307,6 @@ def run_code_bench(cfg: CodeBenchConfig, out: str | Path, *, progress: bool = Tr
         if base_model is None:
             base_model, tok, _ = models.load_model(cfg.model)
             formatter = Formatter(tok, cfg.prompt_style)
-            # The old answer of each training example: the base model's own program (see the module docstring).
-            mined = generate(base_model, formatter, [problem_prompt(p) for p in train],
-                             max_new_tokens=cfg.max_new_tokens)
-            requests = [edit_request(u, p, old or "(empty answer)") for u, p, old in zip(updates, train, mined)]
         record: dict[str, Any] = {**header, "method": row, "training_seed": seed}
         if method == "base":
             ev = measure(base_model, formatter, updates, needed, humaneval, cfg)
@@ -334,14 +317,20 @@ def run_code_bench(cfg: CodeBenchConfig, out: str | Path, *, progress: bool = Tr
             # by construction (paper Table 6 leaves it empty); it is measured anyway, as a check of that.
             ev = measure(base_model, asked, updates, needed, humaneval, cfg)
         else:
+            if requests is None:  # mined once, and only when some adapter row is trained
+                # The old answer of each training example: the base model's own program (the module docstring).
+                mined = generate(base_model, formatter, [problem_prompt(p) for p in train],
+                                 max_new_tokens=cfg.max_new_tokens)
+                requests = [edit_request(u, p, old or "(empty answer)") for u, p, old in zip(updates, train, mined)]
             overrides = {**cfg.overrides, **({"seed": seed} if seed is not None else {})}
+            t_edit = time.perf_counter()
             adapter, result = edit(requests, out / row / "adapter", method=method, model=cfg.model,
                                    overwrite=True, progress=progress, command=command, prompt_style=cfg.prompt_style,
                                    preset=cfg.preset, scenario="code", route=None, **overrides)
             manifest = artifacts.read_manifest(adapter)
             record["config"] = manifest["config"]
             record["train"] = {"steps": manifest["steps"], "epochs_run": manifest["epochs_run"],
-                               "timings": manifest["timings"],
+                               "timings": manifest["timings"], "edit_s": time.perf_counter() - t_edit,
                                "final": manifest["curves"][-1] if manifest["curves"] else {}}
             ev = measure(result.model, formatter, updates, needed, humaneval, cfg)
             del result
@@ -387,8 +376,8 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     for r in results:
         s = r["summary"]
         lp = "-" if s.get("tf.ref_logprob") is None else f"{s['tf.ref_logprob']:.3f}"
-        edit_s = r.get("train", {}).get("timings", {})
-        took = f"{sum(v for k, v in edit_s.items() if k.endswith('_s')):.0f}" if edit_s else "-"
+        edit_s = r.get("train", {}).get("edit_s")
+        took = "-" if edit_s is None else f"{edit_s:.0f}"
         lines.append(f"| {r['method']} | " + " | ".join(pct(s.get(c)) for c in cols) + f" | {lp} | {took} |")
     first = results[0]
     lines += ["", (f"CodeUpdateArena: {first['n']} updates (seed {first['seed']}), {first['needs_update']} of "
