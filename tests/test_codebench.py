@@ -166,6 +166,10 @@ def test_bench_code_runs_every_row(tmp_path, tiny_dir, capsys):
     assert "| base |" in table and "corsa minus lora" in table and (out / "plot.png").stat().st_size > 0
     capsys.readouterr()
     assert main(args) == 0 and capsys.readouterr().out.count("done earlier, skipped") == 5
+    # Other problems into the same folder would mix two runs in one table: refused, nothing changed.
+    before = sorted(p.name for p in out.iterdir())
+    assert main([*args[:-1], "--humaneval-n", "1", "--quiet"]) == 2
+    assert "other problems" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == before
 
 
 def test_bench_code_refuses_bad_input_before_work(tmp_path, capsys):

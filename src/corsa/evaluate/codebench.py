@@ -280,15 +280,22 @@ def run_code_bench(cfg: CodeBenchConfig, out: str | Path, *, progress: bool = Tr
     updates = select_updates(code.load_arena(arena_path(cfg.data)), cfg.n, cfg.seed)
     humaneval = load_humaneval(cfg.humaneval_n, cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    needed_file = out / "needs_update.json"
-    if needed_file.exists():
-        needed = json.loads(needed_file.read_text())
+    # What every row of the folder shares: a rerun may add rows, never mix in other problems or sampling.
+    shared = {"updates": [u.update_id for u in updates], "humaneval": [q["task_id"] for q in humaneval],
+              "model": models.canonical(cfg.model), "seed": cfg.seed, "samples": cfg.samples,
+              "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens}
+    run_file = out / "run.json"
+    if run_file.exists():
+        earlier = json.loads(run_file.read_text())
+        if {k: earlier.get(k) for k in shared} != shared:
+            raise InputError(f"{out} holds results for other problems or sampling settings; use a new --out",
+                             field="--out")
+        needed = earlier["needs_update"]
     else:
         needed = needs_update(updates, cfg)
-        artifacts.write_json(needed_file, needed)
-    header = {"bench": "code", "data": str(arena_path(cfg.data)), "n": len(updates), "seed": cfg.seed,
-              "updates": [u.update_id for u in updates], "humaneval": [q["task_id"] for q in humaneval],
-              "model": models.canonical(cfg.model), "preset": chosen.record(), "command": command,
+        artifacts.write_json(run_file, {**shared, "needs_update": needed})
+    header = {"bench": "code", "data": str(arena_path(cfg.data)), "n": len(updates), **shared,
+              "preset": chosen.record(), "command": command,
               "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("limits", "overrides")},
               "limits": dataclasses.asdict(cfg.limits), "overrides": cfg.overrides,
               "held_out": sum(len(code.split_programs(u)[1]) for u in updates), "needs_update": sum(needed.values())}
