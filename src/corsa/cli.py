@@ -101,18 +101,17 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
-def _number(text: str, flag: str) -> float:
+def _parsed(kind: Callable[[str], Any], text: str, flag: str) -> Any:
+    """A value read with an argparse type (finite, whole(...)) outside argparse: from a list-valued flag or one
+    that also takes a word; refused as an InputError naming the flag."""
     try:
-        return finite(text)
+        return kind(text)
     except argparse.ArgumentTypeError as exc:
         raise InputError(str(exc), field=flag) from None
 
 
-def _whole(text: str, flag: str) -> int:
-    """A whole number >= 0 from a list-valued or 'all'-or-number flag, refused in one line otherwise."""
-    if not text.strip().isdigit():
-        raise InputError(f"'{text}' is not a whole number >= 0", field=flag)
-    return int(text)
+def _number(text: str, flag: str) -> float:
+    return _parsed(finite, text, flag)
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
@@ -470,9 +469,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         if args.bench_command == "code":
             from corsa.evaluate.codebench import CodeBenchConfig, run_code_bench
 
-            seeds = tuple(_whole(v, "--train-seeds") for v in _names(args.train_seeds)) if args.train_seeds \
+            seeds = tuple(_parsed(SEED, v, "--train-seeds") for v in _names(args.train_seeds)) if args.train_seeds \
                 else (args.seed or 0,)
-            humaneval_n = None if args.humaneval_n == "all" else _whole(args.humaneval_n, "--humaneval-n")
+            humaneval_n = None if args.humaneval_n == "all" else _parsed(COUNT, args.humaneval_n, "--humaneval-n")
             run_code_bench(CodeBenchConfig(
                 data=args.data, n=args.n, seed=args.seed or 0, methods=tuple(_names(args.methods)), model=args.model,
                 prompt_style=args.prompt_style, preset=args.preset, samples=args.samples,
@@ -570,10 +569,7 @@ def _with_seeds(methods: list[str], seeds: str, default: int) -> list[str]:
 
     out = []
     for text in seeds.split(","):
-        try:
-            k = SEED(text.strip())
-        except argparse.ArgumentTypeError as exc:
-            raise InputError(str(exc), field="--train-seeds") from None
+        k = _parsed(SEED, text.strip(), "--train-seeds")
         out += [m if k == default else f"{m}{SEED_MARK}{k}" for m in methods]
     return out
 

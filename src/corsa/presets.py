@@ -46,7 +46,8 @@ PAPER_CODE = Preset("paper-code", MappingProxyType({m: dict(_CODE) for m in ("lo
 # What a scenario falls back to for a model with no measured preset, and what `--preset paper` means there.
 PAPER_BY_SCENARIO: Mapping[str, Preset] = MappingProxyType({"edit": PAPER, "update": PAPER, "code": PAPER_CODE})
 
-# (model, scenario) -> preset. Only settings measured on that model are here; other models get PAPER.
+# (model, scenario) -> preset. Only settings measured on that model are here; other models get the scenario's
+# paper preset (PAPER_BY_SCENARIO).
 _BY_MODEL: dict[tuple[str, Scenario], Preset] = {
     ("smollm2-135m", "edit"): Preset(
         "smollm2-135m-edit",

@@ -38,7 +38,7 @@ from corsa import artifacts, models, presets, sandbox
 from corsa.editing import edit
 from corsa.errors import InputError
 from corsa.evaluate import code, plots, runner
-from corsa.evaluate.stats import bootstrap
+from corsa.evaluate.stats import SEED_MARK, base_name, bootstrap
 from corsa.methods import get
 from corsa.methods.prepend import PrependFormatter
 from corsa.prompts import Formatter, PromptStyle
@@ -64,7 +64,7 @@ class CodeBenchConfig:
     temperature: float = 0.7
     max_new_tokens: int = 384  # the longest reference solution in the release is about 330 tokens
     humaneval_n: int | None = 40  # HumanEval problems in the seeded subset; None = all 164
-    train_seeds: tuple[int, ...] = (0,)
+    train_seeds: tuple[int, ...] = (0,)  # the row trained with `seed` keeps the plain name
     workers: int = 2  # programs run at once; each is its own sandboxed process
     limits: sandbox.Limits = code.LIMITS
     overrides: dict[str, Any] = field(default_factory=dict)  # training settings for every adapter method
@@ -247,14 +247,14 @@ def summarize(record: dict[str, Any]) -> dict[str, float | None]:
 
 
 def row_names(cfg: CodeBenchConfig) -> list[tuple[str, str, int | None]]:
-    """(row, method, training seed): base and prepend once, adapter methods once per training seed (the first
+    """(row, method, training seed): base and prepend once, adapter methods once per training seed (the run's own
     seed keeps the plain name, as in the other benches)."""
     out: list[tuple[str, str, int | None]] = []
     for method in cfg.methods:
         if method in ROWS:
             out.append((method, method, None))
         else:
-            out += [(method if i == 0 else f"{method}@seed{s}", method, s) for i, s in enumerate(cfg.train_seeds)]
+            out += [(method if s == cfg.seed else f"{method}{SEED_MARK}{s}", method, s) for s in cfg.train_seeds]
     return out
 
 
@@ -355,7 +355,7 @@ def run_code_bench(cfg: CodeBenchConfig, out: str | Path, *, progress: bool = Tr
 def load_results(out: str | Path) -> list[dict[str, Any]]:
     found = [json.loads(p.read_text()) for p in sorted(Path(out).glob("*/results.json"))]
     order = {name: i for i, name in enumerate(("base", "prepend", "lora", "flearning", "corsa"))}
-    return sorted(found, key=lambda r: (order.get(r["method"].split("@")[0], 99), r["method"]))
+    return sorted(found, key=lambda r: (order.get(base_name(r["method"]), 99), r["method"]))
 
 
 def difference(a: dict[str, Any], b: dict[str, Any], part: str, key: str) -> Any:
