@@ -236,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-route", action="store_true",
                    help="answer with the adapter even when the prompt is about none of its edits' subjects")
 
+    p = sub.add_parser("export", help="write an edited model for other tools: merged weights (transformers "
+                                      "folder) or a GGUF LoRA for llama.cpp")
+    p.add_argument("source", help="a run folder written by `corsa edit`, a store (its current version), a version "
+                   "folder of a store, or a PEFT adapter folder")
+    p.add_argument("--to", required=True, help="output folder (replaced only with --overwrite, and only when corsa "
+                   "exported it)")
+    p.add_argument("--format", default="merged", choices=["merged", "gguf-lora"],
+                   help="merged: base model with the adapter folded in (safetensors, loads with from_pretrained); "
+                        "gguf-lora: the adapter for llama.cpp's --lora (llama-type models)")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="weights written as float32 (exact, "
+                   "default) or float16")
+    p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --to")
+
     p = sub.add_parser("demo", help="edit the embedded fact set with LoRA and CoRSA and compare")
     p.add_argument("--out", default="runs/demo")
     _add_training_flags(p)
@@ -448,6 +462,15 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             raise InputError(f"the prompt ({used} tokens) and --max-new-tokens {args.max_new_tokens} do not fit the "
                              f"model's context ({room} tokens)", field="PROMPT")
         print(generate(model, formatter, [args.prompt], max_new_tokens=args.max_new_tokens)[0])
+        return 0
+    if args.command == "export":
+        from corsa.export import RECORD, export, size_text
+
+        out = export(args.source, args.to, args.format, model=args.model, overwrite=args.overwrite, dtype=args.dtype,
+                     command=command)
+        written = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name != RECORD)
+        print(f"wrote {out} ({args.format}, {args.dtype}, {size_text(written)}); it answers every question with the "
+              "edits applied (routing stays with `corsa ask --adapter`)")
         return 0
     if args.command == "demo":
         from corsa.demo import run_demo

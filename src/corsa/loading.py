@@ -93,3 +93,33 @@ def verify_recorded_sha256(folder: Path) -> None:
     if adapter_sha256(folder) != recorded:
         raise InputError(f"{folder}'s adapter does not match the sha256 recorded beside it; the file was changed "
                          "after it was written", field="--adapter")
+
+
+def adapter_folder(source: str | Path, model: str | None = None) -> tuple[Path, str | None]:
+    """The adapter folder behind whatever `load_edited` accepts (a store's head version, a version folder, a run
+    folder, a PEFT folder), its recorded checksum verified, and the base model it was trained on (`model` where the
+    user names one; a store refuses another)."""
+    source = Path(source)
+    if not source.exists():
+        raise InputError(f"{source} does not exist", field="SOURCE")
+    owner = source if (source / DB).exists() or (source / STORE_FILE).exists() else store_holding(source)
+    if owner is not None:
+        with Store(owner) as store:
+            check_store_model(store, model)
+            v = store.head if owner == source else store.version_in(f"versions/{source.resolve().name}")
+            if v is None:
+                raise InputError(f"{source} lies in the store {owner} but is not one of its committed versions",
+                                 field="SOURCE")
+            folder = store.adapter_dir(v)
+            if folder is None:
+                raise InputError(f"{source}: version {v} is the base model, with no adapter to export", field="SOURCE")
+            return folder, store.meta("model")
+    if (source / artifacts.MANIFEST).exists():
+        model = model or artifacts.read_manifest(source)["model"]["name"]
+    elif (source / "adapter_config.json").exists():
+        model = model or json.loads((source / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not all((source / f).exists() for f in ADAPTER_FILES):
+        raise InputError(f"{source} holds no LoRA adapter (adapter_config.json and adapter_model.safetensors); an "
+                         "in-context method's run has nothing to export", field="SOURCE")
+    verify_recorded_sha256(source)
+    return source, model

@@ -1,0 +1,194 @@
+"""`corsa export`: an edited model in the forms other tools run (issue 31).
+
+  merged     the base model with the adapter folded into its weights, as a transformers folder (safetensors and
+             the tokenizer): `AutoModelForCausalLM.from_pretrained(DIR)` loads it, and so do vLLM, SGLang and
+             llama.cpp's own converter.
+  gguf-lora  the adapter as a GGUF LoRA file for llama.cpp (`llama-cli -m BASE.gguf --lora lora.gguf`), written
+             with the `gguf` package: llama.cpp's tensor names ("blk.0.attn_q.weight.lora_a"), A as [r, in] and B
+             as [out, r] as PEFT stores them, alpha in the header (llama.cpp scales by alpha / r, as PEFT does).
+
+An exported model answers every question with the edits applied: scope routing (corsa.routing) needs corsa at
+inference time, so it stays with `corsa ask`; the export's record says so.
+
+llama.cpp's converter reorders the rows of every llama-type q and k projection (`rotary_rows`): Hugging Face keeps
+each head's rotary pairs as two halves, GGML's rope expects them interleaved. The same reordering applies to B,
+whose rows are the projection's outputs; A (its inputs) is untouched. Only llama-type models are written as
+gguf-lora: another architecture's layout is not checked here, and a wrong one would load without complaint and
+answer wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from corsa import artifacts, models
+from corsa.errors import InputError
+from corsa.loading import adapter_folder
+from corsa.store import attach_adapter
+
+Format = Literal["merged", "gguf-lora"]
+FORMATS: tuple[str, ...] = ("merged", "gguf-lora")
+RECORD = "corsa_export.json"
+GGUF_FILE = "lora.gguf"
+# Architectures whose gguf-lora layout is written (and tested) here: the transformers model type and the name
+# llama.cpp gives it. SmolLM2 is a Llama.
+GGUF_ARCHS = {"llama": "llama"}
+
+
+def is_export(folder: Path) -> bool:
+    """A folder `corsa export` wrote: it holds a readable export record."""
+    try:
+        return json.loads((folder / RECORD).read_text()).get("format", "").startswith("corsa-export/")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The rows of a q or k projection (or of its LoRA B) in GGML's rope order: within each head, the rotary
+    pair (i, i + d/2) that Hugging Face keeps as two halves becomes rows (2i, 2i + 1)."""
+    out = weight.shape[0]
+    if out % (2 * heads):
+        raise ValueError(f"{out} rows do not split into {heads} heads of rotary pairs")
+    return weight.reshape(heads, 2, out // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def lora_pairs(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The adapter's (A, B) per adapted module, by the module's name in the base model ("model.layers.0.mlp.up_proj")."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in key:
+                module = key.split(marker)[0].removeprefix("base_model.model.")
+                pairs.setdefault(module, {})[part] = value
+    broken = [m for m, p in pairs.items() if set(p) != {"lora_A", "lora_B"}]
+    if broken or not pairs:
+        raise InputError(f"the adapter holds no complete LoRA pair{f' for {broken[0]}' if broken else ''}",
+                         path=str(folder / "adapter_model.safetensors"))
+    return {m: (p["lora_A"], p["lora_B"]) for m, p in pairs.items()}
+
+
+def check_finite(named: dict[str, torch.Tensor], where: Path) -> None:
+    """Refuse to export a model with a NaN or infinite weight: it would load anywhere and answer nothing."""
+    for name, tensor in named.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{name} has values that are not finite; nothing was exported", path=str(where))
+
+
+def plain_lora_config(folder: Path) -> dict[str, Any]:
+    """The adapter's config, refused where llama.cpp would scale it differently from PEFT."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for flag in ("use_rslora", "use_dora"):
+        if config.get(flag):
+            raise InputError(f"a {flag.removeprefix('use_')} adapter cannot be written as gguf-lora (llama.cpp "
+                             "scales every LoRA by alpha / r)", path=str(folder / "adapter_config.json"))
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        if config.get(pattern):
+            raise InputError(f"an adapter with a per-module {pattern} cannot be written as gguf-lora (one alpha "
+                             "per file)", path=str(folder / "adapter_config.json"))
+    return config
+
+
+def gguf_tensors(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], config: Any
+                 ) -> dict[str, torch.Tensor]:
+    """llama.cpp's name for every LoRA tensor, with B's rows reordered for the q and k projections."""
+    import gguf
+
+    arch = GGUF_ARCHS[config.model_type]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    heads = {"q_proj": config.num_attention_heads,
+             "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    out = {}
+    for module, (a, b) in pairs.items():
+        base = names.get_name(module)
+        if base is None:
+            raise InputError(f"llama.cpp has no tensor for the adapted module {module}", field="--format")
+        last = module.rsplit(".", 1)[-1]
+        if last in heads:
+            b = rotary_rows(b, heads[last])
+        out[f"{base}.weight.lora_a"] = a
+        out[f"{base}.weight.lora_b"] = b
+    return out
+
+
+def write_gguf_lora(path: Path, tensors: dict[str, torch.Tensor], arch: str, alpha: float, dtype: str) -> None:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor.detach().float().cpu().numpy().astype(np.float16 if dtype == "f16"
+                                                                              else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def export(source: str | Path, to: str | Path, fmt: Format = "merged", *, model: str | None = None,
+           overwrite: bool = False, dtype: Literal["f32", "f16"] = "f32", command: str | None = None) -> Path:
+    """Write the adapter of `source` (a run folder, a store's head, a version folder or a PEFT folder) as `fmt`
+    into the folder `to`, atomically. Everything is checked before anything is written."""
+    if fmt not in FORMATS:
+        raise InputError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}", field="--format")
+    if dtype not in ("f32", "f16"):
+        raise InputError(f"--dtype must be f32 or f16, not {dtype}", field="--dtype")
+    to = artifacts.check_writable(to, overwrite, owned=is_export, field="--to")
+    folder, model_name = adapter_folder(source, model)
+    path = models.resolve(model_name)
+    record: dict[str, Any] = {"format": "corsa-export/1", "export": fmt, "dtype": dtype, "source": str(source),
+                              "adapter": str(folder.resolve()), "adapter_sha256": artifacts.adapter_sha256(folder),
+                              "model": models.canonical(model_name), "created": artifacts.now(), "command": command,
+                              "routing": "none: an exported model answers every question with the edits applied "
+                                         "(`corsa ask --adapter` answers only questions about the edits' subjects)",
+                              "versions": artifacts.library_versions()}
+    if fmt == "gguf-lora":
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        config = getattr(config, "text_config", None) or config
+        if config.model_type not in GGUF_ARCHS:
+            raise InputError(f"gguf-lora export knows llama.cpp's layout for {', '.join(GGUF_ARCHS)} models, not "
+                             f"{config.model_type}; use --format merged", field="--format")
+        lora = plain_lora_config(folder)
+        pairs = lora_pairs(folder)
+        check_finite({f"{m}.{p}": t for m, ab in pairs.items() for p, t in zip(("lora_A", "lora_B"), ab)}, folder)
+        tensors = gguf_tensors(pairs, config)
+        record.update(file=GGUF_FILE, architecture=GGUF_ARCHS[config.model_type], rank=lora["r"],
+                      alpha=lora["lora_alpha"], tensors=len(tensors))
+        with artifacts.atomic_dir(to, overwrite, owned=is_export) as tmp:
+            write_gguf_lora(tmp / GGUF_FILE, tensors, GGUF_ARCHS[config.model_type], lora["lora_alpha"], dtype)
+            artifacts.write_json(tmp / RECORD, record)
+        return to
+    base, tok, _ = models.load_model(model_name, device="cpu")
+    merged = attach_adapter(base, folder).merge_and_unload()
+    check_finite(dict(merged.state_dict()), folder)
+    if dtype == "f16":
+        merged = merged.to(torch.float16)
+    with artifacts.atomic_dir(to, overwrite, owned=is_export) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        record["parameters"] = sum(p.numel() for p in merged.parameters())
+        record["bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+        artifacts.write_json(tmp / RECORD, record)
+    return to
+
+
+def size_text(n_bytes: int) -> str:
+    """A file size for people: 512 bytes, 3.4 MiB."""
+    size, unit = float(n_bytes), "bytes"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{n_bytes} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
