@@ -250,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --to")
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP endpoint (/v1/chat/completions, /v1/completions, "
+                                     "/v1/models) for a run or a store, following the store's updates")
+    p.add_argument("source", help="a store (its versions are the models; its name follows the current one), a run "
+                   "folder written by `corsa edit`, or a PEFT adapter folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=whole(1, 65535), default=8000)
+    p.add_argument("--threads", type=THREADS)
+
     p = sub.add_parser("demo", help="edit the embedded fact set with LoRA and CoRSA and compare")
     p.add_argument("--out", default="runs/demo")
     _add_training_flags(p)
@@ -471,6 +479,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         written = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name != RECORD)
         print(f"wrote {out} ({args.format}, {args.dtype}, {size_text(written)}); it answers every question with the "
               "edits applied (routing stays with `corsa ask --adapter`)")
+        return 0
+    if args.command == "serve":
+        from corsa.serve import serve
+
+        serve(args.source, args.host, args.port)
         return 0
     if args.command == "demo":
         from corsa.demo import run_demo

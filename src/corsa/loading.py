@@ -28,9 +28,7 @@ def load_edited(run_dir: str | Path, model: str | None = None, *, route: bool = 
     about their edits' subjects (corsa.routing); a plain PEFT folder, the portable export, answers everything."""
     run_dir = Path(run_dir)
     if (run_dir / DB).exists() or (run_dir / STORE_FILE).exists():  # a store: its current version, verified
-        with Store(run_dir) as store:
-            check_store_model(store, model)
-            return routing.answering(*store.load(), store.scope(store.head), routing.DEFAULT if route else None)
+        return load_version(run_dir, None, model, route=route)
     owner = store_holding(run_dir)
     if owner is not None:  # one version of a store: the store's record decides what it is and what it must hold
         with Store(owner) as store:
@@ -61,6 +59,15 @@ def load_edited(run_dir: str | Path, model: str | None = None, *, route: bool = 
         return base, spec.load_context(tok, style, json.loads((run_dir / CONTEXT_FILE).read_text()))
     edits = [routing.Edit(e["prompt"], e.get("subject"), e["target_new"]) for e in manifest["edits"]] if scope else []
     return routing.answering(attach_adapter(base, run_dir), Formatter(tok, style), edits, scope)
+
+
+def load_version(root: str | Path, v: int | None = None, model: str | None = None, *, route: bool = True
+                 ) -> tuple[torch.nn.Module, Formatter]:
+    """Version `v` of the store at `root` (default: its head), verified, answering as `corsa ask` does."""
+    with Store(root) as store:
+        check_store_model(store, model)
+        v = store.head if v is None else v
+        return routing.answering(*store.load(v), store.scope(v), routing.DEFAULT if route else None)
 
 
 def check_store_model(store: Store, model: str | None) -> None:
