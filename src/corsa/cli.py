@@ -250,6 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --to")
 
+    p = sub.add_parser("quantize", help="the edited model in 2-4 bits, keeping in 16 bits the weights its edits "
+                                        "depend on (TaCQ conditioned on the edits)")
+    p.add_argument("source", help="a run folder written by `corsa edit`, a store (its current version), a version "
+                   "folder or a PEFT adapter folder")
+    p.add_argument("--to", required=True, help="output folder (replaced only with --overwrite, and only when corsa "
+                   "quantized into it)")
+    p.add_argument("--bits", type=int, default=3, choices=[2, 3, 4, 8], help="bits per quantized weight (default 3)")
+    p.add_argument("--keep", type=finite, default=0.5, help="percent of each matrix's weights kept in 16 bits "
+                   "(default 0.5; 0 = plain round-to-nearest)")
+    p.add_argument("--saliency", default="tacq", choices=["tacq", "magnitude"],
+                   help="which weights are kept: tacq (default: |quantization change x task gradient|) or the "
+                        "largest in magnitude")
+    p.add_argument("--calibration", default="edits", choices=["edits", "general"],
+                   help="TaCQ's task: the edits with their anchors and general questions (default), or general "
+                        "questions only")
+    p.add_argument("--group-size", type=whole(2), default=64, help="inputs sharing one scale and zero (default 64)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--threads", type=THREADS)
+
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP endpoint (/v1/chat/completions, /v1/completions, "
                                      "/v1/models) for a run or a store, following the store's updates")
     p.add_argument("source", help="a store (its versions are the models; its name follows the current one), a run "
@@ -479,6 +498,17 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         written = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name != RECORD)
         print(f"wrote {out} ({args.format}, {args.dtype}, {size_text(written)}); it answers every question with the "
               "edits applied (routing stays with `corsa ask --adapter`)")
+        return 0
+    if args.command == "quantize":
+        from corsa.export import quantize, size_text
+        from corsa.quantize import QuantConfig
+
+        cfg = QuantConfig(bits=args.bits, keep=args.keep, saliency=args.saliency, calibration=args.calibration,
+                          group_size=args.group_size)
+        out, record = quantize(args.source, args.to, cfg, overwrite=args.overwrite, command=command)
+        print(f"wrote {out}: {args.bits}-bit, {record['kept_share']:.2%} of the quantized weights kept in 16 bits "
+              f"({record['method']}), {record['bits_per_quantized_weight']:.2f} bits per quantized weight, "
+              f"{size_text(record['bytes'])} on disk; ask it with `corsa ask PROMPT --adapter {out}`")
         return 0
     if args.command == "serve":
         from corsa.serve import serve

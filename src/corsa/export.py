@@ -20,6 +20,8 @@ answer wrongly.
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,8 +29,18 @@ import torch
 
 from corsa import artifacts, models
 from corsa.errors import InputError
-from corsa.loading import adapter_folder
-from corsa.store import attach_adapter
+from corsa.loading import adapter_folder, store_holding
+from corsa.prompts import Formatter
+from corsa.quantize import (
+    QuantConfig,
+    calibration_items,
+    is_quantized,
+    quantize_model,
+    task_gradients,
+    write_quantized,
+)
+from corsa.requests import FIELDS, EditRequest, parse_request
+from corsa.store import DB, STORE_FILE, Store, attach_adapter
 
 Format = Literal["merged", "gguf-lora"]
 FORMATS: tuple[str, ...] = ("merged", "gguf-lora")
@@ -57,7 +69,7 @@ def rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def lora_pairs(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The adapter's (A, B) per adapted module, by the module's name in the base model ("model.layers.0.mlp.up_proj")."""
+    """The adapter's (A, B) per adapted module, by its name in the base model ("model.layers.0.mlp.up_proj")."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / "adapter_model.safetensors"))
@@ -170,9 +182,8 @@ def export(source: str | Path, to: str | Path, fmt: Format = "merged", *, model:
             write_gguf_lora(tmp / GGUF_FILE, tensors, GGUF_ARCHS[config.model_type], lora["lora_alpha"], dtype)
             artifacts.write_json(tmp / RECORD, record)
         return to
-    base, tok, _ = models.load_model(model_name, device="cpu")
-    merged = attach_adapter(base, folder).merge_and_unload()
-    check_finite(dict(merged.state_dict()), folder)
+    merged, formatter, _ = merged_model(source, model)
+    tok = formatter.tokenizer
     if dtype == "f16":
         merged = merged.to(torch.float16)
     with artifacts.atomic_dir(to, overwrite, owned=is_export) as tmp:
@@ -184,6 +195,45 @@ def export(source: str | Path, to: str | Path, fmt: Format = "merged", *, model:
     return to
 
 
+def merged_model(source: str | Path, model: str | None = None
+                 ) -> tuple[torch.nn.Module, Formatter, dict[str, Any]]:
+    """The base model with the adapter of `source` folded in (refused if any weight is not finite), its
+    formatter, and what identifies the source."""
+    folder, model_name = adapter_folder(source, model)
+    base, tok, _ = models.load_model(model_name)
+    merged = attach_adapter(base, folder).merge_and_unload()
+    check_finite(dict(merged.state_dict()), folder)
+    style = "auto"
+    if (folder / artifacts.MANIFEST).exists():
+        style = artifacts.read_manifest(folder).get("prompt_style", "auto")
+    record = {"source": str(source), "adapter": str(folder.resolve()),
+              "adapter_sha256": artifacts.adapter_sha256(folder), "model": models.canonical(model_name)}
+    return merged.eval(), Formatter(tok, style), record
+
+
+def edits_of_source(source: str | Path) -> list[EditRequest]:
+    """The edits the adapter of `source` holds: a store's facts at its head (the latest request of each prompt),
+    or a run's manifest edits; none for a bare PEFT folder."""
+    source = Path(source)
+    folder, _ = adapter_folder(source)
+    owner = source if (source / DB).exists() or (source / STORE_FILE).exists() else store_holding(source)
+    if owner is not None:
+        with Store(owner) as store:
+            v = store.head if owner == source else store.version_in(f"versions/{source.resolve().name}")
+            latest = dict(store.lineage_edits(store.head if v is None else v, "request"))
+        return [user_request(json.loads(r), str(owner / DB), k + 1) for k, r in enumerate(latest.values())]
+    if not (folder / artifacts.MANIFEST).exists():
+        return []
+    edits = artifacts.read_manifest(folder).get("edits") or []
+    return [user_request(e, str(folder / artifacts.MANIFEST), k + 1) for k, e in enumerate(edits)]
+
+
+def user_request(recorded: dict[str, Any], where: str, k: int) -> EditRequest:
+    """A recorded edit as a request again: the fields a user may write (bookkeeping such as `meta` and
+    `old_mined` left out), checked as a JSONL line is."""
+    return parse_request({key: v for key, v in recorded.items() if key in FIELDS}, where, k)
+
+
 def size_text(n_bytes: int) -> str:
     """A file size for people: 512 bytes, 3.4 MiB."""
     size, unit = float(n_bytes), "bytes"
@@ -192,3 +242,34 @@ def size_text(n_bytes: int) -> str:
             break
         size, unit = size / 1024, bigger
     return f"{n_bytes} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+
+
+def quantize(source: str | Path, to: str | Path, cfg: QuantConfig | None = None, *,
+             requests: list[EditRequest] | None = None, overwrite: bool = False, command: str | None = None
+             ) -> tuple[Path, dict[str, Any]]:
+    """`corsa quantize`: merge the adapter of `source` into its base model, quantize it with `cfg`
+    (corsa.quantize) and write the folder `to` atomically. The edits that condition TaCQ come from the source's
+    record unless `requests` are given."""
+    cfg = cfg or QuantConfig()
+    to = artifacts.check_writable(to, overwrite, owned=is_quantized, field="--to")
+    t0 = time.perf_counter()
+    model, formatter, source_record = merged_model(source)
+    if requests is None:
+        requests = edits_of_source(source)
+    if cfg.saliency == "tacq" and cfg.keep > 0 and cfg.calibration == "edits" and not requests:
+        raise InputError(f"{source} records no edits to condition the quantization on; pass --calibration general",
+                         field="--calibration")
+    grads = None
+    if cfg.saliency == "tacq" and cfg.keep > 0:
+        grads = task_gradients(model, formatter, *calibration_items(model, formatter, requests, cfg), cfg)
+    tensors, counts = quantize_model(model, cfg, grads)
+    task = "the edits and general questions" if cfg.calibration == "edits" else "general questions"
+    method = ("round-to-nearest" if cfg.keep == 0 else "largest |W| kept" if cfg.saliency == "magnitude"
+              else f"TaCQ, |(Q(W) - W) * dL/dW| on {task}")
+    record = {"config": asdict(cfg), **counts, "method": method, "source": source_record, "edits": len(requests),
+              "created": artifacts.now(), "command": command, "seconds": time.perf_counter() - t0,
+              "routing": "none: the quantized model answers every question with the edits applied",
+              "versions": artifacts.library_versions()}
+    with artifacts.atomic_dir(to, overwrite, owned=is_quantized) as tmp:
+        write_quantized(tmp, tensors, model, formatter, record)
+    return to, record

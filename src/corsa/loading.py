@@ -17,6 +17,7 @@ from corsa.errors import InputError
 from corsa.methods import get
 from corsa.methods.base import CONTEXT_FILE
 from corsa.prompts import Formatter
+from corsa.quantize import is_quantized, load_quantized
 from corsa.store import DB, STORE_FILE, VERSION_FILE, Store, attach_adapter
 
 
@@ -29,6 +30,8 @@ def load_edited(run_dir: str | Path, model: str | None = None, *, route: bool = 
     run_dir = Path(run_dir)
     if (run_dir / DB).exists() or (run_dir / STORE_FILE).exists():  # a store: its current version, verified
         return load_version(run_dir, None, model, route=route)
+    if is_quantized(run_dir):  # `corsa quantize` output: a whole model, no adapter, no routing
+        return load_quantized(run_dir)
     owner = store_holding(run_dir)
     if owner is not None:  # one version of a store: the store's record decides what it is and what it must hold
         with Store(owner) as store:

@@ -1,0 +1,127 @@
+"""`corsa quantize`: exact packing, round-to-nearest within half a step, the kept weights back at 16 bits, TaCQ's
+gradient checked against a plain autograd computation, and the folder loaded by `corsa ask`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from corsa.cli import main
+from corsa.prompts import Formatter
+from corsa.quantize import (
+    QuantConfig,
+    dequantize,
+    group_width,
+    kept_positions,
+    load_quantized,
+    pack,
+    quantize_model,
+    quantize_rtn,
+    quantized_modules,
+    restore,
+    task_gradients,
+    unpack,
+)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codes_pack_and_unpack_exactly(bits):
+    codes = torch.randint(0, 2**bits, (7, 13), dtype=torch.uint8)  # 91 codes: not a whole number of bytes
+    packed = pack(codes, bits)
+    assert packed.nbytes == -(-91 * bits // 8)
+    assert torch.equal(torch.from_numpy(unpack(packed, bits, 91)).reshape(7, 13), codes)
+
+
+def test_round_to_nearest_is_within_half_a_step_per_group():
+    w = torch.randn(6, 32) * torch.linspace(0.1, 3, 32)
+    codes, scale, zero = quantize_rtn(w, 3, 8)
+    assert scale.shape == zero.shape == (6, 4) and int(codes.max()) <= 7
+    error = (dequantize(codes, scale, zero) - w).abs().reshape(6, 4, 8)
+    assert bool((error <= scale.float()[..., None] / 2 + 1e-6).all())
+    assert group_width(30, 8) == 30  # a group size that does not divide the row: one group per row
+
+
+def test_kept_positions_are_the_top_share():
+    s = torch.tensor([[0.1, 5.0, 0.2], [3.0, 0.0, 4.0]])
+    assert kept_positions(s, 50).tolist() == [1, 3, 5]
+    assert kept_positions(s, 0).numel() == 0
+
+
+def test_restored_model_has_kept_weights_at_16_bits_and_the_rest_rounded(tiny_model):
+    cfg = QuantConfig(bits=2, keep=5, saliency="magnitude", group_size=16)
+    tensors, counts = quantize_model(tiny_model, cfg)
+    assert 0.045 < counts["kept_share"] < 0.055 and counts["bits_per_quantized_weight"] > 2
+    assert counts["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}  # stored once
+    restored = restore(type(tiny_model)(tiny_model.config), tensors, cfg.bits, counts["tied"])
+    for name, m in quantized_modules(tiny_model).items():
+        w, r = m.weight.detach(), dict(restored.named_parameters())[f"{name}.weight"].detach()
+        kept = kept_positions(w.abs(), 5)
+        torch.testing.assert_close(r.flatten()[kept], w.flatten()[kept].half().float())
+        rest = torch.ones(w.numel(), dtype=torch.bool)
+        rest[kept] = False
+        rounded = dequantize(*quantize_rtn(w, 2, 16)).flatten()
+        torch.testing.assert_close(r.flatten()[rest], rounded[rest])
+    embed = "model.embed_tokens.weight"  # the rest of the model in float16
+    torch.testing.assert_close(dict(restored.named_parameters())[embed],
+                               dict(tiny_model.named_parameters())[embed].half().float())
+
+
+def test_task_gradient_is_the_plain_autograd_gradient_of_the_answer_loss(tiny_model, tokenizer):
+    formatter = Formatter(tokenizer, "qa")
+    prompt, answer = "sky?", "red"
+    grads = task_gradients(tiny_model, formatter, [(prompt, answer)], [], QuantConfig())
+    p, a = formatter.prompt_ids(prompt), formatter.answer_ids(answer)
+    ids = torch.tensor([p + a])
+    for param in tiny_model.parameters():
+        param.requires_grad_(True)
+    logp = torch.log_softmax(tiny_model(ids).logits[0, len(p) - 1 : -1].float(), -1)
+    loss = -logp.gather(1, torch.tensor(a)[:, None]).mean()
+    loss.backward()
+    for name, m in quantized_modules(tiny_model).items():
+        torch.testing.assert_close(grads[name], m.weight.grad.abs(), atol=1e-6, rtol=1e-4)
+
+
+def test_cli_quantizes_a_run_that_corsa_ask_then_answers(tmp_path, tiny_dir, capsys):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"prompt": "sky?", "target_new": "red", "target_old": "blue", "subject": "sky"})
+                     + "\n")
+    run = tmp_path / "run"
+    assert main(["edit", str(facts), "--out", str(run), "--model", tiny_dir, "--method", "lora", "--epochs", "2",
+                 "--lr", "5e-2", "--quiet"]) == 0
+    out = tmp_path / "q"
+    assert main(["quantize", str(run), "--to", str(out), "--bits", "4", "--keep", "2", "--group-size", "16"]) == 0
+    said = capsys.readouterr().out
+    assert "4-bit" in said and "TaCQ" in said
+    record = json.loads((out / "corsa_quantized.json").read_text())
+    assert record["edits"] == 1 and record["config"]["calibration"] == "edits" and record["bytes"] > 0
+    model, formatter = load_quantized(out)
+    from corsa.scoring import generate
+
+    want = generate(model, formatter, ["sky?"], max_new_tokens=4)[0]
+    assert main(["ask", "sky?", "--adapter", str(out), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() == want.strip()
+
+    # The format round-trips: 8 bits land close to the merged model, and far closer than 2 bits
+    from corsa.export import merged_model
+
+    merged, _, _ = merged_model(run)
+    ids = torch.tensor([[3, 5, 7, 9]])
+    error = {}
+    for bits in (2, 8):
+        assert main(["quantize", str(run), "--to", str(tmp_path / f"q{bits}"), "--bits", str(bits), "--keep", "0",
+                     "--group-size", "16"]) == 0
+        quantized, _ = load_quantized(tmp_path / f"q{bits}")
+        with torch.no_grad():
+            want = merged(ids).logits
+            error[bits] = float((quantized(ids).logits - want).abs().max() / want.abs().max())
+    assert error[8] < 0.1 and error[8] < error[2] / 4
+
+    assert main(["quantize", str(run), "--to", str(out), "--keep", "200"]) == 2
+    assert "keep must be a percentage" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["quantize", str(run), "--to", str(mine), "--overwrite"]) == 2
+    assert "not written by corsa" in capsys.readouterr().err and (mine / "notes.txt").exists()
