@@ -125,3 +125,29 @@ def test_cli_quantizes_a_run_that_corsa_ask_then_answers(tmp_path, tiny_dir, cap
     (mine / "notes.txt").write_text("keep me")
     assert main(["quantize", str(run), "--to", str(mine), "--overwrite"]) == 2
     assert "not written by corsa" in capsys.readouterr().err and (mine / "notes.txt").exists()
+
+
+@pytest.mark.integration
+def test_bench_quantize_measures_every_rule_at_every_bits_and_compares_them(tmp_path, tiny_dir, capsys):
+    from test_bench import counterfact
+    from test_mmlu import write_mmlu
+
+    counterfact(tmp_path)
+    write_mmlu(tmp_path)
+    out = tmp_path / "qb"
+    argv = ["bench", "quantize", "--data", str(tmp_path), "--out", str(out), "--n", "4", "--model", tiny_dir,
+            "--bits", "2", "--keep", "5", "--mmlu-n", "1", "--method", "lora", "--epochs", "1", "--max-new-tokens", "3", "--quiet"]
+    assert main(argv) == 0
+    rows = sorted(p.parent.name for p in out.glob("*/results.json"))
+    assert rows == sorted(["base", "unquantized"] + [f"{r}-{b}bit" for r in ("rtn", "magnitude", "tacq-general",
+                                                                           "tacq-edits") for b in (2,)])
+    record = json.loads((out / "tacq-edits-2bit" / "results.json").read_text())
+    assert record["quantized"]["config"]["calibration"] == "edits" and record["mmlu"]["gold_logprobs"]
+    assert 0.04 < record["quantized"]["kept_share"] < 0.06
+    assert json.loads((out / "rtn-2bit" / "results.json").read_text())["quantized"]["kept_share"] == 0
+    assert not (out / "models").exists() or not any((out / "models").iterdir())  # quantized folders removed
+    table = (out / "table.md").read_text()
+    assert "2 bits, tacq-edits minus rtn: gen.reliability" in table and "mmlu gold log-prob" in table
+    capsys.readouterr()
+    assert main(argv) == 0  # a rerun measures nothing again
+    assert "tacq-edits-2bit:" not in capsys.readouterr().out

@@ -337,6 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=POSITIVE, default=2, help="sandboxed programs run at once")
     p.add_argument("--train-seeds", help="comma-separated training seeds for the adapter methods")
     _add_training_flags(p)
+    p = bench.add_parser("quantize", help="the merged edited model quantized at several bits by round-to-nearest, "
+                                          "magnitude-kept and TaCQ (general or edit-conditioned): edits, locality, "
+                                          "MMLU")
+    p.add_argument("--bench", default="counterfact", choices=["counterfact", "zsre"])
+    p.add_argument("--data", required=True, help="benchmarks folder (e.g. ../shared/benchmarks)")
+    p.add_argument("--out", required=True, help="run folder; a rerun skips finished rows")
+    p.add_argument("--n", type=POSITIVE, default=50, help="edits in the seeded subset")
+    p.add_argument("--split", default="edit", help="CounterFact split: edit (report), val (tune), train")
+    p.add_argument("--subset", type=COUNT, help="block k of the --seed shuffle (default: the seed's own draw)")
+    p.add_argument("--method", dest="adapter_method", default="corsa", choices=["corsa", "lora"],
+                   help="the adapter that is quantized (its settings: the model's preset and the flags below)")
+    p.add_argument("--bits", default="2,3,4", help="comma-separated bits (2, 3, 4, 8)")
+    p.add_argument("--keep", type=finite, default=0.5, help="percent of each matrix kept in 16 bits (default 0.5)")
+    p.add_argument("--mmlu-n", default="5", help="MMLU questions per subject, 'all' or 0 to skip")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
+    _add_training_flags(p)
     p = bench.add_parser("speed", help="time a LoRA step, a CoRSA step and their parts on the same batch")
     p.add_argument("--data", required=True, help="benchmarks folder (CounterFact val supplies the batch)")
     p.add_argument("--out", required=True, help="folder for speed.json and speed.md")
@@ -544,6 +560,18 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                 temperature=args.temperature, max_new_tokens=args.max_new_tokens, humaneval_n=humaneval_n,
                 train_seeds=seeds, workers=args.workers, overrides=_method_overrides(args)),
                 args.out, progress=not args.quiet, command=command)
+            return 0
+        if args.bench_command == "quantize":
+            from corsa.evaluate.quantbench import run_quant_bench
+
+            bits = tuple(_parsed(whole(2, 8), v, "--bits") for v in _names(args.bits))
+            qcfg = BenchConfig(bench=args.bench, data=args.data, n=args.n, split=args.split, seed=args.seed or 0,
+                               subset=args.subset, methods=(args.adapter_method,), model=args.model,
+                               prompt_style=args.prompt_style, preset=args.preset, overrides=_method_overrides(args),
+                               mmlu_n=None if args.mmlu_n == "all" else _parsed(COUNT, args.mmlu_n, "--mmlu-n"),
+                               eval=EvalConfig(max_new_tokens=args.max_new_tokens, autocast=args.bf16))
+            run_quant_bench(qcfg, args.out, bits=bits, keep=args.keep, method=args.adapter_method,
+                            progress=not args.quiet, command=command)
             return 0
         if args.bench_command in ("inject", "revise"):
             from corsa.evaluate.sequence import SequenceConfig, run_sequence

@@ -261,6 +261,7 @@ def evaluate_mmlu(model: torch.nn.Module, tokenizer: Any, data: str | Path, conf
         "predictions": predictions,
         "correct": correct,  # per question, in `ids` order: what a paired comparison of two models needs
         "gold_logprob": sum(gold_logprob) / len(gold_logprob),
+        "gold_logprobs": gold_logprob,  # per question, in `ids` order: for paired comparisons of gold_logprob
         "fewer_shots": sum(e.shots < len(shots[q.subject]) for e, q in zip(encoded, questions)),
         "truncated": sum(e.truncated for e in encoded),
     }

@@ -117,6 +117,17 @@ def mmlu_difference(a: dict[str, Any], b: dict[str, Any], *, resamples: int = 20
     return bootstrap(pairs, "mmlu", resamples=resamples, seed=seed)
 
 
+def mmlu_logprob_difference(a: dict[str, Any], b: dict[str, Any], *, resamples: int = 2000,
+                            seed: int = 0) -> Difference | None:
+    """MMLU gold-letter log-probability of b minus a (nats), paired over the questions both answered; None when
+    either lacks per-question values."""
+    if "gold_logprobs" not in a or "gold_logprobs" not in b:
+        return None
+    by_id = dict(zip(b["ids"], b["gold_logprobs"]))
+    pairs = [(x, by_id[i], 1) for i, x in zip(a["ids"], a["gold_logprobs"]) if i in by_id]
+    return bootstrap(pairs, "mmlu.gold_logprob", resamples=resamples, seed=seed)
+
+
 def mmlu_line(results: Sequence[dict[str, Any]]) -> str:
     """Each edited model's MMLU accuracy minus the base model's, paired over the same questions: Specificity as
     a difference with its uncertainty, since on a few hundred questions one question moves accuracy visibly."""

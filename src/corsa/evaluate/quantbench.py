@@ -1,0 +1,180 @@
+"""`corsa bench quantize`: what quantization does to the edits, and whether keeping the weights they depend on
+saves them (issue 31).
+
+One adapter (the model's `edit` preset, trained without the evaluation's paraphrases and neighbourhood prompts) is
+merged into its base model, and the merged model is quantized at each --bits by four rules at one --keep:
+
+  rtn            round-to-nearest, nothing kept (a lower bit budget than the others)
+  magnitude      the same, with the largest --keep % of each matrix's weights kept in 16 bits
+  tacq-general   TaCQ's saliency |(Q(W) - W) * dL/dW| with general questions as the task
+  tacq-edits     the same with the edits as the task (their prompts, new and mined old answers, auto-built anchors;
+                 never the evaluation's paraphrases or neighbours) mixed with the general questions
+
+Every row, the unquantized merged model and the base model are measured the same way: edit success, generality,
+locality (agreement with the base model, correctness) by generation, and MMLU accuracy and gold-letter
+log-probability. The models are unrouted (a merged or quantized model has no adapter to route), so locality here
+shows quantization's effect, not the tool's default behaviour. Paired bootstrap intervals compare tacq-edits with
+each other rule at the same bits, over cases (and over questions for MMLU).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from corsa import anchors, artifacts, models, presets
+from corsa.editing import edit
+from corsa.evaluate.metrics import evaluate
+from corsa.evaluate.mmlu import MMLUConfig, evaluate_mmlu
+from corsa.evaluate.runner import BenchConfig, check_before_work, method_overrides, select_cases
+from corsa.evaluate.stats import mmlu_logprob_difference, paired_difference
+from corsa.export import edits_of_source, merged_model, quantize
+from corsa.prompts import Formatter
+from corsa.quantize import QuantConfig, load_quantized
+from corsa.requests import load_benchmark_with_report
+
+RULES: dict[str, dict[str, Any]] = {
+    "rtn": {"keep": 0.0},
+    "magnitude": {"saliency": "magnitude"},
+    "tacq-general": {"calibration": "general"},
+    "tacq-edits": {},
+}
+SHOWN = ("gen.reliability", "gen.generality", "gen.locality_agreement", "gen.locality")
+
+
+def measure(model: Any, formatter: Formatter, requests: list[Any], reference: dict[str, Any] | None,
+            cfg: BenchConfig) -> dict[str, Any]:
+    record = evaluate(model, formatter, requests, reference=reference, config=cfg.eval)
+    if cfg.mmlu_n != 0:
+        record["mmlu"] = evaluate_mmlu(model, formatter.tokenizer, cfg.data, MMLUConfig(n_per_subject=cfg.mmlu_n))
+    return record
+
+
+def run_quant_bench(cfg: BenchConfig, out: str | Path, *, bits: tuple[int, ...] = (2, 3, 4), keep: float = 0.5,
+                    method: str = "corsa", progress: bool = True, command: str | None = None) -> Path:
+    out = Path(out)
+    for b in bits:  # every setting checked before any work
+        for change in RULES.values():
+            QuantConfig(bits=b, **{"keep": keep, **change})
+    preset = presets.choose(cfg.preset, cfg.model, "edit")
+    check_before_work(out, [(method, method, {})], preset, cfg.model, cfg.overrides, str(cfg.data))
+    requests = select_cases(load_benchmark_with_report(cfg.bench, cfg.data, cfg.split)[0], cfg.n, cfg.seed,
+                            cfg.bench, cfg.subset)
+    out.mkdir(parents=True, exist_ok=True)
+    run = out / "adapter"
+    if not artifacts.is_run(run):
+        edit(anchors.withheld(requests), run, method=method, model=cfg.model, overwrite=True, progress=progress,
+             command=command, prompt_style=cfg.prompt_style, preset=cfg.preset, route=None,
+             **method_overrides(method, {}, cfg.overrides, cfg.data))
+    trained = edits_of_source(run)  # what training saw, old answers mined: the only edits calibration may use
+    asked = anchors.with_mined(requests, trained)
+    print(f"{cfg.bench}/{cfg.split}: {len(requests)} edits (seed {cfg.seed}), {method} adapter in {run}; "
+          f"bits {', '.join(map(str, bits))}, keep {keep} %")
+
+    def row(name: str, make: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        path = out / name / "results.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        t = time.perf_counter()
+        model, formatter = make()
+        reference = None if name == "base" else json.loads((out / "base" / "results.json").read_text())
+        record = measure(model, formatter, asked, reference, cfg)
+        record.update(row=name, command=command, n=len(requests), seed=cfg.seed, subset=cfg.subset,
+                      case_ids=[r.id for r in requests], model=models.canonical(cfg.model), date=artifacts.now(),
+                      seconds=time.perf_counter() - t, versions=artifacts.library_versions(), **(extra or {}))
+        artifacts.write_json(path, record)
+        summary = ", ".join(f"{k} {100 * record['summary'][k]:.1f}" for k in SHOWN if record["summary"][k] is not None)
+        mmlu = record.get("mmlu")
+        print(f"{name}: {summary}" + (f", mmlu {100 * mmlu['accuracy']:.1f} (gold log-prob "
+                                     f"{mmlu['gold_logprob']:.3f})" if mmlu else ""))
+        return record
+
+    def base() -> tuple[Any, Formatter]:
+        model, tok, _ = models.load_model(cfg.model)
+        return model, Formatter(tok, cfg.prompt_style)
+
+    row("base", base)
+    row("unquantized", lambda: merged_model(run)[:2])
+    for b in bits:
+        for rule, change in RULES.items():
+            name = f"{rule}-{b}bit"
+            folder = out / "models" / name
+            if (out / name / "results.json").exists():
+                continue
+            _, made = quantize(run, folder, QuantConfig(bits=b, **{"keep": keep, **change}), requests=trained,
+                               overwrite=True, command=command)
+            row(name, lambda folder=folder: load_quantized(folder),
+                {"quantized": {k: made[k] for k in ("config", "method", "bits_per_quantized_weight", "kept_share",
+                                                     "bytes", "seconds")}})
+            shutil.rmtree(folder)  # written by this run (is_quantized proved it); sizes are in the row's record
+    write_table(out, bits)
+    return out
+
+
+def write_table(out: Path, bits: tuple[int, ...]) -> None:
+    rows = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/results.json")}
+    order = ["base", "unquantized"] + [f"{r}-{b}bit" for b in bits for r in RULES]
+    head = ["row", "bits per weight", "kept", *SHOWN, "mmlu", "mmlu gold log-prob"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name in (n for n in order if n in rows):
+        r = rows[name]
+        q = r.get("quantized")
+        cells = [name, f"{q['bits_per_quantized_weight']:.2f}" if q else "16/32",
+                 f"{100 * q['kept_share']:.2f} %" if q else "-"]
+        cells += [f"{100 * r['summary'][k]:.1f}" if r["summary"][k] is not None else "-" for k in SHOWN]
+        m = r.get("mmlu")
+        cells += [f"{100 * m['accuracy']:.1f}", f"{m['gold_logprob']:.3f}"] if m else ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    intro = ("Values in %; MMLU gold log-prob in nats. tacq-edits minus each other rule at the same bits, 95 % "
+             "paired bootstrap intervals over cases (MMLU: over questions):")
+    notes = ["", intro, ""]
+    for b in bits:
+        mine = rows.get(f"tacq-edits-{b}bit")
+        if mine is None:
+            continue
+        for rule in ("rtn", "magnitude", "tacq-general"):
+            other = rows.get(f"{rule}-{b}bit")
+            if other is None:
+                continue
+            parts = []
+            for metric in ("gen.reliability", "gen.generality", "gen.locality_agreement"):
+                d = paired_difference(other["cases"], mine["cases"], metric)
+                if d is not None:
+                    parts.append(f"{metric} {100 * d.estimate:+.1f} ({100 * d.low:+.1f} to {100 * d.high:+.1f})")
+            if mine.get("mmlu") and other.get("mmlu"):
+                d = mmlu_logprob_difference(other["mmlu"], mine["mmlu"])
+                if d is not None:
+                    parts.append(f"mmlu gold log-prob {d.estimate:+.3f} ({d.low:+.3f} to {d.high:+.3f})")
+            notes.append(f"- {b} bits, tacq-edits minus {rule}: " + "; ".join(parts))
+        unq = rows.get("unquantized")
+        if unq:
+            kept = {k: mine["summary"][k] / unq["summary"][k] for k in ("gen.reliability", "gen.generality")
+                    if unq["summary"][k]}
+            notes.append(f"- {b} bits, tacq-edits as a share of the unquantized model: "
+                         + ", ".join(f"{k} {100 * v:.0f} %" for k, v in kept.items()))
+    commands = sorted({r["command"] for r in rows.values() if r.get("command")})
+    table = "\n".join(lines + notes + ["", "Command: " + "; ".join(f"`{c}`" for c in commands)])
+    artifacts.write_report(out, table, lambda path: plot(rows, bits, path))
+
+
+def plot(rows: dict[str, dict[str, Any]], bits: tuple[int, ...], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("gen.reliability", "gen.generality")):
+        for rule in RULES:
+            xs = [b for b in bits if f"{rule}-{b}bit" in rows]
+            ax.plot(xs, [100 * rows[f"{rule}-{b}bit"]["summary"][metric] for b in xs], marker="o", label=rule)
+        if "unquantized" in rows:
+            ax.axhline(100 * rows["unquantized"]["summary"][metric], color="grey", ls="--", label="unquantized")
+        ax.set(xlabel="bits", ylabel=f"{metric} (%)", xticks=list(bits), title=metric)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
