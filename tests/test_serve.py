@@ -3,6 +3,7 @@ equal to `corsa ask`'s, OpenAI-style errors, and no failed request while an upda
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -148,3 +149,35 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(tmp_path, kb, capsys):
         taken.listen()
         assert main(["serve", str(kb), "--port", str(taken.getsockname()[1])]) == 2
     assert "cannot listen" in capsys.readouterr().err
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it with apt)")
+def test_store_page_in_headless_chromium_shows_versions_asks_both_and_follows_a_revert(kb):
+    from playwright.sync_api import sync_playwright
+
+    from corsa.cli import main
+
+    with running(kb) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url.removesuffix("v1"))
+            assert page.text_content("#head") == "v1"
+            assert page.locator("#timeline tr").count() == 3  # header, v1, v0
+            assert "sky?" in page.text_content("#facts") and "red" in page.text_content("#timeline")
+            page.fill("#prompt", "sky?")
+            page.click("button")
+            page.wait_for_function("['base', 'current'].every(id => "
+                                   "!['', '...'].includes(document.getElementById(id).textContent))")
+            model, formatter = load_version(kb)
+            base, base_formatter = load_version(kb, 0)
+            assert page.text_content("#current") == generate(model, formatter, ["sky?"], max_new_tokens=32)[0]
+            assert page.text_content("#base") == generate(base, base_formatter, ["sky?"], max_new_tokens=32)[0]
+            assert main(["revert", str(kb), "0"]) == 0  # from the command line, while the page is open
+            page.reload()
+            assert page.text_content("#head") == "v2" and "restores version 0" in page.text_content("#v2")
+        finally:
+            browser.close()

@@ -4,7 +4,8 @@ Models, as `/v1/models` lists them:
   a store   NAME (its current version, whichever that is when a request arrives) and NAME@vK for every
             committed version K (NAME@v0 is the base model); NAME is the store folder's name
   a run     NAME (the adapter, routed as its manifest says) and NAME@base
-Every model answers as `corsa ask` does (corsa.loading): an adapter only inside its edits' scope.
+Every model answers as `corsa ask` does (corsa.loading): an adapter only inside its edits' scope. `/` is a page
+for people (corsa.page): a store's versions, what each changed, its facts' answers, and an ask box.
 
 A store is read, never locked: its head moves only inside the transaction that commits a version whose folder was
 complete before it (corsa.store), so reading the head on each request picks up an update once it has committed,
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from corsa import artifacts
 from corsa.errors import InputError
 from corsa.loading import adapter_folder, load_edited, load_version
+from corsa.page import render, render_run
 from corsa.prompts import Formatter
 from corsa.scoring import generate
 from corsa.store import DB, STORE_FILE, Store
@@ -195,7 +197,7 @@ def create_app(source: str | Path, keep: int = 3) -> Any:
     """The ASGI app serving `source` (a store, a run folder or a PEFT adapter folder)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse
 
     catalog = Catalog(source, keep)
     app = FastAPI(title="corsa", version="1")
@@ -219,6 +221,14 @@ def create_app(source: str | Path, keep: int = 3) -> Any:
     @app.exception_handler(InputError)
     async def unusable(_: Request, exc: InputError) -> JSONResponse:
         return error(409, str(exc), kind="conflict")  # e.g. a version whose adapter no longer matches its record
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        if catalog.is_store:
+            return render(catalog.source, catalog.name)
+        folder, _ = adapter_folder(catalog.source)
+        manifest = artifacts.read_manifest(folder) if (folder / artifacts.MANIFEST).exists() else {}
+        return render_run(catalog.name, manifest.get("edits") or [])
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
