@@ -150,3 +150,99 @@ def test_cli_exports_a_run_folder_and_a_stores_head_and_replaces_only_its_own_ex
     assert main(["export", str(root), "--to", str(tmp_path / "s"), "--format", "gguf-lora"]) == 0
     with store.Store(root) as s:
         assert json.loads((tmp_path / "s" / RECORD).read_text())["adapter_sha256"] == s.version(s.head).sha256
+
+
+def tiny_gguf(tiny_dir: str, path: Path) -> Path:
+    """The tiny model as a llama.cpp GGUF (f32), the way llama.cpp's converter lays a Llama out: the base GGUF
+    that `--format gguf` copies. Transformers' own GGUF reader loads it back to the very same logits (checked
+    below), which also checks the q/k row order against an implementation that is not ours."""
+    import gguf
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from corsa.export import gguf_name_of, in_gguf_order
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_vocab_size(c.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<t{i}>" for i in range(c.vocab_size)])
+    w.add_token_scores([0.0] * c.vocab_size)
+    w.add_token_types([1] * c.vocab_size)
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight":  # tied to the embedding: llama.cpp then has no output tensor
+            continue
+        module = name.removesuffix(".weight")
+        w.add_tensor(gguf_name_of(module, c), in_gguf_order(module, p.detach(), c).numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_export_is_the_base_gguf_with_merged_projections_that_transformers_loads_as_the_adapter(tmp_path,
+                                                                                                   tiny_dir):
+    import gguf
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from corsa.store import attach_adapter
+
+    base = tiny_gguf(tiny_dir, tmp_path / "base.gguf")
+    ids = torch.tensor([[3, 7, 11, 5, 9, 4]])
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    with torch.no_grad():
+        loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="base.gguf").eval()
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits)  # the fixture itself is right
+    folder = peft_folder(tiny_dir, tmp_path / "adapter")
+    adapted = attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_dir), folder).eval()
+    with torch.no_grad():
+        want = adapted(ids).logits
+    originals = {t.name: (int(t.tensor_type), t.data.copy()) for t in gguf.GGUFReader(str(base)).tensors}
+    with torch.no_grad():
+        effect = float((want - reference(ids).logits).abs().max())  # how far the adapter moves the logits
+    # Rounding error allowed, as a share of the adapter's own effect: none in f32, f16's and q8_0's otherwise.
+    tolerance = {"f32": 1e-5, "f16": 1e-2, "q8_0": 0.1}
+    for dtype, tol in tolerance.items():
+        out = export(folder, tmp_path / f"gguf-{dtype}", "gguf", model=tiny_dir, dtype=dtype, base_gguf=base)
+        model = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf").eval()
+        with torch.no_grad():
+            got = model(ids).logits
+        assert float((got - want).abs().max()) < tol * effect, (dtype, float((got - want).abs().max()), effect)
+        written = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+        for name, (kind, data) in originals.items():
+            if "attn_norm" in name or "ffn_norm" in name or name in ("token_embd.weight", "output_norm.weight"):
+                assert int(written[name].tensor_type) == kind and np.array_equal(written[name].data, data)
+        assert int(written["blk.0.attn_q.weight"].tensor_type) == int(gguf.GGMLQuantizationType[dtype.upper()])
+
+
+def test_the_gguf_lora_applied_as_llama_cpp_applies_it_gives_the_merged_gguf(tmp_path, tiny_dir):
+    """llama.cpp computes W + (alpha / r) B A with the GGUF tensors as stored: on every projection that equals the
+    merged export's tensor, which transformers loads as the adapter (the test above)."""
+    import gguf
+
+    base = tiny_gguf(tiny_dir, tmp_path / "base.gguf")
+    folder = peft_folder(tiny_dir, tmp_path / "adapter")
+    lora = export(folder, tmp_path / "lora", "gguf-lora", model=tiny_dir)
+    merged = export(folder, tmp_path / "merged", "gguf", model=tiny_dir, base_gguf=base)
+    reader = gguf.GGUFReader(str(lora / "lora.gguf"))
+    alpha = float(reader.fields["adapter.lora.alpha"].contents())
+    pieces = {t.name: torch.from_numpy(t.data.copy()).float() for t in reader.tensors}
+    before = {t.name: torch.from_numpy(t.data.copy()).float() for t in gguf.GGUFReader(str(base)).tensors}
+    after = {t.name: torch.from_numpy(t.data.copy()).float() for t in gguf.GGUFReader(str(merged / "model.gguf")).tensors}
+    names = [n.removesuffix(".lora_a") for n in pieces if n.endswith(".lora_a")]
+    assert len(names) == 14
+    for name in names:
+        a, b = pieces[f"{name}.lora_a"], pieces[f"{name}.lora_b"]
+        torch.testing.assert_close(before[name] + alpha / a.shape[0] * b @ a, after[name], atol=1e-5, rtol=1e-5)

@@ -242,11 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder of a store, or a PEFT adapter folder")
     p.add_argument("--to", required=True, help="output folder (replaced only with --overwrite, and only when corsa "
                    "exported it)")
-    p.add_argument("--format", default="merged", choices=["merged", "gguf-lora"],
+    p.add_argument("--format", default="merged", choices=["merged", "gguf", "gguf-lora"],
                    help="merged: base model with the adapter folded in (safetensors, loads with from_pretrained); "
-                        "gguf-lora: the adapter for llama.cpp's --lora (llama-type models)")
-    p.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="weights written as float32 (exact, "
-                   "default) or float16")
+                        "gguf: the merged model as one GGUF for llama.cpp / Ollama (llama-type models); gguf-lora: "
+                        "the adapter for llama.cpp's --lora")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="how written weights are stored: "
+                   "float32 (exact, default), float16, or q8_0 (--format gguf only)")
+    p.add_argument("--base-gguf", help="--format gguf: the base model's GGUF to copy (default: a packaged model's "
+                   "own, e.g. smollm2-135m's)")
     p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --to")
 
@@ -510,7 +513,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from corsa.export import RECORD, export, size_text
 
         out = export(args.source, args.to, args.format, model=args.model, overwrite=args.overwrite, dtype=args.dtype,
-                     command=command)
+                     base_gguf=args.base_gguf, command=command)
         written = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name != RECORD)
         print(f"wrote {out} ({args.format}, {args.dtype}, {size_text(written)}); it answers every question with the "
               "edits applied (routing stays with `corsa ask --adapter`)")

@@ -3,6 +3,9 @@
   merged     the base model with the adapter folded into its weights, as a transformers folder (safetensors and
              the tokenizer): `AutoModelForCausalLM.from_pretrained(DIR)` loads it, and so do vLLM, SGLang and
              llama.cpp's own converter.
+  gguf       the merged model as one GGUF file for llama.cpp and Ollama: the base model's own GGUF (a packaged
+             model's, or --base-gguf) with every adapted projection replaced by its merged weights (f32, f16 or
+             q8_0) and everything else, metadata and tokenizer included, copied byte for byte
   gguf-lora  the adapter as a GGUF LoRA file for llama.cpp (`llama-cli -m BASE.gguf --lora lora.gguf`), written
              with the `gguf` package: llama.cpp's tensor names ("blk.0.attn_q.weight.lora_a"), A as [r, in] and B
              as [out, r] as PEFT stores them, alpha in the header (llama.cpp scales by alpha / r, as PEFT does).
@@ -42,10 +45,12 @@ from corsa.quantize import (
 from corsa.requests import FIELDS, EditRequest, parse_request
 from corsa.store import DB, STORE_FILE, Store, attach_adapter
 
-Format = Literal["merged", "gguf-lora"]
-FORMATS: tuple[str, ...] = ("merged", "gguf-lora")
+Format = Literal["merged", "gguf-lora", "gguf"]
+FORMATS: tuple[str, ...] = ("merged", "gguf-lora", "gguf")
+DTYPES: tuple[str, ...] = ("f32", "f16", "q8_0")
 RECORD = "corsa_export.json"
 GGUF_FILE = "lora.gguf"
+MODEL_GGUF_FILE = "model.gguf"
 # Architectures whose gguf-lora layout is written (and tested) here: the transformers model type and the name
 # llama.cpp gives it. SmolLM2 is a Llama.
 GGUF_ARCHS = {"llama": "llama"}
@@ -111,22 +116,11 @@ def plain_lora_config(folder: Path) -> dict[str, Any]:
 def gguf_tensors(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], config: Any
                  ) -> dict[str, torch.Tensor]:
     """llama.cpp's name for every LoRA tensor, with B's rows reordered for the q and k projections."""
-    import gguf
-
-    arch = GGUF_ARCHS[config.model_type]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
-    heads = {"q_proj": config.num_attention_heads,
-             "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
     out = {}
     for module, (a, b) in pairs.items():
-        base = names.get_name(module)
-        if base is None:
-            raise InputError(f"llama.cpp has no tensor for the adapted module {module}", field="--format")
-        last = module.rsplit(".", 1)[-1]
-        if last in heads:
-            b = rotary_rows(b, heads[last])
-        out[f"{base}.weight.lora_a"] = a
-        out[f"{base}.weight.lora_b"] = b
+        name = gguf_name_of(module, config)
+        out[f"{name}.lora_a"] = a
+        out[f"{name}.lora_b"] = in_gguf_order(module, b, config)
     return out
 
 
@@ -147,14 +141,107 @@ def write_gguf_lora(path: Path, tensors: dict[str, torch.Tensor], arch: str, alp
     writer.close()
 
 
+def llama_config(path: str, fmt: str) -> Any:
+    """The base model's transformers config, refused for an architecture whose llama.cpp layout is not written
+    here."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    config = getattr(config, "text_config", None) or config
+    if config.model_type not in GGUF_ARCHS:
+        raise InputError(f"{fmt} export knows llama.cpp's layout for {', '.join(GGUF_ARCHS)} models, not "
+                         f"{config.model_type}; use --format merged", field="--format")
+    return config
+
+
+def base_gguf_reader(base_gguf: str | Path | None, model_name: str | None, config: Any) -> tuple[Any, Path]:
+    """The base model's own GGUF (a reader, and where it is), checked to be a llama.cpp model of the same shape as
+    the adapter's base."""
+    import gguf
+
+    path = Path(base_gguf) if base_gguf is not None else models.packaged_gguf(model_name)
+    if path is None:
+        raise InputError("--format gguf copies the base model's own GGUF and replaces the adapted weights; "
+                         f"{model_name} has none here: give it with --base-gguf FILE, or export --format merged and "
+                         "convert that folder with llama.cpp's convert_hf_to_gguf.py", field="--base-gguf")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+        blocks = reader.fields[gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)].contents()
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"not a readable llama.cpp model GGUF ({exc})", path=str(path)) from None
+    if arch != GGUF_ARCHS[config.model_type] or blocks != config.num_hidden_layers:
+        raise InputError(f"a {arch} model of {blocks} blocks, not the adapter's base model ({config.model_type}, "
+                         f"{config.num_hidden_layers} blocks)", path=str(path))
+    return reader, path
+
+
+def gguf_name_of(module: str, config: Any) -> str:
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[GGUF_ARCHS[config.model_type].upper()],
+                                     config.num_hidden_layers)
+    base = names.get_name(module)
+    if base is None:
+        raise InputError(f"llama.cpp has no tensor for the adapted module {module}", field="--format")
+    return f"{base}.weight"
+
+
+def in_gguf_order(module: str, weight: torch.Tensor, config: Any) -> torch.Tensor:
+    """A projection's (or LoRA B's) rows as llama.cpp's converter orders them (q and k: `rotary_rows`)."""
+    heads = {"q_proj": config.num_attention_heads,
+             "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    last = module.rsplit(".", 1)[-1]
+    return rotary_rows(weight, heads[last]) if last in heads else weight
+
+
+def write_merged_gguf(path: Path, reader: Any, replaced: dict[str, torch.Tensor], dtype: str) -> None:
+    """The base GGUF with the tensors in `replaced` (by GGUF name, rows already in llama.cpp's order) written anew
+    as `dtype`; every other tensor and every metadata field copied unchanged."""
+    import gguf
+    import numpy as np
+
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(str(path), arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
+            continue  # the writer adds these itself
+        kind = gguf.GGUFValueType(field.types[0])
+        sub = gguf.GGUFValueType(field.types[1]) if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    kinds = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}
+    data = []
+    for t in reader.tensors:
+        if t.name in replaced:
+            w = replaced[t.name].detach().float().cpu().numpy()
+            kind = kinds[dtype]
+            array = gguf.quants.quantize(w, kind) if dtype == "q8_0" else w.astype(
+                np.float16 if dtype == "f16" else np.float32)
+        else:
+            kind, array = gguf.GGMLQuantizationType(t.tensor_type), t.data
+        writer.add_tensor_info(t.name, array.shape, array.dtype, array.nbytes, raw_dtype=kind)
+        data.append(array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for array in data:
+        writer.write_tensor_data(array)
+    writer.close()
+
+
 def export(source: str | Path, to: str | Path, fmt: Format = "merged", *, model: str | None = None,
-           overwrite: bool = False, dtype: Literal["f32", "f16"] = "f32", command: str | None = None) -> Path:
+           overwrite: bool = False, dtype: str = "f32", base_gguf: str | Path | None = None,
+           command: str | None = None) -> Path:
     """Write the adapter of `source` (a run folder, a store's head, a version folder or a PEFT folder) as `fmt`
     into the folder `to`, atomically. Everything is checked before anything is written."""
     if fmt not in FORMATS:
         raise InputError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}", field="--format")
-    if dtype not in ("f32", "f16"):
-        raise InputError(f"--dtype must be f32 or f16, not {dtype}", field="--dtype")
+    allowed = DTYPES if fmt == "gguf" else ("f32", "f16")
+    if dtype not in allowed:
+        raise InputError(f"--format {fmt} writes {' or '.join(allowed)}, not {dtype}", field="--dtype")
+    if base_gguf is not None and fmt != "gguf":
+        raise InputError("--base-gguf is for --format gguf", field="--base-gguf")
     to = artifacts.check_writable(to, overwrite, owned=is_export, field="--to")
     folder, model_name = adapter_folder(source, model)
     path = models.resolve(model_name)
@@ -165,13 +252,7 @@ def export(source: str | Path, to: str | Path, fmt: Format = "merged", *, model:
                                          "(`corsa ask --adapter` answers only questions about the edits' subjects)",
                               "versions": artifacts.library_versions()}
     if fmt == "gguf-lora":
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path)
-        config = getattr(config, "text_config", None) or config
-        if config.model_type not in GGUF_ARCHS:
-            raise InputError(f"gguf-lora export knows llama.cpp's layout for {', '.join(GGUF_ARCHS)} models, not "
-                             f"{config.model_type}; use --format merged", field="--format")
+        config = llama_config(path, fmt)
         lora = plain_lora_config(folder)
         pairs = lora_pairs(folder)
         check_finite({f"{m}.{p}": t for m, ab in pairs.items() for p, t in zip(("lora_A", "lora_B"), ab)}, folder)
@@ -180,6 +261,23 @@ def export(source: str | Path, to: str | Path, fmt: Format = "merged", *, model:
                       alpha=lora["lora_alpha"], tensors=len(tensors))
         with artifacts.atomic_dir(to, overwrite, owned=is_export) as tmp:
             write_gguf_lora(tmp / GGUF_FILE, tensors, GGUF_ARCHS[config.model_type], lora["lora_alpha"], dtype)
+            artifacts.write_json(tmp / RECORD, record)
+        return to
+    if fmt == "gguf":
+        config = llama_config(path, fmt)
+        reader, base_path = base_gguf_reader(base_gguf, model_name, config)
+        adapted = list(lora_pairs(folder))
+        merged, _, _ = merged_model(source, model)
+        weights = dict(merged.named_parameters())
+        replaced = {gguf_name_of(m, config): in_gguf_order(m, weights[f"{m}.weight"], config) for m in adapted}
+        missing = sorted(set(replaced) - {t.name for t in reader.tensors})
+        if missing:
+            raise InputError(f"the base GGUF has no tensor {missing[0]}", field="--base-gguf")
+        record.update(file=MODEL_GGUF_FILE, base_gguf=str(base_path.resolve()), replaced=len(replaced),
+                      copied=len(reader.tensors) - len(replaced))
+        with artifacts.atomic_dir(to, overwrite, owned=is_export) as tmp:
+            write_merged_gguf(tmp / MODEL_GGUF_FILE, reader, replaced, dtype)
+            record["bytes"] = (tmp / MODEL_GGUF_FILE).stat().st_size
             artifacts.write_json(tmp / RECORD, record)
         return to
     merged, formatter, _ = merged_model(source, model)

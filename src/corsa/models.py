@@ -145,6 +145,13 @@ def materialize(name: str) -> Path:
     return target
 
 
+def packaged_gguf(name: str | None) -> Path | None:
+    """The GGUF file a packaged model is read from (its weights exactly as corsa's base model has them), else None
+    (a local folder or a hub id)."""
+    key = canonical(name)
+    return _gguf_path(PACKAGED[key]) if key in PACKAGED else None
+
+
 def known_models() -> str:
     """The packaged names, as an error message lists them."""
     return ", ".join(sorted(PACKAGED))
