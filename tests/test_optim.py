@@ -102,3 +102,16 @@ def test_sam_zero_direction_does_nothing():
     assert sam.perturb(params, [t(0.0)], rho=0.05) is None
     assert torch.equal(params[0], t(1.0))
     sam.restore(params, None)
+
+
+def test_looksam_orthogonal_part_and_reuse_by_hand():
+    from corsa.optim.sam import orthogonal_part, reuse_direction
+
+    g = [torch.tensor([3.0, 0.0])]
+    g_sam = [torch.tensor([4.0, 2.0])]
+    g_v = orthogonal_part(g_sam, g)  # (4, 2) minus its projection on (3, 0): (0, 2)
+    assert torch.allclose(g_v[0], torch.tensor([0.0, 2.0]))
+    step = reuse_direction([torch.tensor([1.0, 0.0])], g_v, alpha=0.5)  # g + 0.5 * (1 / 2) * (0, 2)
+    assert torch.allclose(step[0], torch.tensor([1.0, 0.5]))
+    assert torch.equal(reuse_direction(g, [torch.zeros(2)])[0], g[0])  # nothing to reuse: the plain gradient
+    assert torch.equal(orthogonal_part(g_sam, [torch.zeros(2)])[0], torch.zeros(2))

@@ -588,3 +588,16 @@ def test_learning_rate_schedule(tiny_model, tokenizer, schedule, warmup, expecte
     result, _, _ = run(tiny_model, tokenizer, batch_size=2, micro_batch_size=2, lr_schedule=schedule,
                        warmup_steps=warmup)
     assert [r["lr"] / FAST["lr"] for r in result.curves] == pytest.approx(expected)
+
+
+def test_sam_every_k_runs_the_ascent_on_every_kth_step_and_reuses_it_between(monkeypatch, tiny_model, tokenizer):
+    calls = _count(monkeypatch)
+    result, _, _ = run(tiny_model, tokenizer, epochs=2, batch_size=2, sam_every=3, stop_when_learned=False)
+    steps = len(result.curves)
+    assert steps == 2 * math.ceil(len(EDITS) / 2)
+    sam_steps = [i for i, r in enumerate(result.curves) if "perturbed_sft_loss" in r]
+    assert sam_steps == list(range(0, steps, 3))  # steps 0, 3, 6, ...: the ascent and its second gradient
+    assert all("sam_reused" in r for i, r in enumerate(result.curves) if i not in sam_steps)
+    assert calls["gradients"] == steps + len(sam_steps)
+    with pytest.raises(ValueError):
+        CorsaConfig(sam_every=0)

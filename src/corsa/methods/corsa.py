@@ -59,6 +59,11 @@ class CorsaConfig:
     use_sam: bool = True
     rho: float = 0.05
     sam_eps: float = 1e-12
+    # A cheaper step (issue 32; not in the paper; opt-in until measured): the SAM ascent and second gradient only
+    # every `sam_every` steps, LookSAM's reuse of the last SAM direction's orthogonal part in between, scaled by
+    # `sam_reuse_alpha` (LookSAM's 0.7). 1 = every step (Algorithm 1 exactly).
+    sam_every: int = 1
+    sam_reuse_alpha: float = 0.7
     # PCGrad at both SAM points (Algorithm 1 lines 4-8 and 10-15); "official" is the released code's variant.
     pcgrad: Literal["paper", "official"] | None = "paper"
     pcgrad_eps: float = 1e-12
@@ -105,7 +110,7 @@ class CorsaConfig:
                              "set pcgrad=None (the 'no DPO' ablation has one objective)")
         if self.pcgrad not in (None, "paper", "official"):
             raise ValueError(f"pcgrad must be 'paper', 'official' or None, not {self.pcgrad!r}")
-        for name in ("lora_r", "batch_size", "epochs", "patience", "anchor_tokens"):
+        for name in ("lora_r", "batch_size", "epochs", "patience", "anchor_tokens", "sam_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.anchors_per_edit < 0:
@@ -122,7 +127,7 @@ class CorsaConfig:
             raise ValueError(f"collapse_share must be in [0, 1), not {self.collapse_share}")
         for name, low, above in (("lr", 0.0, True), ("beta", 0.0, True), ("rho", 0.0, False), ("lam", 0.0, False),
                                  ("weight_decay", 0.0, False), ("lora_dropout", 0.0, False),
-                                 ("anchor_weight", 0.0, False)):
+                                 ("anchor_weight", 0.0, False), ("sam_reuse_alpha", 0.0, False)):
             value = getattr(self, name)
             if not math.isfinite(value) or (value <= low if above else value < low):
                 raise ValueError(f"{name} must be a finite number {'>' if above else '>='} {low:g}, not {value}")
@@ -185,8 +190,16 @@ class Grads:
     exact: dict[int, bool] = field(default_factory=dict)  # pair index -> new answer fully argmax
 
 
+@dataclass
+class SamMemory:
+    """What a cheaper step (`sam_every` > 1) carries between steps: the orthogonal part of the last SAM direction."""
+
+    g_v: list[torch.Tensor] | None = None
+    steps: int = 0
+
+
 def algorithm_1_step(gradients: Callable[[], Grads], params: list[torch.Tensor], opt: torch.optim.Optimizer,
-                     cfg: CorsaConfig) -> tuple[dict[str, float], Grads]:
+                     cfg: CorsaConfig, memory: SamMemory | None = None) -> tuple[dict[str, float], Grads]:
     """One iteration of CoRSA, the paper's Algorithm 1 (appendix C.2). `gradients()` evaluates line 3's two
     gradients on this iteration's minibatch (line 2) at the parameters' current values.
 
@@ -199,19 +212,30 @@ def algorithm_1_step(gradients: Callable[[], Grads], params: list[torch.Tensor],
         16  phi <- phi - eta g~_PC     (from phi itself; clipped and taken by AdamW, as in the paper's runs)
 
     Switches give the paper's ablations: use_sam=False skips lines 9-15 (the step uses g_PC), pcgrad=None adds
-    the gradients unchanged, use_dpo=False leaves the one objective of LoRA-SFT. Returns the step's statistics
-    and line 3's gradients (whose `exact` says which edits the batch already reproduces).
+    the gradients unchanged, use_dpo=False leaves the one objective of LoRA-SFT. With sam_every = k > 1 (and a
+    `memory`), lines 9-15 run on every k-th step only; the steps between use LookSAM's reuse of the last
+    perturbed direction (corsa.optim.sam.reuse_direction). Returns the step's statistics and line 3's gradients
+    (whose `exact` says which edits the batch already reproduces).
     """
     g = gradients()  # line 3
     d, info = merged_direction(g, cfg)  # lines 4-8
     record = {**g.stats, **info}
-    if cfg.use_sam:
+    reuse = memory if cfg.use_sam and cfg.sam_every > 1 else None
+    if reuse is not None and reuse.g_v is not None and reuse.steps % cfg.sam_every:
+        d = sam.reuse_direction(d, reuse.g_v, cfg.sam_reuse_alpha)
+        record["sam_reused"] = 1.0
+    elif cfg.use_sam:
+        plain = d
         saved = sam.perturb(params, d, cfg.rho, cfg.sam_eps)  # line 9
         g_tilde = gradients()  # line 10
         d, info_tilde = merged_direction(g_tilde, cfg)  # lines 11-15
         sam.restore(params, saved)  # back to phi exactly, so line 16 starts from it
         record.update({f"perturbed_{k}": v for k, v in {**g_tilde.stats, **info_tilde}.items()
                        if k in ("sft_loss", "dpo_loss", "grad_cos", "conflict")})
+        if reuse is not None:
+            reuse.g_v = sam.orthogonal_part(d, plain)
+    if memory is not None:
+        memory.steps += 1
     for p, x in zip(params, d):  # line 16
         p.grad = x.to(p.dtype)
     if cfg.max_grad_norm:
@@ -313,6 +337,7 @@ class CorsaTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sam_memory = SamMemory()
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.collapse: dict[str, Any] | None = None  # set when the divergence guard stopped training
         self.timings: dict[str, float] = {}  # set by build_trainer
@@ -369,7 +394,7 @@ class CorsaTrainer:
     def step(self, idx: list[int]) -> dict[str, float]:
         """One optimizer step on the batch `idx`."""
         cfg = self.cfg
-        record, g = algorithm_1_step(lambda: self.gradients(idx), self.params, self.opt, cfg)
+        record, g = algorithm_1_step(lambda: self.gradients(idx), self.params, self.opt, cfg, self.sam_memory)
         record["loss"] = record["sft_loss"] + cfg.anchor_weight * record["anchor_loss"] + cfg.lam * record["dpo_loss"]
         record["margin"] = record["logp_new"] - record["logp_old"] if cfg.use_dpo else 0.0
         self.last_exact = g.exact
@@ -580,6 +605,8 @@ register(MethodSpec(
         Option("--no-dpo", "use_dpo", "ablation: SFT only (PCGrad then has nothing to resolve)", value=False,
                also={"pcgrad": None}),
         Option("--no-sam", "use_sam", "ablation: plain step instead of SAM", value=False),
+        Option("--sam-every", "sam_every", "cheaper step (not measured yet): the SAM ascent every k steps, LookSAM's "
+               "reuse of its direction in between (default 1: every step, as the paper)", type=int),
         *ANCHOR_OPTIONS,
     ),
     # The paper's ablations (Table 9) and the PCGrad variant of the released code.
