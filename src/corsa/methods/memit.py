@@ -361,9 +361,7 @@ class MemitEditor:
                 cur = torch.cat([x[torch.arange(x.shape[0]), at[s : s + x.shape[0]]]
                                  for s, x in zip(range(0, len(prompts), cfg.batch_size), hidden)]).float()
                 resid = (zs - cur) / (len(layers) - i)  # [n, d]
-                c = moments[layer].to(k.device)
-                adj = torch.linalg.solve(weight * c + k.T @ k, k.T)  # [d_ff, n]
-                b, a = resid.T.contiguous(), adj.T.contiguous()  # dW = B A: [d, n] @ [n, d_ff]
+                b, a = self.layer_update(layer, k, resid, moments[layer].to(k.device), weight)
                 w = blocks[layer].mlp.down_proj.weight
                 w.add_((b @ a).to(w.dtype))
                 deltas[layer] = (b, a)
@@ -371,6 +369,13 @@ class MemitEditor:
             for layer, w0 in originals.items():
                 blocks[layer].mlp.down_proj.weight.copy_(w0)
         return deltas
+
+    def layer_update(self, layer: int, k: torch.Tensor, resid: torch.Tensor, c: torch.Tensor, weight: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's closed-form update as LoRA factors (B [d, n], A [n, d_ff]), dW = B A: MEMIT's
+        R K^T (w C + K K^T)^-1 for keys k [n, d_ff] and residuals resid [n, d]."""
+        adj = torch.linalg.solve(weight * c + k.T @ k, k.T)  # [d_ff, n]
+        return resid.T.contiguous(), adj.T.contiguous()
 
     def _as_adapter(self, model: torch.nn.Module, deltas: dict[int, tuple[torch.Tensor, torch.Tensor]],
                     n: int) -> torch.nn.Module:
