@@ -356,6 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mmlu-n", default="5", help="MMLU questions per subject, 'all' or 0 to skip")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
     _add_training_flags(p)
+    p = bench.add_parser("lifelong", help="T updates of B CounterFact edits, every method continuing its own model, "
+                                          "measured after every update on every edit so far (AlphaEdit's protocol)")
+    p.add_argument("--data", required=True, help="benchmarks folder (e.g. ../shared/benchmarks)")
+    p.add_argument("--out", required=True, help="run folder; a rerun continues from the last finished update")
+    p.add_argument("--updates", type=POSITIVE, default=20)
+    p.add_argument("--batch", type=POSITIVE, default=50, help="edits per update (AlphaEdit: 100)")
+    p.add_argument("--split", default="edit", help="CounterFact split: edit (report), val (tune)")
+    p.add_argument("--subset", type=COUNT, help="block k of the --seed shuffle (default: the seed's own draw)")
+    p.add_argument("--methods", default="corsa,lora,memit,alphaedit,flearning,merge",
+                   help="comma-separated weight-editing methods and settings, as for bench single")
+    p.add_argument("--mmlu-every", type=POSITIVE, default=5, help="updates between MMLU measurements")
+    p.add_argument("--mmlu-n", type=POSITIVE, default=2, help="MMLU questions per subject")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
+    _add_training_flags(p)
     p = bench.add_parser("speed", help="time a LoRA step, a CoRSA step and their parts on the same batch")
     p.add_argument("--data", required=True, help="benchmarks folder (CounterFact val supplies the batch)")
     p.add_argument("--out", required=True, help="folder for speed.json and speed.md")
@@ -562,6 +576,16 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                 prompt_style=args.prompt_style, preset=args.preset, samples=args.samples,
                 temperature=args.temperature, max_new_tokens=args.max_new_tokens, humaneval_n=humaneval_n,
                 train_seeds=seeds, workers=args.workers, overrides=_method_overrides(args)),
+                args.out, progress=not args.quiet, command=command)
+            return 0
+        if args.bench_command == "lifelong":
+            from corsa.evaluate.lifelong import LifelongConfig, run_lifelong
+
+            run_lifelong(LifelongConfig(
+                data=args.data, updates=args.updates, batch=args.batch, seed=args.seed or 0, split=args.split,
+                subset=args.subset, methods=tuple(_names(args.methods)), model=args.model,
+                prompt_style=args.prompt_style, mmlu_every=args.mmlu_every, mmlu_n=args.mmlu_n,
+                max_new_tokens=args.max_new_tokens, preset=args.preset, overrides=_method_overrides(args)),
                 args.out, progress=not args.quiet, command=command)
             return 0
         if args.bench_command == "quantize":

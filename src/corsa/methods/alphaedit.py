@@ -77,6 +77,13 @@ class AlphaEditEditor(MemitEditor):
         self.projectors: dict[int, tuple[torch.Tensor, int]] = {}
         self.pending: dict[int, torch.Tensor] = {}
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The keys accumulated so far, to carry this editor over a restart (corsa bench lifelong)."""
+        return {f"prior.{layer}": kk for layer, kk in self.prior.items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.prior = {int(k.split(".", 1)[1]): v for k, v in state.items() if k.startswith("prior.")}
+
     def layer_update(self, layer: int, k: torch.Tensor, resid: torch.Tensor, c: torch.Tensor, weight: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self.projectors:  # C is the same corpus statistic for every update of this editor
