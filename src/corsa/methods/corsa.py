@@ -613,7 +613,8 @@ register(MethodSpec(
     variants={"corsa-no-sam": {"use_sam": False}, "corsa-no-dpo": {"use_dpo": False, "pcgrad": None},
               "corsa-no-pcgrad": {"pcgrad": None}, "corsa-official-pcgrad": {"pcgrad": "official"}},
     # Paper Figure 5 sweeps lambda; A.2 tunes rho.
-    sweeps=(Sweep("lambda", "lam"), Sweep("rho", "rho"), Sweep("beta", "beta"), *ANCHOR_SWEEPS),
+    sweeps=(Sweep("lambda", "lam"), Sweep("rho", "rho"), Sweep("beta", "beta"),
+            Sweep("samevery", "sam_every", parse=int, form="<k>"), *ANCHOR_SWEEPS),
     continues=True,
     diagnostics=("bf16_used",),
 ))
