@@ -169,6 +169,14 @@ def _add_routing_flags(p: argparse.ArgumentParser) -> None:
                    "matched edit's fact written in front, on top of the adapter)")
 
 
+def _add_source_and_to(p: argparse.ArgumentParser, done: str) -> None:
+    """What `corsa export` and `corsa quantize` read and where they write."""
+    p.add_argument("source", help="a run folder written by `corsa edit`, a store (its current version), a version "
+                   "folder of a store, or a PEFT adapter folder")
+    p.add_argument("--to", required=True, help=f"output folder (replaced only with --overwrite, and only when corsa "
+                   f"{done} into it)")
+
+
 def _router(args: argparse.Namespace) -> Any:
     """The routing setting the flags ask for; None with --no-route."""
     from corsa.routing import RouterConfig
@@ -238,10 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write an edited model for other tools: merged weights (transformers "
                                       "folder) or a GGUF LoRA for llama.cpp")
-    p.add_argument("source", help="a run folder written by `corsa edit`, a store (its current version), a version "
-                   "folder of a store, or a PEFT adapter folder")
-    p.add_argument("--to", required=True, help="output folder (replaced only with --overwrite, and only when corsa "
-                   "exported it)")
+    _add_source_and_to(p, "exported")
     p.add_argument("--format", default="merged", choices=["merged", "gguf", "gguf-lora"],
                    help="merged: base model with the adapter folded in (safetensors, loads with from_pretrained); "
                         "gguf: the merged model as one GGUF for llama.cpp / Ollama (llama-type models); gguf-lora: "
@@ -255,10 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="the edited model in 2-4 bits, keeping in 16 bits the weights its edits "
                                         "depend on (TaCQ conditioned on the edits)")
-    p.add_argument("source", help="a run folder written by `corsa edit`, a store (its current version), a version "
-                   "folder or a PEFT adapter folder")
-    p.add_argument("--to", required=True, help="output folder (replaced only with --overwrite, and only when corsa "
-                   "quantized into it)")
+    _add_source_and_to(p, "quantized")
     p.add_argument("--bits", type=int, default=3, choices=[2, 3, 4, 8], help="bits per quantized weight (default 3)")
     p.add_argument("--keep", type=finite, default=0.5, help="percent of each matrix's weights kept in 16 bits "
                    "(default 0.5; 0 = plain round-to-nearest)")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from corsa.methods.base import EditResult
-from corsa.methods.memit import MemitConfig, MemitEditor, layer_range
+from corsa.methods.memit import STATS_OPTION, MemitConfig, MemitEditor, layer_range
 from corsa.methods.registry import MethodSpec, Option, Sweep, register
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
@@ -108,8 +108,7 @@ class AlphaEditEditor(MemitEditor):
 register(MethodSpec(
     "alphaedit", alphaedit_config, AlphaEditEditor,
     help="alphaedit: MEMIT projected onto the null space of preserved keys (Fang et al. 2025)",
-    options=(Option("--memit-stats", "stats_data", "memit, alphaedit: benchmarks folder whose CounterFact train "
-                    "split gives the key statistics (e.g. ../shared/benchmarks)", type=str),
+    options=(STATS_OPTION,
              Option("--alphaedit-threshold", "nullspace_threshold", "alphaedit: eigenvalue below which a key "
                     "direction counts as unused by preserved knowledge (default 2e-2)", type=float)),
     sweeps=(Sweep("threshold", "nullspace_threshold"), Sweep("l2", "l2"),

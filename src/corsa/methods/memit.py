@@ -402,11 +402,14 @@ def layer_range(text: str) -> tuple[int, ...]:
     return tuple(range(int(first), int(last) + 1))
 
 
+# The key statistics' corpus: one flag for every method built on MEMIT's keys (memit, alphaedit).
+STATS_OPTION = Option("--memit-stats", "stats_data", "memit, alphaedit: benchmarks folder whose CounterFact train "
+                      "split gives the key statistics (e.g. ../shared/benchmarks)", type=str)
+
 register(MethodSpec(
     "memit", memit_config, MemitEditor,
     help="memit: locate and edit MLP weights (Meng et al. 2023)",
-    options=(Option("--memit-stats", "stats_data", "memit: benchmarks folder whose CounterFact train split gives "
-                    "the key statistics (e.g. ../shared/benchmarks)", type=str),
+    options=(STATS_OPTION,
              Option("--memit-weight", "mom2_update_weight", "memit: weight of the key statistics against the edits "
                     "(default: tuned per model, else EasyEdit's 15000)", type=float)),
     sweeps=(Sweep("weight", "mom2_update_weight"), Sweep("layers", "layers", layer_range, "<first>-<last>")),
