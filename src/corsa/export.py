@@ -32,7 +32,7 @@ import torch
 
 from corsa import artifacts, models
 from corsa.errors import InputError
-from corsa.loading import adapter_folder, store_holding
+from corsa.loading import adapter_folder, adapter_prompt_style, store_holding
 from corsa.prompts import Formatter
 from corsa.quantize import (
     QuantConfig,
@@ -301,12 +301,9 @@ def merged_model(source: str | Path, model: str | None = None
     base, tok, _ = models.load_model(model_name)
     merged = attach_adapter(base, folder).merge_and_unload()
     check_finite(dict(merged.state_dict()), folder)
-    style = "auto"
-    if (folder / artifacts.MANIFEST).exists():
-        style = artifacts.read_manifest(folder).get("prompt_style", "auto")
     record = {"source": str(source), "adapter": str(folder.resolve()),
               "adapter_sha256": artifacts.adapter_sha256(folder), "model": models.canonical(model_name)}
-    return merged.eval(), Formatter(tok, style), record
+    return merged.eval(), Formatter(tok, adapter_prompt_style(folder)), record
 
 
 def edits_of_source(source: str | Path) -> list[EditRequest]:

@@ -133,3 +133,10 @@ def adapter_folder(source: str | Path, model: str | None = None) -> tuple[Path, 
                          "in-context method's run has nothing to export", field="SOURCE")
     verify_recorded_sha256(source)
     return source, model
+
+
+def adapter_prompt_style(folder: Path) -> str:
+    """How the adapter in `folder` was trained to be asked: its manifest's prompt style, else "auto"."""
+    if (folder / artifacts.MANIFEST).exists():
+        return artifacts.read_manifest(folder).get("prompt_style", "auto")
+    return "auto"

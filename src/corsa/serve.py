@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corsa import artifacts
 from corsa.errors import InputError
-from corsa.loading import adapter_folder, load_edited, load_version
+from corsa.loading import adapter_folder, adapter_prompt_style, load_edited, load_version
 from corsa.page import render, render_run
 from corsa.prompts import Formatter
 from corsa.scoring import generate
@@ -113,10 +113,7 @@ class Catalog:
 
                 folder, model_name = adapter_folder(self.source)
                 base, tok, _ = models.load_model(model_name)
-                style = "auto"
-                if (folder / artifacts.MANIFEST).exists():
-                    style = artifacts.read_manifest(folder).get("prompt_style", "auto")
-                self.loaded[key] = (base, Formatter(tok, style))
+                self.loaded[key] = (base, Formatter(tok, adapter_prompt_style(folder)))
             else:
                 self.loaded[key] = load_edited(self.source)
             while len(self.loaded) > self.keep:
