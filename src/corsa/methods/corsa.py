@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from corsa import anchors, distributed
+from corsa import anchors, contexts, distributed
 from corsa.answers import contains
 from corsa.methods.base import EditResult
 from corsa.methods.registry import MethodSpec, Option, Sweep, register
@@ -101,6 +101,12 @@ class CorsaConfig:
     anchors_per_edit: int = 0
     anchor_weight: float = 1.0
     anchor_tokens: int = 16
+    # Context copies (issue 29; not in the paper; corsa.contexts): each edit's new answer is also trained on its
+    # prompt behind `contexts_per_edit` short texts the model wrote itself (ROME/MEMIT's context templates, 10
+    # tokens there too), so the fact is bound to its subject wherever it is mentioned. They enter L_SFT as more
+    # new-answer tokens (L_DPO stays on the edit's own prompt). 0 = off.
+    contexts_per_edit: int = 0
+    context_tokens: int = 10
     seed: int = 0
     bf16: bool = False  # bf16 autocast for forward/backward; master weights stay fp32
 
@@ -110,11 +116,13 @@ class CorsaConfig:
                              "set pcgrad=None (the 'no DPO' ablation has one objective)")
         if self.pcgrad not in (None, "paper", "official"):
             raise ValueError(f"pcgrad must be 'paper', 'official' or None, not {self.pcgrad!r}")
-        for name in ("lora_r", "batch_size", "epochs", "patience", "anchor_tokens", "sam_every"):
+        for name in ("lora_r", "batch_size", "epochs", "patience", "anchor_tokens", "sam_every", "context_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.anchors_per_edit < 0:
             raise ValueError(f"anchors_per_edit must be >= 0, not {self.anchors_per_edit}")
+        if not 0 <= self.contexts_per_edit <= len(contexts.OPENINGS):
+            raise ValueError(f"contexts_per_edit must be in [0, {len(contexts.OPENINGS)}], not {self.contexts_per_edit}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError("micro_batch_size must be >= 1")
         if self.lr_schedule not in ("constant", "linear"):
@@ -177,6 +185,12 @@ class Pair:
     ref_new: float = 0.0
     ref_old: float = 0.0
     anchors: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt, answer to keep) ids
+    contexts: list[list[int]] = field(default_factory=list)  # the prompt behind each context prefix, as ids
+
+    @property
+    def n_sft_tokens(self) -> int:
+        """The new-answer tokens L_SFT averages over for this edit: after its prompt and after each context."""
+        return len(self.new) * (1 + len(self.contexts))
 
 
 @dataclass
@@ -267,24 +281,32 @@ class PairBatch:
     dpo_new_rows: torch.Tensor  # and its y+ row
     old_rows: torch.Tensor
     anchor_rows: torch.Tensor  # the rows of the pairs' anchors, each with the answer it must keep
+    context_rows: torch.Tensor  # the rows of y+ after the pairs' prompts in context (corsa.contexts)
 
     def to(self, device: torch.device) -> PairBatch:
         return PairBatch(self.batch.to(device), self.pairs, self.new_rows.to(device), self.dpo_pairs,
-                         self.dpo_new_rows.to(device), self.old_rows.to(device), self.anchor_rows.to(device))
+                         self.dpo_new_rows.to(device), self.old_rows.to(device), self.anchor_rows.to(device),
+                         self.context_rows.to(device))
 
 
 def pair_batch(pairs: list[Pair], idx: list[int], use_dpo: bool, pad_id: int) -> PairBatch:
-    """The pairs `idx` as one batch (one forward pass for every y+, y- and anchor answer)."""
+    """The pairs `idx` as one batch (one forward pass for every y+, y-, context copy and anchor answer). Prompts:
+    the pairs', then their anchors', then their context copies'; rows: y+, y-, anchors, context copies' y+."""
     dpo = [i for i in idx if use_dpo and pairs[i].old is not None]
     answers = [(k, pairs[i].new) for k, i in enumerate(idx)]
     answers += [(idx.index(i), pairs[i].old) for i in dpo]  # type: ignore[misc]
     kept = [a for i in idx for a in pairs[i].anchors]
     answers += [(len(idx) + k, answer) for k, (_, answer) in enumerate(kept)]
-    batch = make_shared_batch([pairs[i].prompt for i in idx] + [prompt for prompt, _ in kept], answers, pad_id)
+    copies = [(c, pairs[i].new) for i in idx for c in pairs[i].contexts]
+    first_copy_prompt = len(idx) + len(kept)
+    answers += [(first_copy_prompt + k, new) for k, (_, new) in enumerate(copies)]
+    prompts = [pairs[i].prompt for i in idx] + [prompt for prompt, _ in kept] + [c for c, _ in copies]
+    batch = make_shared_batch(prompts, answers, pad_id)
     first_anchor = len(idx) + len(dpo)
+    first_copy = first_anchor + len(kept)
     return PairBatch(batch, list(idx), torch.arange(len(idx)), dpo, torch.tensor([idx.index(i) for i in dpo],
                      dtype=torch.long), torch.arange(len(idx), first_anchor),
-                     torch.arange(first_anchor, first_anchor + len(kept)))
+                     torch.arange(first_anchor, first_copy), torch.arange(first_copy, first_copy + len(copies)))
 
 
 @dataclass
@@ -308,6 +330,7 @@ def batch_losses(model: torch.nn.Module, pb: PairBatch, pairs: list[Pair], cfg: 
     seq_logp = sum_by_row(tok_logp, batch)
     is_new = torch.zeros(batch.n_rows, dtype=torch.bool, device=batch.rows.device)
     is_new[pb.new_rows] = True
+    is_new[pb.context_rows] = True  # a context copy's y+ is more of L_SFT (n_tokens counts its tokens)
     sft = losses.sft_loss(tok_logp[is_new[batch.rows]], n_tokens)
     misses = sum_by_row((top != batch.targets).long(), batch)
     stats = {"sft_loss": sft.item(), "logp_new": seq_logp[pb.new_rows].sum().item() / n_batch}
@@ -342,6 +365,7 @@ class CorsaTrainer:
         self.collapse: dict[str, Any] | None = None  # set when the divergence guard stopped training
         self.timings: dict[str, float] = {}  # set by build_trainer
         self.anchors: list[dict[str, Any]] = []  # set by build_trainer: what each edit's anchors keep
+        self.contexts: list[str] = []  # set by build_trainer: the context prefixes every edit is also trained behind
 
     def gradients(self, idx: list[int]) -> Grads:
         """grad L_SFT and grad L_DPO over the batch `idx` (Algorithm 1 lines 3 and 10), or their weighted sum
@@ -355,7 +379,7 @@ class CorsaTrainer:
         cfg = self.cfg
         separate = cfg.use_dpo and cfg.pcgrad is not None
         names = ["sft", "dpo"] if separate else ["total"]
-        n_tokens = sum(len(self.pairs[i].new) for i in idx)
+        n_tokens = sum(self.pairs[i].n_sft_tokens for i in idx)
         n_pairs = sum(1 for i in idx if cfg.use_dpo and self.pairs[i].old is not None)
         n_anchor_tokens = sum(len(answer) for i in idx for _, answer in self.pairs[i].anchors)
         acc: dict[str, list[torch.Tensor]] = {}
@@ -528,18 +552,25 @@ def build_trainer(model: torch.nn.Module, formatter: Formatter, requests: list[E
     kept = answer_anchors(model, formatter, requests, cfg) if cfg.anchors_per_edit else []
     anchors_s = time.perf_counter() - t
     t = time.perf_counter()
+    texts = contexts.prefixes(model, formatter.tokenizer, cfg.contexts_per_edit, cfg.context_tokens, cfg.seed)
+    contexts_s = time.perf_counter() - t
+    t = time.perf_counter()
     if not hasattr(model, "peft_config"):
         model = attach_lora(model, cfg)
     pairs = build_pairs(formatter, requests)
     for item in kept:
         pairs[item["edit"]].anchors.append((formatter.prompt_ids(item["prompt"]), formatter.answer_ids(item["answer"])))
+    for pair, r in zip(pairs, requests):
+        pair.contexts = [formatter.prompt_ids(contexts.in_context(text, r.prompt)) for text in texts]
     setup_s = time.perf_counter() - t
     t = time.perf_counter()
     if cfg.use_dpo:
         cache_reference(model, formatter, requests, pairs, cfg.bf16)
     trainer = CorsaTrainer(model, pairs, cfg, formatter.pad_id)
-    trainer.timings = {"setup_s": setup_s, "reference_s": time.perf_counter() - t, "anchors_s": anchors_s}
+    trainer.timings = {"setup_s": setup_s, "reference_s": time.perf_counter() - t, "anchors_s": anchors_s,
+                       "contexts_s": contexts_s}
     trainer.anchors = kept
+    trainer.contexts = texts
     return trainer
 
 
@@ -574,21 +605,25 @@ class CorsaEditor:
         info: dict[str, Any] = {"timings": timings, "steps": len(curves),
                                 "epochs_run": (curves[-1]["epoch"] + 1) if curves else 0,
                                 "variant": cfg.variant, "config": asdict(cfg), "collapse": trainer.collapse,
-                                "bf16_used": use_bf16(trainer.device, cfg.bf16), "anchors": trainer.anchors}
+                                "bf16_used": use_bf16(trainer.device, cfg.bf16), "anchors": trainer.anchors,
+                                "contexts": trainer.contexts}
         return EditResult(model=trainer.model, requests=requests, curves=curves, info=info)
 
 
-# The retention term's flags, for every method trained by this trainer (corsa, lora).
-ANCHOR_OPTIONS = (
+# Flags of what this trainer adds to the paper (anchors, context copies), for every method it trains (corsa, lora).
+EXTRA_OPTIONS = (
     Option("--anchors", "anchors_per_edit", "anchor prompts per edit kept at the model's own answers (neighbourhood "
            "given, subject swapped, general questions; default: the --preset's, paper: 0)", type=int),
     Option("--no-anchors", "anchors_per_edit", "train without anchors (as the paper)", value=0),
     Option("--anchor-weight", "anchor_weight", "weight of the anchors' loss on the SFT side (default 1)",
            type=float),
+    Option("--contexts", "contexts_per_edit", "also train each edit's prompt behind this many short texts the "
+           "model writes (ROME's context templates; default: the --preset's, paper: 0)", type=int),
 )
 
-ANCHOR_SWEEPS = (Sweep("anchors", "anchors_per_edit", parse=int, form="<n>"), Sweep("anchorweight", "anchor_weight"),
-                 Sweep("anchortokens", "anchor_tokens", parse=int, form="<n>"))
+EXTRA_SWEEPS = (Sweep("anchors", "anchors_per_edit", parse=int, form="<n>"), Sweep("anchorweight", "anchor_weight"),
+                 Sweep("anchortokens", "anchor_tokens", parse=int, form="<n>"),
+                 Sweep("contexts", "contexts_per_edit", parse=int, form="<n>"))
 
 register(MethodSpec(
     "corsa", CorsaConfig, CorsaEditor,
@@ -607,14 +642,14 @@ register(MethodSpec(
         Option("--no-sam", "use_sam", "ablation: plain step instead of SAM", value=False),
         Option("--sam-every", "sam_every", "cheaper step (not measured yet): the SAM ascent every k steps, LookSAM's "
                "reuse of its direction in between (default 1: every step, as the paper)", type=int),
-        *ANCHOR_OPTIONS,
+        *EXTRA_OPTIONS,
     ),
     # The paper's ablations (Table 9) and the PCGrad variant of the released code.
     variants={"corsa-no-sam": {"use_sam": False}, "corsa-no-dpo": {"use_dpo": False, "pcgrad": None},
               "corsa-no-pcgrad": {"pcgrad": None}, "corsa-official-pcgrad": {"pcgrad": "official"}},
     # Paper Figure 5 sweeps lambda; A.2 tunes rho.
     sweeps=(Sweep("lambda", "lam"), Sweep("rho", "rho"), Sweep("beta", "beta"),
-            Sweep("samevery", "sam_every", parse=int, form="<k>"), *ANCHOR_SWEEPS),
+            Sweep("samevery", "sam_every", parse=int, form="<k>"), *EXTRA_SWEEPS),
     continues=True,
     diagnostics=("bf16_used",),
 ))

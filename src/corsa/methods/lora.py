@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from corsa.methods.corsa import ANCHOR_OPTIONS, ANCHOR_SWEEPS, CorsaConfig, CorsaEditor
+from corsa.methods.corsa import EXTRA_OPTIONS, EXTRA_SWEEPS, CorsaConfig, CorsaEditor
 from corsa.methods.registry import MethodSpec, register
 
 
@@ -25,6 +25,6 @@ class LoraEditor(CorsaEditor):
 
 
 register(MethodSpec("lora", lora_config, LoraEditor,
-                    help="lora: the paper's LoRA-SFT baseline (the same adapter, SFT alone)", options=ANCHOR_OPTIONS,
-                    sweeps=ANCHOR_SWEEPS,
+                    help="lora: the paper's LoRA-SFT baseline (the same adapter, SFT alone)", options=EXTRA_OPTIONS,
+                    sweeps=EXTRA_SWEEPS,
                     continues=True, diagnostics=("bf16_used",)))
