@@ -601,3 +601,22 @@ def test_sam_every_k_runs_the_ascent_on_every_kth_step_and_reuses_it_between(mon
     assert calls["gradients"] == steps + len(sam_steps)
     with pytest.raises(ValueError):
         CorsaConfig(sam_every=0)
+
+
+@pytest.mark.parametrize("stop,share,first", [
+    (False, 0.5, 3),  # 3 epochs x 2 steps, SAM in the last half: from step 3
+    (True, 0.5, 2),  # stopping early: the share is of min_epochs (2) x 2 steps = 4, so from step 2 to the end
+    (False, 1.0, 0),  # the paper: every step
+])
+def test_sam_last_runs_plain_steps_first_and_sam_to_the_end(monkeypatch, tiny_model, tokenizer, stop, share, first):
+    calls = _count(monkeypatch)
+    result, _, _ = run(tiny_model, tokenizer, epochs=3, batch_size=2, sam_last=share, stop_when_learned=stop,
+                       min_epochs=2, patience=5)
+    steps = len(result.curves)
+    assert steps == 3 * math.ceil(len(EDITS) / 2)
+    sam_steps = [i for i, r in enumerate(result.curves) if "perturbed_sft_loss" in r]
+    assert sam_steps == list(range(first, steps))
+    assert calls["gradients"] == steps + len(sam_steps)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="sam_last"):
+            CorsaConfig(sam_last=bad)

@@ -64,6 +64,11 @@ class CorsaConfig:
     # `sam_reuse_alpha` (LookSAM's 0.7). 1 = every step (Algorithm 1 exactly).
     sam_every: int = 1
     sam_reuse_alpha: float = 0.7
+    # The other cheaper step of issue 32 (opt-in until measured): plain steps first, SAM only in the last
+    # `sam_last` share of training. A run that stops once its edits are learned has no known length, so the share
+    # is of the shortest run it can be: min_epochs epochs when stop_when_learned is on, else `epochs`. SAM then runs
+    # from step (1 - sam_last) x that length to the end, however late the run stops. 1 = every step (the paper).
+    sam_last: float = 1.0
     # PCGrad at both SAM points (Algorithm 1 lines 4-8 and 10-15); "official" is the released code's variant.
     pcgrad: Literal["paper", "official"] | None = "paper"
     pcgrad_eps: float = 1e-12
@@ -131,6 +136,8 @@ class CorsaConfig:
             raise ValueError("warmup_steps must be >= 0")
         if not 0 < self.learned_share <= 1:
             raise ValueError(f"learned_share must be in (0, 1], not {self.learned_share}")
+        if not (math.isfinite(self.sam_last) and 0 < self.sam_last <= 1):
+            raise ValueError(f"sam_last must be in (0, 1], not {self.sam_last}")
         if not 0 <= self.collapse_share < 1:
             raise ValueError(f"collapse_share must be in [0, 1), not {self.collapse_share}")
         for name, low, above in (("lr", 0.0, True), ("beta", 0.0, True), ("rho", 0.0, False), ("lam", 0.0, False),
@@ -213,7 +220,8 @@ class SamMemory:
 
 
 def algorithm_1_step(gradients: Callable[[], Grads], params: list[torch.Tensor], opt: torch.optim.Optimizer,
-                     cfg: CorsaConfig, memory: SamMemory | None = None) -> tuple[dict[str, float], Grads]:
+                     cfg: CorsaConfig, memory: SamMemory | None = None,
+                     sam_now: bool = True) -> tuple[dict[str, float], Grads]:
     """One iteration of CoRSA, the paper's Algorithm 1 (appendix C.2). `gradients()` evaluates line 3's two
     gradients on this iteration's minibatch (line 2) at the parameters' current values.
 
@@ -228,17 +236,19 @@ def algorithm_1_step(gradients: Callable[[], Grads], params: list[torch.Tensor],
     Switches give the paper's ablations: use_sam=False skips lines 9-15 (the step uses g_PC), pcgrad=None adds
     the gradients unchanged, use_dpo=False leaves the one objective of LoRA-SFT. With sam_every = k > 1 (and a
     `memory`), lines 9-15 run on every k-th step only; the steps between use LookSAM's reuse of the last
-    perturbed direction (corsa.optim.sam.reuse_direction). Returns the step's statistics and line 3's gradients
-    (whose `exact` says which edits the batch already reproduces).
+    perturbed direction (corsa.optim.sam.reuse_direction). sam_now=False makes this one step plain (`sam_last`).
+    Returns the step's statistics and line 3's gradients (whose `exact` says which edits the batch already
+    reproduces).
     """
     g = gradients()  # line 3
     d, info = merged_direction(g, cfg)  # lines 4-8
     record = {**g.stats, **info}
-    reuse = memory if cfg.use_sam and cfg.sam_every > 1 else None
+    use_sam = cfg.use_sam and sam_now
+    reuse = memory if use_sam and cfg.sam_every > 1 else None
     if reuse is not None and reuse.g_v is not None and reuse.steps % cfg.sam_every:
         d = sam.reuse_direction(d, reuse.g_v, cfg.sam_reuse_alpha)
         record["sam_reused"] = 1.0
-    elif cfg.use_sam:
+    elif use_sam:
         plain = d
         saved = sam.perturb(params, d, cfg.rho, cfg.sam_eps)  # line 9
         g_tilde = gradients()  # line 10
@@ -415,10 +425,17 @@ class CorsaTrainer:
             return Grads(grads["sft"], grads["dpo"], None, stats, exact)
         return Grads(None, None, grads["total"], stats, exact)
 
-    def step(self, idx: list[int]) -> dict[str, float]:
-        """One optimizer step on the batch `idx`."""
+    def sam_start(self) -> int:
+        """The first step that runs SAM (`sam_last`; 0 unless that is below 1)."""
         cfg = self.cfg
-        record, g = algorithm_1_step(lambda: self.gradients(idx), self.params, self.opt, cfg, self.sam_memory)
+        epochs = cfg.min_epochs if cfg.stop_when_learned else cfg.epochs
+        return math.floor((1 - cfg.sam_last) * epochs * math.ceil(len(self.pairs) / cfg.batch_size))
+
+    def step(self, idx: list[int], step: int = 0) -> dict[str, float]:
+        """Optimizer step number `step` on the batch `idx`."""
+        cfg = self.cfg
+        record, g = algorithm_1_step(lambda: self.gradients(idx), self.params, self.opt, cfg, self.sam_memory,
+                                     sam_now=step >= self.sam_start())
         record["loss"] = record["sft_loss"] + cfg.anchor_weight * record["anchor_loss"] + cfg.lam * record["dpo_loss"]
         record["margin"] = record["logp_new"] - record["logp_old"] if cfg.use_dpo else 0.0
         self.last_exact = g.exact
@@ -461,7 +478,7 @@ class CorsaTrainer:
             for b in range(steps_per_epoch):
                 for group in self.opt.param_groups:
                     group["lr"] = self._lr_at(step)
-                record = self.step(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
+                record = self.step(order[b * cfg.batch_size : (b + 1) * cfg.batch_size], step)
                 learned.update(self.last_exact)
                 record.update(step=step, epoch=epoch, lr=self._lr_at(step),
                               learned=sum(learned.values()) / n, time_s=time.perf_counter() - t0)
@@ -640,6 +657,8 @@ register(MethodSpec(
         Option("--no-dpo", "use_dpo", "ablation: SFT only (PCGrad then has nothing to resolve)", value=False,
                also={"pcgrad": None}),
         Option("--no-sam", "use_sam", "ablation: plain step instead of SAM", value=False),
+        Option("--sam-last", "sam_last", "cheaper step (not measured yet): plain steps first, SAM only in this last "
+               "share of training (default 1: every step, as the paper)", type=float),
         Option("--sam-every", "sam_every", "cheaper step (not measured yet): the SAM ascent every k steps, LookSAM's "
                "reuse of its direction in between (default 1: every step, as the paper)", type=int),
         *EXTRA_OPTIONS,
@@ -649,7 +668,7 @@ register(MethodSpec(
               "corsa-no-pcgrad": {"pcgrad": None}, "corsa-official-pcgrad": {"pcgrad": "official"}},
     # Paper Figure 5 sweeps lambda; A.2 tunes rho.
     sweeps=(Sweep("lambda", "lam"), Sweep("rho", "rho"), Sweep("beta", "beta"),
-            Sweep("samevery", "sam_every", parse=int, form="<k>"), *EXTRA_SWEEPS),
+            Sweep("samevery", "sam_every", parse=int, form="<k>"), Sweep("samlast", "sam_last"), *EXTRA_SWEEPS),
     continues=True,
     diagnostics=("bf16_used",),
 ))
