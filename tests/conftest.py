@@ -100,3 +100,21 @@ def chat_tokenizer():
 @pytest.fixture
 def tiny_model(tokenizer):
     return make_model(len(tokenizer))
+
+
+def gradients_without_extras(trainer, fmt, edits, cfg, idx):
+    """The gradients of `trainer`'s batch `idx` for the same model and edits trained without anchors or context
+    copies (the same DPO reference log-probs): what a test of an extra term subtracts."""
+    from corsa.methods.corsa import CorsaTrainer, build_pairs
+
+    plain_pairs = build_pairs(fmt, edits)
+    for p, q in zip(plain_pairs, trainer.pairs):
+        p.ref_new, p.ref_old = q.ref_new, q.ref_old
+    return CorsaTrainer(trainer.model, plain_pairs, cfg, fmt.pad_id).gradients(idx)
+
+
+def answer_nll(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """-log p(answer | prompt), summed over the answer's tokens, by a plain forward pass over both."""
+    ids = torch.tensor([prompt + answer])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1 : -1], -1)
+    return -logp.gather(1, torch.tensor(answer)[:, None]).sum()

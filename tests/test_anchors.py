@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import answer_nll, gradients_without_extras
 
 from corsa import anchors
 from corsa.answers import normalize
@@ -66,19 +67,12 @@ def test_the_anchor_term_is_the_nll_of_the_kept_answers_on_the_sft_side(tiny_mod
     with_anchors = trainer.gradients(idx)
     # The same model and pairs without anchors: the DPO gradient is the same, the SFT side differs by exactly
     # anchor_weight * grad L_anchor, where L_anchor is the mean NLL over every kept-answer token of the batch.
-    plain_pairs = build_pairs(fmt, EDITS)
-    for p, q in zip(plain_pairs, trainer.pairs):
-        p.ref_new, p.ref_old = q.ref_new, q.ref_old
-    plain = CorsaTrainer(trainer.model, plain_pairs, cfg, fmt.pad_id).gradients(idx)
+    plain = gradients_without_extras(trainer, fmt, EDITS, cfg, idx)
     for a, b in zip(with_anchors.dpo, plain.dpo):
         assert torch.allclose(a, b, atol=1e-6)
     kept = [a for p in trainer.pairs for a in p.anchors]
     n = sum(len(answer) for _, answer in kept)
-    nll = 0.0
-    for prompt, answer in kept:
-        ids = torch.tensor([prompt + answer])
-        logp = torch.log_softmax(trainer.model(input_ids=ids).logits[0, len(prompt) - 1 : -1], -1)
-        nll = nll - logp.gather(1, torch.tensor(answer)[:, None]).sum()
+    nll = sum(answer_nll(trainer.model, prompt, answer) for prompt, answer in kept)
     expected = torch.autograd.grad(nll / n, trainer.params, allow_unused=True)
     for a, b, e in zip(with_anchors.sft, plain.sft, expected):
         e = torch.zeros_like(a) if e is None else e

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import answer_nll, gradients_without_extras
 
 from corsa import contexts
 from corsa.methods import make_editor
-from corsa.methods.corsa import CorsaConfig, CorsaTrainer, build_pairs, build_trainer
+from corsa.methods.corsa import CorsaConfig, CorsaTrainer, build_trainer
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 
@@ -45,19 +46,11 @@ def test_the_context_copies_are_more_new_answer_tokens_of_l_sft(tiny_model, toke
     got = trainer.gradients(idx)
     # The same pairs without copies: the DPO gradient is the same (it stays on the edit's own prompt), and the
     # SFT gradient is that of the mean NLL of y+ over the edit's prompt and every context copy of it.
-    plain_pairs = build_pairs(fmt, EDITS)
-    for p, q in zip(plain_pairs, trainer.pairs):
-        p.ref_new, p.ref_old = q.ref_new, q.ref_old
-    plain = CorsaTrainer(trainer.model, plain_pairs, cfg, fmt.pad_id).gradients(idx)
+    plain = gradients_without_extras(trainer, fmt, EDITS, cfg, idx)
     for a, b in zip(got.dpo, plain.dpo):
         assert torch.allclose(a, b, atol=1e-6)
-    nll, n = 0.0, 0
-    for p in trainer.pairs:
-        for prompt in [p.prompt, *p.contexts]:
-            ids = torch.tensor([prompt + p.new])
-            logp = torch.log_softmax(trainer.model(input_ids=ids).logits[0, len(prompt) - 1 : -1], -1)
-            nll = nll - logp.gather(1, torch.tensor(p.new)[:, None]).sum()
-            n += len(p.new)
+    nll = sum(answer_nll(trainer.model, prompt, p.new) for p in trainer.pairs for prompt in [p.prompt, *p.contexts])
+    n = sum(p.n_sft_tokens for p in trainer.pairs)
     expected = torch.autograd.grad(nll / n, trainer.params, allow_unused=True)
     for a, e in zip(got.sft, expected):
         assert torch.allclose(a, torch.zeros_like(a) if e is None else e, atol=1e-5)
