@@ -24,6 +24,7 @@ def test_prefixes_are_the_models_own_short_text_fixed_by_the_seed(tiny_model, to
     texts = contexts.prefixes(tiny_model, tokenizer, 3, tokens=6, seed=0)
     assert len(texts) == 3 and all(t.endswith(".") and "\n" not in t for t in texts)
     assert all(t.startswith(o.rstrip(",")) for t, o in zip(texts, contexts.OPENINGS))
+
     def n_tokens(text):
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 

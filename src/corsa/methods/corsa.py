@@ -371,6 +371,9 @@ class CorsaTrainer:
         self.device = self.params[0].device
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sam_memory = SamMemory()
+        # The first step that runs SAM (`sam_last`; 0 unless that is below 1), fixed by the config and the edits.
+        shortest = cfg.min_epochs if cfg.stop_when_learned else cfg.epochs
+        self.sam_start = math.floor((1 - cfg.sam_last) * shortest * math.ceil(len(pairs) / cfg.batch_size))
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.collapse: dict[str, Any] | None = None  # set when the divergence guard stopped training
         self.timings: dict[str, float] = {}  # set by build_trainer
@@ -425,17 +428,11 @@ class CorsaTrainer:
             return Grads(grads["sft"], grads["dpo"], None, stats, exact)
         return Grads(None, None, grads["total"], stats, exact)
 
-    def sam_start(self) -> int:
-        """The first step that runs SAM (`sam_last`; 0 unless that is below 1)."""
-        cfg = self.cfg
-        epochs = cfg.min_epochs if cfg.stop_when_learned else cfg.epochs
-        return math.floor((1 - cfg.sam_last) * epochs * math.ceil(len(self.pairs) / cfg.batch_size))
-
     def step(self, idx: list[int], step: int = 0) -> dict[str, float]:
         """Optimizer step number `step` on the batch `idx`."""
         cfg = self.cfg
         record, g = algorithm_1_step(lambda: self.gradients(idx), self.params, self.opt, cfg, self.sam_memory,
-                                     sam_now=step >= self.sam_start())
+                                     sam_now=step >= self.sam_start)
         record["loss"] = record["sft_loss"] + cfg.anchor_weight * record["anchor_loss"] + cfg.lam * record["dpo_loss"]
         record["margin"] = record["logp_new"] - record["logp_old"] if cfg.use_dpo else 0.0
         self.last_exact = g.exact
@@ -657,10 +654,11 @@ register(MethodSpec(
         Option("--no-dpo", "use_dpo", "ablation: SFT only (PCGrad then has nothing to resolve)", value=False,
                also={"pcgrad": None}),
         Option("--no-sam", "use_sam", "ablation: plain step instead of SAM", value=False),
-        Option("--sam-last", "sam_last", "cheaper step (not measured yet): plain steps first, SAM only in this last "
-               "share of training (default 1: every step, as the paper)", type=float),
-        Option("--sam-every", "sam_every", "cheaper step (not measured yet): the SAM ascent every k steps, LookSAM's "
-               "reuse of its direction in between (default 1: every step, as the paper)", type=int),
+        Option("--sam-last", "sam_last", "cheaper step (opt-in; measured in docs/PERFORMANCE.md): plain steps first, "
+               "SAM only in this last share of training (default 1: every step, as the paper)", type=float),
+        Option("--sam-every", "sam_every", "cheaper step (opt-in; measured in docs/PERFORMANCE.md): the SAM ascent "
+               "every k steps, LookSAM's reuse of its direction in between (default 1: every step, as the paper)",
+               type=int),
         *EXTRA_OPTIONS,
     ),
     # The paper's ablations (Table 9) and the PCGrad variant of the released code.
