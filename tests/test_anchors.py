@@ -80,6 +80,86 @@ def test_the_anchor_term_is_the_nll_of_the_kept_answers_on_the_sft_side(tiny_mod
     assert with_anchors.stats["anchor_loss"] == pytest.approx(float(nll.detach() / n), rel=1e-4)
 
 
+def test_the_kl_anchor_term_is_the_kl_to_the_model_before_the_update(tokenizer, monkeypatch):
+    """anchor_loss="kl": zero (and no gradient) while the adapter is still the model it started from; after a step,
+    the full KL from the unedited model to the trained one at every kept-answer position, checked by plain forward
+    passes (the reference keeps the whole vocabulary here, so the top-k reduction is exact)."""
+    from conftest import make_model
+
+    import corsa.methods.corsa as corsa_module
+
+    monkeypatch.setattr(corsa_module, "ANCHOR_KL_TOP", len(tokenizer))
+    fmt = Formatter(tokenizer)
+    cfg = CorsaConfig(**FAST, anchors_per_edit=2, anchor_loss="kl")
+    trainer = build_trainer(make_model(len(tokenizer)), fmt, EDITS, cfg)
+    idx = list(range(len(EDITS)))
+    start = trainer.gradients(idx)
+    assert start.stats["anchor_loss"] == pytest.approx(0.0, abs=1e-6)
+    plain = gradients_without_extras(trainer, fmt, EDITS, cfg, idx)
+    for a, b in zip(start.sft, plain.sft):
+        assert torch.allclose(a, b, atol=1e-6)
+    trainer.step(idx)
+    reference = make_model(len(tokenizer))  # the same seed: the model before the update
+    kept = [a for p in trainer.pairs for a in p.anchors]
+    total = 0.0
+    for prompt, answer in kept:
+        ids = torch.tensor([prompt + answer])
+        span = slice(len(prompt) - 1, ids.shape[1] - 1)
+        with torch.no_grad():
+            p = torch.log_softmax(reference(input_ids=ids).logits[0, span], -1)
+            q = torch.log_softmax(trainer.model(input_ids=ids).logits[0, span], -1)
+        total += float((p.exp() * (p - q)).sum())
+    n = sum(len(answer) for _, answer in kept)
+    after = trainer.gradients(idx).stats["anchor_loss"]
+    assert after > 1e-4
+    assert after == pytest.approx(total / n, rel=1e-3)
+
+
+def test_anchors_as_a_third_gradient_under_pcgrad(tiny_model, tokenizer):
+    """anchor_side="pcgrad": the anchors' gradient comes on its own (the SFT side is then plain L_SFT), and the
+    step's direction resolves it against Algorithm 1's merged direction; LoRA (one objective) takes it too."""
+    from corsa.methods.corsa import merged_direction
+    from corsa.optim import pcgrad
+
+    fmt = Formatter(tokenizer)
+    idx = list(range(len(EDITS)))
+    side = build_trainer(tiny_model, fmt, EDITS, CorsaConfig(**FAST, anchors_per_edit=2))
+    apart_cfg = CorsaConfig(**FAST, anchors_per_edit=2, anchor_side="pcgrad", anchor_weight=0.5)
+    apart = CorsaTrainer(side.model, side.pairs, apart_cfg, fmt.pad_id)
+    summed, split = side.gradients(idx), apart.gradients(idx)
+    plain = gradients_without_extras(side, fmt, EDITS, apart_cfg, idx)
+    assert split.anchor is not None and summed.anchor is None
+    for s, a, p in zip(summed.sft, split.anchor, plain.sft):
+        assert torch.allclose(s, p + a, atol=1e-6)  # weight 1 on the SFT side: L_SFT + L_anchor
+    for a, p in zip(split.sft, plain.sft):
+        assert torch.allclose(a, p, atol=1e-6)
+    d, info = merged_direction(split, apart_cfg)
+    edit, _ = pcgrad.combine(split.sft, split.dpo, apart_cfg.lam, apart_cfg.pcgrad)
+    expected, conflict = pcgrad.project_pair(edit, split.anchor, 0.5)
+    assert info["anchor_conflict"] == float(conflict) and "anchor_cos" in info
+    assert all(torch.allclose(x, y) for x, y in zip(d, expected))
+    lora_cfg = CorsaConfig(**FAST, anchors_per_edit=2, anchor_side="pcgrad", use_dpo=False, use_sam=False,
+                           pcgrad=None)
+    lora = CorsaTrainer(side.model, side.pairs, lora_cfg, fmt.pad_id).gradients(idx)
+    assert lora.total is not None and lora.anchor is not None
+    record = CorsaTrainer(side.model, side.pairs, apart_cfg, fmt.pad_id).step(idx)
+    assert record["anchor_loss"] > 0 and "anchor_conflict" in record
+
+
+def test_anchor_settings_are_named_in_the_methods_list_and_checked():
+    from corsa.errors import InputError
+    from corsa.evaluate.runner import parse_method
+
+    assert parse_method("corsa-anchors2+anchorlosskl") == ("corsa", {"anchors_per_edit": 2, "anchor_loss": "kl"})
+    assert parse_method("lora-anchors2+anchorsidepcgrad")[1] == {"anchors_per_edit": 2, "anchor_side": "pcgrad"}
+    with pytest.raises(InputError):
+        parse_method("corsa-anchorlossmse")
+    with pytest.raises(ValueError, match="anchor_loss"):
+        CorsaConfig(anchor_loss="mse")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="anchor_side"):
+        CorsaConfig(anchor_side="dpo")  # type: ignore[arg-type]
+
+
 def test_micro_batches_and_anchors_add_up_to_the_whole_batch(tiny_model, tokenizer):
     fmt = Formatter(tokenizer)
     trainer = build_trainer(tiny_model, fmt, EDITS, CorsaConfig(**FAST, anchors_per_edit=2))

@@ -85,6 +85,33 @@ def test_combine_without_pcgrad_is_the_plain_sum():
         pcgrad.combine([t(1)], [t(1)], 1.0, "nope")  # type: ignore[arg-type]
 
 
+def test_pcgrad_pair_projects_each_off_the_others_original():
+    # dp = (1,0).(-1,1) = -1. p1 = (1,0) + (1/2)(-1,1) = (0.5, 0.5); p2 = (-1,1) + (1/1)(1,0) = (0, 1).
+    d, conflict = pcgrad.project_pair([t(1, 0)], [t(-1, 1)], weight=2.0, eps=0.0)
+    assert conflict and close(d, [t(0.5, 2.5)])  # p1 + 2 p2
+    d, conflict = pcgrad.project_pair([t(1, 0)], [t(1, 1)], weight=0.5)
+    assert not conflict and close(d, [t(1.5, 0.5)])  # no conflict: the weighted sum
+
+
+# --- the anchors' KL --------------------------------------------------------------------------------------
+def test_top_k_kl_is_the_full_kl_when_k_covers_the_vocabulary_and_a_lower_bound_otherwise():
+    torch.manual_seed(0)
+    ref = torch.log_softmax(2 * torch.randn(5, 30), -1)
+    x = torch.randn(5, 30, requires_grad=True)
+    logp = torch.log_softmax(x, -1)
+    full = (ref.exp() * (ref - logp)).sum() / 5
+    exact = losses.top_k_kl(logp, *losses.top_k_reference(ref, 30))
+    assert exact.item() == pytest.approx(full.item(), rel=1e-5)
+    exact.backward()
+    assert torch.isfinite(x.grad).all()  # an empty rest (k = V) gives no NaN gradient
+    coarse = [losses.top_k_kl(logp, *losses.top_k_reference(ref, k)).item() for k in (10, 3)]
+    assert 0 <= coarse[1] <= coarse[0] <= full.item() + 1e-6  # coarser outcomes lose information, never add it
+    assert losses.top_k_kl(ref, *losses.top_k_reference(ref, 3)).item() == pytest.approx(0.0, abs=1e-6)
+    top_logp, top_ids, rest = losses.top_k_reference(ref, 3)
+    assert torch.allclose(torch.logaddexp(top_logp.logsumexp(-1), rest), torch.zeros(5), atol=1e-5)  # all mass
+    assert losses.top_k_kl(logp, top_logp, top_ids, rest, n_positions=10).item() == pytest.approx(coarse[1] / 2)
+
+
 # --- SAM --------------------------------------------------------------------------------------------------
 def test_sam_perturb_and_exact_restore():
     params = [t(1.0, 2.0), t(3.0)]

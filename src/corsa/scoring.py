@@ -214,14 +214,19 @@ def answer_token_logits(model: torch.nn.Module, batch: AnswerBatch) -> torch.Ten
     return output_logits(lm, hidden[batch.rows, batch.positions])
 
 
-def token_logprobs(model: torch.nn.Module, batch: AnswerBatch | SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p of each answer token [N], the model's argmax token there [N]); log-softmax in fp32 under autocast."""
+def answer_log_softmax(model: torch.nn.Module, batch: AnswerBatch | SharedBatch) -> torch.Tensor:
+    """The model's next-token log-probabilities [N, V] at every answer position, in fp32 under autocast."""
     if isinstance(batch, SharedBatch):
         logits = shared_answer_logits(model, batch).float()
     else:
         logits = answer_token_logits(model, batch).float()
-    logp = F.log_softmax(logits, dim=-1).gather(1, batch.targets[:, None]).squeeze(1)
-    return logp, logits.argmax(dim=-1)
+    return F.log_softmax(logits, dim=-1)
+
+
+def token_logprobs(model: torch.nn.Module, batch: AnswerBatch | SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each answer token [N], the model's argmax token there [N]); log-softmax in fp32 under autocast."""
+    full = answer_log_softmax(model, batch)
+    return full.gather(1, batch.targets[:, None]).squeeze(1), full.argmax(dim=-1)
 
 
 def sum_by_row(values: torch.Tensor, batch: AnswerBatch | SharedBatch) -> torch.Tensor:

@@ -88,8 +88,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
             if spec.startswith(prefix):
                 try:
                     return method.name, {sweep.field: sweep.parse(spec[len(prefix):])}
-                except ValueError:
-                    break
+                except ValueError:  # another setting's key may start with this one's (anchors, anchorside)
+                    continue
     raise InputError(f"unknown method '{spec}' (known: {', '.join(named)}, "
                      f"{', '.join(sweep_names())})", field="--methods")
 

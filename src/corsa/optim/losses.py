@@ -30,3 +30,34 @@ def dpo_loss(policy_new: torch.Tensor, policy_old: torch.Tensor, ref_new: torch.
     """
     losses = -F.logsigmoid(beta * dpo_margin(policy_new, policy_old, ref_new, ref_old))
     return losses.sum() / (losses.numel() if n_pairs is None else n_pairs)
+
+
+def top_k_kl(logp: torch.Tensor, ref_top_logp: torch.Tensor, ref_top_ids: torch.Tensor,
+             ref_rest_logp: torch.Tensor, n_positions: int | None = None) -> torch.Tensor:
+    """KL(p_ref || p) at M answer positions, summed and divided by `n_positions` (default M).
+
+    The reference is kept as its k most likely tokens at each position (`ref_top_logp`, `ref_top_ids`, [M, k]) and
+    the log of the mass of all the others (`ref_rest_logp`, [M]): storing the full distribution would take
+    vocabulary-size floats per anchor token. The KL is then the exact KL between the two distributions over k + 1
+    outcomes (the k tokens, and "any other token"), which is at most the full KL and equals it when the rest holds
+    no mass. `logp` is the model's full log-softmax at the same positions [M, V].
+    """
+    q_top = logp.gather(1, ref_top_ids)
+    # the lowest finite float, not -inf: with k = V the rest is empty, and logsumexp over only -inf has a NaN
+    # gradient even where the result is not used
+    q_rest = logp.scatter(1, ref_top_ids, torch.finfo(logp.dtype).min).logsumexp(dim=-1)
+    p_top = ref_top_logp.exp()
+    p_rest = ref_rest_logp.exp()
+    kl = (p_top * (ref_top_logp - q_top)).sum(dim=-1)
+    # 0 log 0 = 0: a reference whose k tokens hold all its mass adds nothing for the rest (and no NaN from -inf)
+    kl = kl + torch.where(p_rest > 0, p_rest * (ref_rest_logp - q_rest), torch.zeros_like(p_rest))
+    return kl.sum() / (kl.numel() if n_positions is None else n_positions)
+
+
+def top_k_reference(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `top_k_kl` keeps of a reference distribution [M, V]: its k most likely tokens' log-probs and ids, and
+    the log of the mass of the others (-inf when k covers the vocabulary)."""
+    k = min(k, logp.shape[-1])
+    top_logp, top_ids = logp.topk(k, dim=-1)
+    rest = logp.scatter(1, top_ids, float("-inf")).logsumexp(dim=-1)
+    return top_logp, top_ids, rest

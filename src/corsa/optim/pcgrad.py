@@ -68,3 +68,16 @@ def combine(g_sft: Grads, g_dpo: Grads, lam: float, mode: PCGradMode | None, eps
     if mode == "official":
         return project_official(g_sft, g_dpo, lam, eps)
     raise ValueError(f"unknown PCGrad mode {mode!r}; expected 'paper' or 'official'")
+
+
+def project_pair(g1: Grads, g2: Grads, weight: float = 1.0, eps: float = 1e-12) -> tuple[Grads, bool]:
+    """PCGrad between two objectives as Yu et al. (2020) define it: when g1 . g2 < 0, each is projected off the
+    other's *original* gradient; the direction is g1' + weight * g2'. Used for a third objective beside
+    Algorithm 1's two (the anchors' retention term, `anchor_side="pcgrad"`): g1 is Algorithm 1's merged
+    SFT/DPO direction, g2 the anchors' gradient, so neither the edit nor the retention term is pushed backwards."""
+    dp = dot(g1, g2)
+    if not dp < 0:
+        return add(g1, g2, weight), False
+    p1 = add(g1, g2, -dp / (dot(g2, g2) + eps))
+    p2 = add(g2, g1, -dp / (dot(g1, g1) + eps))
+    return add(p1, p2, weight), True
