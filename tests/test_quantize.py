@@ -14,9 +14,11 @@ from corsa.quantize import (
     QuantConfig,
     dequantize,
     group_width,
+    input_hessians,
     kept_positions,
     load_quantized,
     pack,
+    quantize_gptq,
     quantize_model,
     quantize_rtn,
     quantized_modules,
@@ -41,6 +43,45 @@ def test_round_to_nearest_is_within_half_a_step_per_group():
     error = (dequantize(codes, scale, zero) - w).abs().reshape(6, 4, 8)
     assert bool((error <= scale.float()[..., None] / 2 + 1e-6).all())
     assert group_width(30, 8) == 30  # a group size that does not divide the row: one group per row
+
+
+def test_gptq_moves_the_layer_outputs_less_than_rounding_and_keeps_its_kept_weights():
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    x = torch.randn(400, 8) @ torch.randn(8, 64) + 0.1 * torch.randn(400, 64)  # correlated inputs
+    h = x.T @ x
+    rtn = dequantize(*quantize_rtn(w, 3, 16))
+    codes, scale, zero, value = quantize_gptq(w, h, 3, 16)
+    gptq = dequantize(codes, scale, zero)
+    assert torch.equal(gptq, value)  # what is returned is what the stored codes give
+    out_error = {name: float(((x @ (q - w).T) ** 2).sum()) for name, q in (("rtn", rtn), ("gptq", gptq))}
+    assert out_error["gptq"] < 0.5 * out_error["rtn"]
+    # uncorrelated inputs (H = I): nothing to compensate along, GPTQ is round-to-nearest
+    same = quantize_gptq(w, torch.eye(64), 3, 16)
+    assert torch.equal(same[0], quantize_rtn(w, 3, 16)[0])
+    # kept weights: never rounded, stored at their compensated value; the rest come from the codes
+    kept = kept_positions(torch.rand(16, 64), 10)
+    codes, scale, zero, value = quantize_gptq(w, h, 3, 16, kept)
+    rest = torch.ones(w.numel(), dtype=torch.bool)
+    rest[kept] = False
+    assert torch.equal(dequantize(codes, scale, zero).flatten()[rest], value.flatten()[rest])
+    assert not torch.equal(value.flatten()[kept], w.flatten()[kept])  # moved by the columns before them
+    kept_out = float(((x @ (value - w).T) ** 2).sum())
+    assert kept_out < out_error["gptq"]  # keeping weights at 16 bits only helps
+
+
+def test_input_hessians_are_the_inputs_gram_matrix(tiny_model, tokenizer):
+    formatter = Formatter(tokenizer, "qa")
+    h = input_hessians(tiny_model, formatter, [("sky?", "red"), ("sea?", "blue")])
+    name = next(n for n in h if n.endswith("q_proj"))
+    module = dict(tiny_model.named_modules())[name]
+    seen = []
+    handle = module.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0][0]))
+    for prompt, answer in (("sky?", "red"), ("sea?", "blue")):
+        tiny_model(torch.tensor([formatter.prompt_ids(prompt) + formatter.answer_ids(answer)]))
+    handle.remove()
+    x = torch.cat(seen).double()
+    torch.testing.assert_close(h[name], x.T @ x)
 
 
 def test_kept_positions_are_the_top_share():
@@ -118,6 +159,12 @@ def test_cli_quantizes_a_run_that_corsa_ask_then_answers(tmp_path, tiny_dir, cap
             error[bits] = float((quantized(ids).logits - want).abs().max() / want.abs().max())
     assert error[8] < 0.1 and error[8] < error[2] / 4
 
+    assert main(["quantize", str(run), "--to", str(tmp_path / "g"), "--bits", "3", "--keep", "2", "--group-size",
+                 "16", "--quantizer", "gptq"]) == 0
+    record = json.loads((tmp_path / "g" / "corsa_quantized.json").read_text())
+    assert record["config"]["quantizer"] == "gptq" and "GPTQ on the edits" in record["method"]
+    load_quantized(tmp_path / "g")
+
     assert main(["quantize", str(run), "--to", str(out), "--keep", "200"]) == 2
     assert "keep must be a percentage" in capsys.readouterr().err
     mine = tmp_path / "mine"
@@ -151,3 +198,11 @@ def test_bench_quantize_measures_every_rule_at_every_bits_and_compares_them(tmp_
     capsys.readouterr()
     assert main(argv) == 0  # a rerun measures nothing again
     assert "tacq-edits-2bit:" not in capsys.readouterr().out
+    assert main(argv + ["--quantizer", "gptq"]) == 0  # GPTQ rows beside the round-to-nearest ones
+    rows = {p.parent.name for p in out.glob("*/results.json")}
+    assert {"gptq-2bit", "magnitude-gptq-2bit", "tacq-general-gptq-2bit", "tacq-edits-gptq-2bit"} <= rows
+    gptq = json.loads((out / "tacq-edits-gptq-2bit" / "results.json").read_text())["quantized"]
+    assert gptq["config"]["quantizer"] == "gptq" and "GPTQ" in gptq["method"]
+    table = (out / "table.md").read_text()
+    assert "2 bits, gptq, tacq-edits minus gptq: gen.reliability" in table
+    assert "2 bits, tacq-edits minus rtn" in table

@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TaCQ's task: the edits with their anchors and general questions (default), or general "
                         "questions only")
     p.add_argument("--group-size", type=whole(2), default=64, help="inputs sharing one scale and zero (default 64)")
+    p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"],
+                   help="how the weights that are not kept are rounded: round-to-nearest (default) or GPTQ on the "
+                        "calibration text")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--threads", type=THREADS)
 
@@ -355,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the adapter that is quantized (its settings: the model's preset and the flags below)")
     p.add_argument("--bits", default="2,3,4", help="comma-separated bits (2, 3, 4, 8)")
     p.add_argument("--keep", type=finite, default=0.5, help="percent of each matrix kept in 16 bits (default 0.5)")
+    p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"],
+                   help="rounding for every rule: round-to-nearest (default) or GPTQ")
     p.add_argument("--mmlu-n", default="5", help="MMLU questions per subject, 'all' or 0 to skip")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
     _add_training_flags(p)
@@ -539,7 +544,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from corsa.quantize import QuantConfig
 
         cfg = QuantConfig(bits=args.bits, keep=args.keep, saliency=args.saliency, calibration=args.calibration,
-                          group_size=args.group_size)
+                          group_size=args.group_size, quantizer=args.quantizer)
         out, record = quantize(args.source, args.to, cfg, overwrite=args.overwrite, command=command)
         print(f"wrote {out}: {args.bits}-bit, {record['kept_share']:.2%} of the quantized weights kept in 16 bits "
               f"({record['method']}), {record['bits_per_quantized_weight']:.2f} bits per quantized weight, "
@@ -599,7 +604,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                                prompt_style=args.prompt_style, preset=args.preset, overrides=_method_overrides(args),
                                mmlu_n=None if args.mmlu_n == "all" else _parsed(COUNT, args.mmlu_n, "--mmlu-n"),
                                eval=EvalConfig(max_new_tokens=args.max_new_tokens, autocast=args.bf16))
-            run_quant_bench(qcfg, args.out, bits=bits, keep=args.keep, method=args.adapter_method,
+            run_quant_bench(qcfg, args.out, bits=bits, keep=args.keep, quantizer=args.quantizer,
+                            method=args.adapter_method,
                             progress=not args.quiet, command=command)
             return 0
         if args.bench_command in ("inject", "revise"):

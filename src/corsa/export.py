@@ -37,6 +37,7 @@ from corsa.prompts import Formatter
 from corsa.quantize import (
     QuantConfig,
     calibration_items,
+    input_hessians,
     is_quantized,
     quantize_model,
     task_gradients,
@@ -351,16 +352,22 @@ def quantize(source: str | Path, to: str | Path, cfg: QuantConfig | None = None,
     model, formatter, source_record = merged_model(source)
     if requests is None:
         requests = edits_of_source(source)
-    if cfg.saliency == "tacq" and cfg.keep > 0 and cfg.calibration == "edits" and not requests:
+    tacq = cfg.saliency == "tacq" and cfg.keep > 0
+    if (tacq or cfg.quantizer == "gptq") and cfg.calibration == "edits" and not requests:
         raise InputError(f"{source} records no edits to condition the quantization on; pass --calibration general",
                          field="--calibration")
-    grads = None
-    if cfg.saliency == "tacq" and cfg.keep > 0:
-        grads = task_gradients(model, formatter, *calibration_items(model, formatter, requests, cfg), cfg)
-    tensors, counts = quantize_model(model, cfg, grads)
+    grads = hessians = None
+    if tacq or cfg.quantizer == "gptq":
+        keep_items, margins = calibration_items(model, formatter, requests, cfg)
+        if tacq:
+            grads = task_gradients(model, formatter, keep_items, margins, cfg)
+        if cfg.quantizer == "gptq":  # the same text as the task: the new answers, not the old ones
+            hessians = input_hessians(model, formatter, keep_items + [(p, new) for p, new, _ in margins])
+    tensors, counts = quantize_model(model, cfg, grads, hessians)
     task = "the edits and general questions" if cfg.calibration == "edits" else "general questions"
-    method = ("round-to-nearest" if cfg.keep == 0 else "largest |W| kept" if cfg.saliency == "magnitude"
-              else f"TaCQ, |(Q(W) - W) * dL/dW| on {task}")
+    rounding = "round-to-nearest" if cfg.quantizer == "rtn" else f"GPTQ on {task}"
+    method = (rounding if cfg.keep == 0 else f"largest |W| kept, {rounding}" if cfg.saliency == "magnitude"
+              else f"TaCQ, |(Q(W) - W) * dL/dW| on {task}, {rounding}")
     record = {"config": asdict(cfg), **counts, "method": method, "source": source_record, "edits": len(requests),
               "created": artifacts.now(), "command": command, "seconds": time.perf_counter() - t0,
               "routing": "none: the quantized model answers every question with the edits applied",

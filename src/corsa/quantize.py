@@ -1,7 +1,7 @@
 """`corsa quantize`: the edited model in 2-4 bits, keeping in 16 bits the weights its edits depend on (issue 31).
 
 TaCQ (Task-Circuit Quantization; the second seed abstract) as we read its abstract: quantize every weight
-uniformly (round-to-nearest here; GPTQ is not implemented), take the change quantization makes to each weight,
+uniformly (round-to-nearest), take the change quantization makes to each weight,
 dQ = Q(W) - W, weigh it with the gradient of a task loss, |dQ * dL/dW| (the first-order change of the loss when
 that one weight is quantized), and keep the highest-scoring `keep` percent of each matrix's weights at their
 16-bit values. What is new here is the task: the edits themselves (the new answers on the edit prompts and any
@@ -9,6 +9,14 @@ paraphrases given, the margin of each new answer over its old one, and the answe
 automatically built anchors, so the neighbours are protected too), mixed with general questions the package ships
 (corsa.anchors' pool, answered by the model itself). `saliency="magnitude"` keeps the largest weights instead,
 and `calibration="general"` uses only the general questions: the two baselines issue 31 asks for.
+
+The weights that are not kept are then quantized by round-to-nearest (`quantizer="rtn"`), or by GPTQ (Frantar et
+al. 2023; `quantizer="gptq"`): column by column, each column's rounding error is spread over the columns not yet
+quantized, weighted by the inverse Hessian of the layer's inputs on the calibration text (the same text as the
+task: the edits' for "edits", general questions for "general"), so the layer's outputs on that text move least.
+The kept weights take part in that compensation and are stored at their compensated values. Our GPTQ collects
+every layer's inputs from the unquantized model in one pass (the original quantizes layer by layer, feeding each
+layer the quantized ones before it), and leaves the kept weights out of each group's range.
 
 Quantized: every linear projection in the decoder blocks (q, k, v, o, gate, up, down), in groups of `group_size`
 inputs per output row with a 16-bit scale and an integer zero point per group. Embeddings, norms and the output
@@ -54,6 +62,9 @@ class QuantConfig:
     group_size: int = 64  # divides SmolLM2's 576 and 1536 and Gemma-3-270M's 640 and 2048
     saliency: Literal["tacq", "magnitude"] = "tacq"
     calibration: Literal["edits", "general"] = "edits"
+    # round-to-nearest, or GPTQ's error-compensating rounding (module docstring)
+    quantizer: Literal["rtn", "gptq"] = "rtn"
+    gptq_damp: float = 0.01  # added to the Hessian's diagonal, as a share of its mean (GPTQ's percdamp default)
     anchors_per_edit: int = 2  # the anchors whose answers the edits-conditioned loss protects
     general_questions: int = 64  # the package pool's general questions, answered by the model itself
     batch_size: int = 8
@@ -67,6 +78,10 @@ class QuantConfig:
             raise ValueError(f"group_size must be at least 2, not {self.group_size}")
         if self.saliency not in ("tacq", "magnitude"):
             raise ValueError(f"saliency must be 'tacq' or 'magnitude', not {self.saliency!r}")
+        if self.quantizer not in ("rtn", "gptq"):
+            raise ValueError(f"quantizer must be 'rtn' or 'gptq', not {self.quantizer!r}")
+        if not (math.isfinite(self.gptq_damp) and self.gptq_damp > 0):
+            raise ValueError(f"gptq_damp must be a finite number > 0, not {self.gptq_damp}")
         if self.calibration not in ("edits", "general"):
             raise ValueError(f"calibration must be 'edits' or 'general', not {self.calibration!r}")
         for name in ("anchors_per_edit", "general_questions"):
@@ -98,6 +113,62 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int
     zero = torch.round(-low / scale).clamp(0, top)
     codes = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, top)
     return codes.reshape(out, columns).to(torch.uint8), scale.half(), zero.to(torch.uint8)
+
+
+def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
+                  kept: torch.Tensor | None = None, damp: float = 0.01, block: int = 128
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al. 2023) with the same groups and codes as `quantize_rtn`: (codes, scales, zeros, the
+    matrix after quantization, whose entries at the `kept` flat positions are the kept weights' values).
+
+    `hessian` is X^T X of the layer's inputs [in, in]. Columns are quantized left to right; each column's error,
+    divided by its diagonal entry of the Cholesky factor of H^-1, is subtracted from the columns not yet quantized
+    along that factor's row, which is GPTQ's closed-form update that keeps X W^T closest. A kept weight is left at
+    its current value (no error) and keeps receiving the updates of the columns before it. A group's scale and
+    zero are set when its first column is reached, from the group's current values that are not kept.
+    """
+    w = weight.detach().float().clone()
+    out, columns = w.shape
+    g = group_width(columns, group_size)
+    block = block if block % g == 0 else g  # a group never straddles two blocks, so it is set from current values
+    keep = torch.zeros(out * columns, dtype=torch.bool)
+    if kept is not None:
+        keep[kept] = True
+    keep = keep.view(out, columns)
+    h = hessian.detach().double().clone()
+    h[torch.diag(h) == 0, torch.diag(h) == 0] = 1.0  # an input that was always 0: its column is plain rounding
+    h += damp * torch.diag(h).mean() * torch.eye(columns, dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    top = 2**bits - 1
+    codes = torch.zeros(out, columns, dtype=torch.uint8)
+    scales = torch.zeros(out, columns // g)
+    zeros = torch.zeros(out, columns // g)
+    for b0 in range(0, columns, block):
+        b1 = min(b0 + block, columns)
+        wb, ub = w[:, b0:b1].clone(), u[b0:b1, b0:b1]
+        errors = torch.zeros_like(wb)
+        for i in range(b1 - b0):
+            j = b0 + i
+            if j % g == 0:
+                group, free = wb[:, i : i + g], ~keep[:, j : j + g]
+                low = torch.where(free, group, torch.inf).amin(-1)
+                high = torch.where(free, group, -torch.inf).amax(-1)
+                low, high = torch.where(free.any(-1), low, 0.0), torch.where(free.any(-1), high, 0.0)
+                scale = ((high - low) / top).clamp_min(1e-8).half().float()
+                zero = torch.round(-low / scale).clamp(0, top)
+                scales[:, j // g], zeros[:, j // g] = scale, zero
+            col = wb[:, i]
+            scale, zero = scales[:, j // g], zeros[:, j // g]
+            code = torch.clamp(torch.round(col / scale) + zero, 0, top)
+            q = torch.where(keep[:, j], col, (code - zero) * scale)
+            codes[:, j] = code.to(torch.uint8)
+            err = (col - q) / ub[i, i]
+            wb[:, i:] -= err[:, None] * ub[i, i:][None, :]
+            wb[:, i] = q  # exactly the stored value (the update above gives it up to rounding)
+            errors[:, i] = err
+        w[:, b0:b1] = wb
+        w[:, b1:] -= errors @ u[b0:b1, b1:]
+    return codes, scales.half(), zeros.to(torch.uint8), w
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -197,13 +268,42 @@ def task_gradients(model: torch.nn.Module, formatter: Formatter, keep_items: lis
     return grads
 
 
+@torch.no_grad()
+def input_hessians(model: torch.nn.Module, formatter: Formatter, texts: list[tuple[str, str]]
+                   ) -> dict[str, torch.Tensor]:
+    """X^T X of every quantized matrix's inputs over every token of the (prompt, answer) texts, for GPTQ. Each text
+    runs alone, so no padding token enters a sum."""
+    modules = quantized_modules(model)
+    sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in modules.items()}
+
+    def hook(name: str) -> Any:
+        def add(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double().cpu()
+            sums[name] += x.T @ x
+        return add
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
+    model.eval()
+    try:
+        for prompt, answer in texts:
+            ids = formatter.prompt_ids(prompt) + formatter.answer_ids(answer)
+            model(input_ids=torch.tensor([ids], device=next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums
+
+
 # --- quantizing, writing and loading -----------------------------------------------------------------------------
 
 
-def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, torch.Tensor] | None = None
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, torch.Tensor] | None = None,
+                   hessians: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every tensor to store (the quantized matrices as codes, scales, zeros and kept weights) and the counts.
-    `model` is not changed."""
+    Which weights are kept is decided on round-to-nearest's change (TaCQ's estimate); with quantizer "gptq" the
+    rest are then rounded by GPTQ, on the layers' input `hessians` (input_hessians). `model` is not changed."""
+    if cfg.quantizer == "gptq" and hessians is None:
+        raise ValueError("GPTQ needs the layers' input Hessians (input_hessians)")
     modules = quantized_modules(model)
     tensors: dict[str, torch.Tensor] = {}
     quantized_weights, kept_total, payload_bits = 0, 0, 0
@@ -219,12 +319,17 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, to
                 raise ValueError("TaCQ saliency needs the task gradients (task_gradients)")
             change = dequantize(codes, scale, zero) - w
             kept = kept_positions((change * grads[name].cpu()).abs(), cfg.keep)
+        value = w
+        if cfg.quantizer == "gptq":
+            assert hessians is not None
+            codes, scale, zero, value = quantize_gptq(w, hessians[name], cfg.bits, cfg.group_size, kept,
+                                                      cfg.gptq_damp)
         packed = torch.from_numpy(pack(codes, cfg.bits))
         tensors[f"{name}.weight.codes"] = packed
         tensors[f"{name}.weight.scales"] = scale.contiguous()
         tensors[f"{name}.weight.zeros"] = zero.contiguous()
         tensors[f"{name}.weight.kept_index"] = kept.to(torch.int32)
-        tensors[f"{name}.weight.kept_value"] = w.flatten()[kept].half()
+        tensors[f"{name}.weight.kept_value"] = value.flatten()[kept].half()
         quantized_weights += w.numel()
         kept_total += kept.numel()
         payload_bits += 8 * (packed.numel() + 2 * scale.numel() + zero.numel()) + 48 * kept.numel()

@@ -2,9 +2,10 @@
 saves them (issue 31).
 
 One adapter (the model's `edit` preset, trained without the evaluation's paraphrases and neighbourhood prompts) is
-merged into its base model, and the merged model is quantized at each --bits by four rules at one --keep:
+merged into its base model, and the merged model is quantized at each --bits by four rules at one --keep, rounding
+by round-to-nearest or by GPTQ (--quantizer):
 
-  rtn            round-to-nearest, nothing kept (a lower bit budget than the others)
+  rtn / gptq     nothing kept (a lower bit budget than the others); GPTQ's calibration text is general questions
   magnitude      the same, with the largest --keep % of each matrix's weights kept in 16 bits
   tacq-general   TaCQ's saliency |(Q(W) - W) * dL/dW| with general questions as the task
   tacq-edits     the same with the edits as the task (their prompts, new and mined old answers, auto-built anchors;
@@ -36,12 +37,25 @@ from corsa.prompts import Formatter
 from corsa.quantize import QuantConfig, load_quantized
 from corsa.requests import load_benchmark_with_report
 
+# The baselines' calibration is general: it is only used by GPTQ (and TaCQ), and a baseline is never conditioned
+# on the edits.
 RULES: dict[str, dict[str, Any]] = {
-    "rtn": {"keep": 0.0},
-    "magnitude": {"saliency": "magnitude"},
+    "rtn": {"keep": 0.0, "calibration": "general"},
+    "magnitude": {"saliency": "magnitude", "calibration": "general"},
     "tacq-general": {"calibration": "general"},
     "tacq-edits": {},
 }
+QUANTIZERS = ("rtn", "gptq")
+
+
+def row_name(rule: str, quantizer: str, bits: int) -> str:
+    """A row's folder and label: rtn-3bit, tacq-edits-3bit (round-to-nearest, as the first runs named them), or
+    gptq-3bit, tacq-edits-gptq-3bit, so both can share one run folder."""
+    if quantizer == "rtn":
+        return f"{rule}-{bits}bit"
+    return f"gptq-{bits}bit" if rule == "rtn" else f"{rule}-{quantizer}-{bits}bit"
+
+
 SHOWN = ("gen.reliability", "gen.generality", "gen.locality_agreement", "gen.locality")
 
 
@@ -54,11 +68,12 @@ def measure(model: Any, formatter: Formatter, requests: list[Any], reference: di
 
 
 def run_quant_bench(cfg: BenchConfig, out: str | Path, *, bits: tuple[int, ...] = (2, 3, 4), keep: float = 0.5,
-                    method: str = "corsa", progress: bool = True, command: str | None = None) -> Path:
+                    quantizer: str = "rtn", method: str = "corsa", progress: bool = True,
+                    command: str | None = None) -> Path:
     out = Path(out)
     for b in bits:  # every setting checked before any work
         for change in RULES.values():
-            QuantConfig(bits=b, **{"keep": keep, **change})
+            QuantConfig(bits=b, quantizer=quantizer, **{"keep": keep, **change})  # type: ignore[arg-type]
     preset = presets.choose(cfg.preset, cfg.model, "edit")
     check_before_work(out, [(method, method, {})], preset, cfg.model, cfg.overrides, str(cfg.data))
     requests = select_cases(load_benchmark_with_report(cfg.bench, cfg.data, cfg.split)[0], cfg.n, cfg.seed,
@@ -72,7 +87,7 @@ def run_quant_bench(cfg: BenchConfig, out: str | Path, *, bits: tuple[int, ...] 
     trained = edits_of_source(run)  # what training saw, old answers mined: the only edits calibration may use
     asked = anchors.with_mined(requests, trained)
     print(f"{cfg.bench}/{cfg.split}: {len(requests)} edits (seed {cfg.seed}), {method} adapter in {run}; "
-          f"bits {', '.join(map(str, bits))}, keep {keep} %")
+          f"bits {', '.join(map(str, bits))}, keep {keep} %, {quantizer}")
 
     def row(name: str, make: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         path = out / name / "results.json"
@@ -100,12 +115,12 @@ def run_quant_bench(cfg: BenchConfig, out: str | Path, *, bits: tuple[int, ...] 
     row("unquantized", lambda: merged_model(run)[:2])
     for b in bits:
         for rule, change in RULES.items():
-            name = f"{rule}-{b}bit"
+            name = row_name(rule, quantizer, b)
             folder = out / "models" / name
             if (out / name / "results.json").exists():
                 continue
-            _, made = quantize(run, folder, QuantConfig(bits=b, **{"keep": keep, **change}), requests=trained,
-                               overwrite=True, command=command)
+            qcfg = QuantConfig(bits=b, quantizer=quantizer, **{"keep": keep, **change})  # type: ignore[arg-type]
+            _, made = quantize(run, folder, qcfg, requests=trained, overwrite=True, command=command)
             row(name, lambda folder=folder: load_quantized(folder),
                 {"quantized": {k: made[k] for k in ("config", "method", "bits_per_quantized_weight", "kept_share",
                                                      "bytes", "seconds")}})
@@ -116,7 +131,7 @@ def run_quant_bench(cfg: BenchConfig, out: str | Path, *, bits: tuple[int, ...] 
 
 def write_table(out: Path, bits: tuple[int, ...]) -> None:
     rows = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/results.json")}
-    order = ["base", "unquantized"] + [f"{r}-{b}bit" for b in bits for r in RULES]
+    order = ["base", "unquantized"] + [row_name(r, q, b) for q in QUANTIZERS for b in bits for r in RULES]
     head = ["row", "bits per weight", "kept", *SHOWN, "mmlu", "mmlu gold log-prob"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name in (n for n in order if n in rows):
@@ -131,12 +146,13 @@ def write_table(out: Path, bits: tuple[int, ...]) -> None:
     intro = ("Values in %; MMLU gold log-prob in nats. tacq-edits minus each other rule at the same bits, 95 % "
              "paired bootstrap intervals over cases (MMLU: over questions):")
     notes = ["", intro, ""]
-    for b in bits:
-        mine = rows.get(f"tacq-edits-{b}bit")
+    for q, b in ((q, b) for q in QUANTIZERS for b in bits):
+        label = f"{b} bits" + ("" if q == "rtn" else f", {q}")
+        mine = rows.get(row_name("tacq-edits", q, b))
         if mine is None:
             continue
         for rule in ("rtn", "magnitude", "tacq-general"):
-            other = rows.get(f"{rule}-{b}bit")
+            other = rows.get(row_name(rule, q, b))
             if other is None:
                 continue
             parts = []
@@ -148,12 +164,13 @@ def write_table(out: Path, bits: tuple[int, ...]) -> None:
                 d = mmlu_logprob_difference(other["mmlu"], mine["mmlu"])
                 if d is not None:
                     parts.append(f"mmlu gold log-prob {d.estimate:+.3f} ({d.low:+.3f} to {d.high:+.3f})")
-            notes.append(f"- {b} bits, tacq-edits minus {rule}: " + "; ".join(parts))
+            notes.append(f"- {label}, tacq-edits minus {row_name(rule, q, b).removesuffix(f'-{b}bit')}: "
+                         + "; ".join(parts))
         unq = rows.get("unquantized")
         if unq:
             kept = {k: mine["summary"][k] / unq["summary"][k] for k in ("gen.reliability", "gen.generality")
                     if unq["summary"][k]}
-            notes.append(f"- {b} bits, tacq-edits as a share of the unquantized model: "
+            notes.append(f"- {label}, tacq-edits as a share of the unquantized model: "
                          + ", ".join(f"{k} {100 * v:.0f} %" for k, v in kept.items()))
     commands = sorted({r["command"] for r in rows.values() if r.get("command")})
     table = "\n".join(lines + notes + ["", "Command: " + "; ".join(f"`{c}`" for c in commands)])
@@ -168,9 +185,11 @@ def plot(rows: dict[str, dict[str, Any]], bits: tuple[int, ...], path: Path) -> 
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("gen.reliability", "gen.generality")):
-        for rule in RULES:
-            xs = [b for b in bits if f"{rule}-{b}bit" in rows]
-            ax.plot(xs, [100 * rows[f"{rule}-{b}bit"]["summary"][metric] for b in xs], marker="o", label=rule)
+        for q, rule in ((q, r) for q in QUANTIZERS for r in RULES):
+            xs = [b for b in bits if row_name(rule, q, b) in rows]
+            if xs:
+                ax.plot(xs, [100 * rows[row_name(rule, q, b)]["summary"][metric] for b in xs], marker="o",
+                        ls="-" if q == "rtn" else "--", label=row_name(rule, q, 0).removesuffix("-0bit"))
         if "unquantized" in rows:
             ax.axhline(100 * rows["unquantized"]["summary"][metric], color="grey", ls="--", label="unquantized")
         ax.set(xlabel="bits", ylabel=f"{metric} (%)", xticks=list(bits), title=metric)
