@@ -223,10 +223,14 @@ def answer_log_softmax(model: torch.nn.Module, batch: AnswerBatch | SharedBatch)
     return F.log_softmax(logits, dim=-1)
 
 
+def at_targets(full: torch.Tensor, batch: AnswerBatch | SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """From answer_log_softmax's [N, V]: (log p of each answer token [N], the argmax token there [N])."""
+    return full.gather(1, batch.targets[:, None]).squeeze(1), full.argmax(dim=-1)
+
+
 def token_logprobs(model: torch.nn.Module, batch: AnswerBatch | SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each answer token [N], the model's argmax token there [N]); log-softmax in fp32 under autocast."""
-    full = answer_log_softmax(model, batch)
-    return full.gather(1, batch.targets[:, None]).squeeze(1), full.argmax(dim=-1)
+    return at_targets(answer_log_softmax(model, batch), batch)
 
 
 def sum_by_row(values: torch.Tensor, batch: AnswerBatch | SharedBatch) -> torch.Tensor:

@@ -24,13 +24,14 @@ from tqdm.auto import tqdm
 from corsa import anchors, contexts, distributed
 from corsa.answers import contains
 from corsa.methods.base import EditResult
-from corsa.methods.registry import MethodSpec, Option, Sweep, register
+from corsa.methods.registry import MethodSpec, Option, Sweep, one_of, register
 from corsa.optim import losses, pcgrad, sam
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 from corsa.scoring import (
     SharedBatch,
     answer_log_softmax,
+    at_targets,
     autocast_context,
     compute_context,
     current_answers,
@@ -378,7 +379,7 @@ def batch_losses(model: torch.nn.Module, pb: PairBatch, pairs: list[Pair], cfg: 
     batch = pb.batch
     with autocast_context(batch.targets.device, cfg.bf16):
         full = answer_log_softmax(model, batch)
-    tok_logp, top = full.gather(1, batch.targets[:, None]).squeeze(1), full.argmax(dim=-1)
+    tok_logp, top = at_targets(full, batch)
     seq_logp = sum_by_row(tok_logp, batch)
     is_new = torch.zeros(batch.n_rows, dtype=torch.bool, device=batch.rows.device)
     is_new[pb.new_rows] = True
@@ -676,9 +677,9 @@ def anchor_references(model: torch.nn.Module, formatter: Formatter, kept: list[d
                                   formatter.pad_id).to(device)
         with autocast_context(device, cfg.bf16):
             full = answer_log_softmax(model, batch)
-        top_logp, top_ids, rest = (t.cpu() for t in losses.top_k_reference(full, ANCHOR_KL_TOP))
-        rows = batch.rows.cpu()
-        out += [(top_logp[rows == r], top_ids[rows == r], rest[rows == r]) for r in range(len(items))]
+        sizes = batch.tokens_per_row.tolist()  # a row's tokens are consecutive: one slice per anchor
+        parts = [t.cpu().split(sizes) for t in losses.top_k_reference(full, ANCHOR_KL_TOP)]
+        out += list(zip(*parts))
     return out
 
 
@@ -703,15 +704,6 @@ class CorsaEditor:
                                 "bf16_used": use_bf16(trainer.device, cfg.bf16), "anchors": trainer.anchors,
                                 "contexts": trainer.contexts}
         return EditResult(model=trainer.model, requests=requests, curves=curves, info=info)
-
-
-def one_of(*choices: str) -> Callable[[str], str]:
-    """A sweep's parser for a named setting: the value itself, or ValueError (an unknown method) for any other."""
-    def parse(value: str) -> str:
-        if value not in choices:
-            raise ValueError(value)
-        return value
-    return parse
 
 
 # Flags of what this trainer adds to the paper (anchors, context copies), for every method it trains (corsa, lora).

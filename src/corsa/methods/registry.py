@@ -33,6 +33,15 @@ class Option:
         return self.flag.lstrip("-").replace("-", "_")
 
 
+def one_of(*choices: str) -> Callable[[str], str]:
+    """A sweep's parser for a named setting: the value itself, or ValueError (an unknown method) for any other."""
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise ValueError(value)
+        return value
+    return parse
+
+
 @dataclass(frozen=True)
 class Sweep:
     """A benchmark setting: `<method>-<key><value>` in `--methods` sets `field` to parse(value)."""

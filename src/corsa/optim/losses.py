@@ -43,9 +43,7 @@ def top_k_kl(logp: torch.Tensor, ref_top_logp: torch.Tensor, ref_top_ids: torch.
     no mass. `logp` is the model's full log-softmax at the same positions [M, V].
     """
     q_top = logp.gather(1, ref_top_ids)
-    # the lowest finite float, not -inf: with k = V the rest is empty, and logsumexp over only -inf has a NaN
-    # gradient even where the result is not used
-    q_rest = logp.scatter(1, ref_top_ids, torch.finfo(logp.dtype).min).logsumexp(dim=-1)
+    q_rest = rest_log_mass(logp, ref_top_ids)
     p_top = ref_top_logp.exp()
     p_rest = ref_rest_logp.exp()
     kl = (p_top * (ref_top_logp - q_top)).sum(dim=-1)
@@ -56,8 +54,14 @@ def top_k_kl(logp: torch.Tensor, ref_top_logp: torch.Tensor, ref_top_ids: torch.
 
 def top_k_reference(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `top_k_kl` keeps of a reference distribution [M, V]: its k most likely tokens' log-probs and ids, and
-    the log of the mass of the others (-inf when k covers the vocabulary)."""
+    the log of the mass of the others (rest_log_mass)."""
     k = min(k, logp.shape[-1])
     top_logp, top_ids = logp.topk(k, dim=-1)
-    rest = logp.scatter(1, top_ids, float("-inf")).logsumexp(dim=-1)
-    return top_logp, top_ids, rest
+    return top_logp, top_ids, rest_log_mass(logp, top_ids)
+
+
+def rest_log_mass(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log of the probability of every token but `ids` [M, k], from log-probabilities [M, V]. The left-out tokens
+    are set to the lowest finite float, not -inf: when `ids` cover the vocabulary the result is then a huge negative
+    number (its exp is 0), and logsumexp over only -inf would give a NaN gradient even where the result is unused."""
+    return logp.scatter(1, ids, torch.finfo(logp.dtype).min).logsumexp(dim=-1)
