@@ -3,6 +3,8 @@ term they add to the SFT side of Algorithm 1."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import answer_nll, gradients_without_extras
@@ -51,11 +53,76 @@ def test_anchors_come_from_the_neighbourhood_then_subject_swaps_then_the_pool():
     assert "Written for corsa" in anchors.pool()["source"]
 
 
+def test_relation_anchors_ask_other_relations_of_the_edits_own_subject():
+    plain = anchors.build(EDITS, per_edit=2, seed=0)
+    both = anchors.build(EDITS, per_edit=2, seed=0, relations=2)
+    assert [s[:2] for s in both] == plain  # asking for them leaves the other anchors as they were
+    france = both[0][2:]
+    assert len(france) == 2 and {a.source for a in france} == {"relation-swap"}
+    # about France, never about its capital (the edited relation), and from the pool's country questions
+    questions = {r["question"].format("France") for r in anchors.pool()["relations"]["country"]}
+    assert all("France" in a.prompt and "capital" not in a.prompt and a.prompt in questions for a in france)
+    # Zorblax Corp is not in the pool: "founded" in the prompt makes it an organisation, and the founder question
+    # is the edited relation
+    zorblax = both[2][2:]
+    assert anchors.guess_kind("Zorblax Corp", EDITS[2].prompt) == "organisation"
+    assert len(zorblax) == 2 and all("Zorblax Corp" in a.prompt and "found" not in a.prompt for a in zorblax)
+    assert both[3] == plain[3]  # no subject, nothing to ask about
+    # a subject the pool does not know, in a prompt with no word of any kind: no relation questions
+    assert anchors.other_relations("Qwzx", "Qwzx is green") == []
+    assert anchors.guess_kind("Qwzx", "Qwzx was born in") == "person"
+    only = anchors.build(EDITS[:1], per_edit=0, relations=3)
+    assert len(only[0]) == 3 and {a.source for a in only[0]} == {"relation-swap"}
+    assert "Written for corsa" in anchors.pool()["relations_source"]
+
+
+def test_a_relation_anchor_that_answers_with_the_edits_old_or_new_answer_is_not_kept(tiny_model, tokenizer):
+    from corsa.methods.corsa import answer_anchors, asks_the_edit
+
+    edit = EditRequest("What is the capital of France?", "Lyon", "Paris", subject="France")
+    assert asks_the_edit("It is Paris, of course", edit) and asks_the_edit("lyon", edit)
+    assert not asks_the_edit("French", edit)
+    assert not asks_the_edit("French", EditRequest("p", "Lyon", None))
+    cfg = CorsaConfig(**FAST, anchors_per_edit=1, relation_anchors=3)
+    kept = answer_anchors(tiny_model, Formatter(tokenizer), EDITS, cfg)
+    relation = [a for a in kept if a["source"] == "relation-swap"]
+    assert relation and all(not asks_the_edit(a["answer"], EDITS[a["edit"]]) for a in relation)
+    # made the edit's old answer, the model's answer to one of France's relation questions drops that question
+    first = next(a for a in relation if a["edit"] == 0)
+    forced = EditRequest(EDITS[0].prompt, "Lyon", first["answer"], subject="France")
+    again = answer_anchors(tiny_model, Formatter(tokenizer), [forced], cfg)
+    assert first["prompt"] not in [a["prompt"] for a in again]
+    assert any(a["source"] == "relation-swap" for a in again)  # the others stay
+    with pytest.raises(ValueError, match="relation_anchors"):
+        CorsaConfig(relation_anchors=-1)
+
+
 def test_benchmarks_train_without_their_evaluation_prompts():
     kept = anchors.withheld(EDITS)
     assert all(not r.paraphrases and not r.neighborhood for r in kept)
     assert [r.prompt for r in kept] == [r.prompt for r in EDITS]
     assert all(a.source != "neighborhood" for s in anchors.build(kept, 3) for a in s)
+
+
+def test_no_anchor_is_a_prompt_the_benchmark_evaluates_any_edit_with():
+    # Brazil's subject swaps try the other edits' subjects first, so "France" would write, word for word, the
+    # neighbourhood question the evaluation asks about France's edit.
+    cases = [EditRequest("What language is spoken in Brazil?", "French", "Portuguese", subject="Brazil"),
+             EditRequest("What is the capital of France?", "Lyon", "Paris", subject="France",
+                         neighborhood=(Neighbor("What language is spoken in France?", "French"),),
+                         paraphrases=("Which continent is France part of?",))]
+    raw = [dataclasses.replace(r, neighborhood=(), paraphrases=()) for r in cases]  # stripped, nothing recorded
+    assert "What language is spoken in France?" in [a.prompt for a in anchors.build(raw, 1)[0]]
+    assert "Which continent is France part of?" in [a.prompt for a in anchors.build(raw, 0, relations=5)[1]]
+    kept = anchors.withheld(cases)
+    asked = {normalize(p) for r in cases for p in (*r.paraphrases, *(n.prompt for n in r.neighborhood))}
+    for per_edit, relations in ((1, 0), (8, 8)):
+        built = anchors.build(kept, per_edit, relations=relations)
+        assert all(s for s in built) and all(normalize(a.prompt) not in asked for s in built for a in s)
+    # trained in parts, each part is kept off every part's evaluation prompts
+    part = anchors.withheld(cases[:1], cases)
+    assert all(normalize(a.prompt) not in asked for a in anchors.build(part, 8)[0])
+    assert not part[0].to_dict().get("withheld") and part[0] == raw[0]  # bookkeeping: never written, not compared
 
 
 def test_the_anchor_term_is_the_nll_of_the_kept_answers_on_the_sft_side(tiny_model, tokenizer):
@@ -152,6 +219,7 @@ def test_anchor_settings_are_named_in_the_methods_list_and_checked():
 
     assert parse_method("corsa-anchors2+anchorlosskl") == ("corsa", {"anchors_per_edit": 2, "anchor_loss": "kl"})
     assert parse_method("lora-anchors2+anchorsidepcgrad")[1] == {"anchors_per_edit": 2, "anchor_side": "pcgrad"}
+    assert parse_method("corsa-anchors2+relanchors2")[1] == {"anchors_per_edit": 2, "relation_anchors": 2}
     with pytest.raises(InputError):
         parse_method("corsa-anchorlossmse")
     with pytest.raises(ValueError, match="anchor_loss"):

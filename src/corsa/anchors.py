@@ -11,7 +11,17 @@ corsa.methods.corsa). The user writes nothing for it; per edit, in this order:
      pool's;
   3. general questions from the same pool.
 
-A swapped prompt that is itself one of the edits is never an anchor.
+and, when asked for (`relations`), on top of those:
+
+  4. questions that ask another relation of the edit's own subject ("What money is used in France?" for an edit
+     of France's capital), from the pool's questions for the subject's kind; the kind comes from the pool's list
+     of subjects or, failing that, from words in the edit's prompt ("born" -> a person). A question whose
+     relation words appear in the edit's prompt asks the edited relation and is skipped. Routing by subject sends
+     such questions to the adapter, and an adapter trained only on same-relation anchors answers them with a new
+     target ("What language is spoken in France?" -> "Lyon" in the demo of 2026-12-05, docs/DEMO.md).
+
+A swapped prompt that is itself one of the edits, or a prompt a benchmark withholds for its evaluation
+(`withheld`), is never an anchor.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from typing import Any, Literal
 from corsa.answers import normalize
 from corsa.requests import EditRequest
 
-Source = Literal["neighborhood", "subject-swap", "pool"]
+Source = Literal["neighborhood", "subject-swap", "pool", "relation-swap"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,26 @@ def kind_of(name: str) -> str | None:
     """The pool's kind of a subject (country, city, person, organisation), None when the pool does not list it."""
     return next((kind for kind, names in pool()["subjects"].items()
                  if any(normalize(n) == normalize(name) for n in names)), None)
+
+
+def guess_kind(subject: str, prompt: str) -> str | None:
+    """The subject's kind: the pool's when it lists the subject, else the first kind whose words the prompt has."""
+    known = kind_of(subject)
+    if known is not None:
+        return known
+    text = prompt.lower()
+    return next((kind for kind, words in pool()["kind_words"] if any(w in text for w in words)), None)
+
+
+def other_relations(subject: str, prompt: str) -> list[str]:
+    """Questions about `subject` that ask a relation other than the one `prompt` edits (see the module's
+    docstring, 4), in the pool's order; none when the subject's kind is unknown."""
+    kind = guess_kind(subject, prompt)
+    if kind is None:
+        return []
+    text = prompt.lower()
+    return [r["question"].format(subject) for r in pool()["relations"][kind]
+            if not any(w in text for w in r["words"])]
 
 
 def swap_subjects(subject: str, others: list[str], rng: random.Random) -> list[str]:
@@ -70,12 +100,13 @@ def swap_subjects(subject: str, others: list[str], rng: random.Random) -> list[s
     return out
 
 
-def build(requests: list[EditRequest], per_edit: int, seed: int = 0) -> list[tuple[Anchor, ...]]:
-    """Up to `per_edit` anchors for each request (see the module's docstring for where they come from). The
-    choice is random but fixed by `seed` and the edit's prompt, so one edit gets the same anchors in any batch."""
-    if per_edit <= 0:
+def build(requests: list[EditRequest], per_edit: int, seed: int = 0, relations: int = 0) -> list[tuple[Anchor, ...]]:
+    """Up to `per_edit` anchors for each request, then up to `relations` more that ask other relations of its
+    subject (see the module's docstring for where they come from). The choice is random but fixed by `seed` and
+    the edit's prompt, so one edit gets the same anchors in any batch."""
+    if per_edit <= 0 and relations <= 0:
         return [() for _ in requests]
-    edited = {normalize(r.prompt) for r in requests}
+    edited = {normalize(r.prompt) for r in requests}.union(*(r.withheld for r in requests))
     subjects = [r.subject for r in requests if r.subject and r.subject in r.prompt]
     questions = [q for q in pool()["questions"] if normalize(q) not in edited]
     out = []
@@ -89,14 +120,24 @@ def build(requests: list[EditRequest], per_edit: int, seed: int = 0) -> list[tup
                     chosen.append(Anchor(prompt, "subject-swap"))
         if len(chosen) < per_edit:
             chosen += [Anchor(q, "pool") for q in rng.sample(questions, min(per_edit - len(chosen), len(questions)))]
+        if relations > 0 and r.subject:
+            # its own generator, so asking for these leaves the anchors above as they were
+            asked = [q for q in other_relations(r.subject, r.prompt) if normalize(q) not in edited]
+            random.Random(seed * 1_000_003 + zlib.crc32(r.prompt.encode()) + 1).shuffle(asked)
+            chosen += [Anchor(q, "relation-swap") for q in asked[:relations]]
         out.append(tuple(chosen))
     return out
 
 
-def withheld(requests: list[EditRequest]) -> list[EditRequest]:
+def withheld(requests: list[EditRequest], evaluated: list[EditRequest] | None = None) -> list[EditRequest]:
     """The requests as a benchmark may train on them: without the paraphrases and neighbourhood prompts it will
-    evaluate with, so nothing of the evaluation reaches training (or anchors)."""
-    return [dataclasses.replace(r, paraphrases=(), neighborhood=()) for r in requests]
+    evaluate with, so nothing of the evaluation reaches training (or anchors). The paraphrases and neighbourhood
+    prompts of every evaluated request (default: these requests; a benchmark that trains in parts gives all of
+    them) also go in each copy's `withheld`, and `build` never makes one of them an anchor: a subject
+    swap or a pool question can write, word for word, a question the evaluation asks about another edit."""
+    held = frozenset(normalize(p) for r in (requests if evaluated is None else evaluated)
+                     for p in (*r.paraphrases, *(n.prompt for n in r.neighborhood)))
+    return [dataclasses.replace(r, paraphrases=(), neighborhood=(), withheld=held) for r in requests]
 
 
 def with_mined(originals: list[EditRequest], trained: list[EditRequest]) -> list[EditRequest]:

@@ -65,6 +65,9 @@ class EditRequest:
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
     # "path:line" where the request was read, so errors found later (prompt too long) can still point at it.
     source: str | None = field(default=None, compare=False, hash=False, repr=False)
+    # Normalized prompts a benchmark evaluates with, of this and every other request it trains (corsa.anchors.withheld):
+    # training must not use them, so no anchor is one. Bookkeeping like `source`: never read or written.
+    withheld: frozenset[str] = field(default=frozenset(), compare=False, hash=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form for files and manifests: unset optional fields are left out; `source` never appears."""

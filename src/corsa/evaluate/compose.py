@@ -56,6 +56,7 @@ def run_compose(cfg: BenchConfig, out: str | Path, *, progress: bool = True, com
     out.mkdir(parents=True, exist_ok=True)
     print(f"{cfg.n} CounterFact and {len(cases['mquake'])} MQuAKE edits (seed {cfg.seed}); methods: "
           f"{', '.join(cfg.methods)}")
+    everything = [r for c in cases.values() for r in c]  # no anchor is a prompt either set is evaluated with
     for spec, method, overrides in methods:
         res_file = out / spec / "results.json"
         if res_file.exists():
@@ -65,7 +66,7 @@ def run_compose(cfg: BenchConfig, out: str | Path, *, progress: bool = True, com
         folders = {}
         for name in SETS:
             folders[name], result = edit(
-                anchors.withheld(cases[name]), out / spec / name, method=method, model=cfg.model, overwrite=True,
+                anchors.withheld(cases[name], everything), out / spec / name, method=method, model=cfg.model, overwrite=True,
                 progress=progress, command=command, prompt_style=cfg.prompt_style, preset=cfg.preset,
                 **method_overrides(method, overrides, cfg.overrides, cfg.data))
             del result

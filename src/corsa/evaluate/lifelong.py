@@ -168,7 +168,7 @@ def run_lifelong(cfg: LifelongConfig, out: str | Path, *, progress: bool = True,
             t0 = time.perf_counter()
             if t and not REGISTRY[method].continues:
                 model = fold(model)
-            result = editor.edit(model, asks, anchors.withheld(stages[t]), progress=progress)
+            result = editor.edit(model, asks, anchors.withheld(stages[t], cases), progress=progress)
             model, asks = result.model, result.formatter or asks
             edit_s = time.perf_counter() - t0
             point = measure(model, asks, [r for s in stages[: t + 1] for r in s], before, cfg)

@@ -120,7 +120,7 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
         t = time.perf_counter()
         folders, trained = [], []
         for name, piece in zip(names, pieces):
-            folder, result = edit(anchors.withheld(piece), out / spec / name, method=method, model=cfg.model,
+            folder, result = edit(anchors.withheld(piece, chosen), out / spec / name, method=method, model=cfg.model,
                                   overwrite=True, progress=progress, command=command, prompt_style=cfg.prompt_style,
                                   preset=cfg.preset, **method_overrides(method, overrides, cfg.overrides, cfg.data))
             folders.append(folder)

@@ -293,7 +293,7 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
         before = answer_probes(base, formatter, everything, cfg.max_new_tokens)
         neighbors_before = answer_neighbors(base, formatter, everything, cfg.max_new_tokens)
         # Training never sees the evaluation's paraphrases or neighbourhood prompts (anchors would use them).
-        first = editor.edit(base, formatter, anchors.withheld(stages[0]), progress=progress)
+        first = editor.edit(base, formatter, anchors.withheld(stages[0], everything), progress=progress)
         first_asks = first.formatter or formatter
         after_first = answer_probes(first.model, first_asks, stages[0], cfg.max_new_tokens)  # all score() reads
         runs = []
@@ -306,7 +306,7 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
             for stage in used[1:]:
                 if not REGISTRY[method].continues:
                     model = fold(model)
-                result = editor.edit(model, asks, anchors.withheld(stage), progress=progress)
+                result = editor.edit(model, asks, anchors.withheld(stage, everything), progress=progress)
                 model, asks = result.model, result.formatter or asks
                 steps.append(result.info.get("steps"))
                 if cfg.evaluate_after == "each":

@@ -108,6 +108,11 @@ class CorsaConfig:
     # that answer: L_anchor, the mean NLL of those answers, enters Algorithm 1 on the SFT side,
     # g_SFT <- grad(L_SFT + anchor_weight * L_anchor), so PCGrad still resolves the SFT/DPO conflict. 0 = off.
     anchors_per_edit: int = 0
+    # Up to this many more anchors per edit that ask other relations of the edit's own subject (corsa.anchors, 4;
+    # not in the paper): routing by subject sends those questions to the adapter, and without them it answers
+    # them with a new target. One whose answer before the update contains the edit's old or new answer asks the
+    # edited fact after all and is dropped. 0 = off.
+    relation_anchors: int = 0
     anchor_weight: float = 1.0
     anchor_tokens: int = 16
     # How an anchor's answer is kept (issue 29 asks for both to be measured): "nll", the mean NLL of the model's
@@ -138,8 +143,9 @@ class CorsaConfig:
         for name in ("lora_r", "batch_size", "epochs", "patience", "anchor_tokens", "sam_every", "context_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.anchors_per_edit < 0:
-            raise ValueError(f"anchors_per_edit must be >= 0, not {self.anchors_per_edit}")
+        for name in ("anchors_per_edit", "relation_anchors"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
         if not 0 <= self.contexts_per_edit <= len(contexts.OPENINGS):
             raise ValueError(f"contexts_per_edit must be in [0, {len(contexts.OPENINGS)}], not {self.contexts_per_edit}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
@@ -619,7 +625,7 @@ def build_trainer(model: torch.nn.Module, formatter: Formatter, requests: list[E
     t = time.perf_counter()
     # Anchors are answered first, by the model as it is before this update (the fresh adapter's B = 0 would give
     # the same answers; a continued one is part of "before").
-    kept = answer_anchors(model, formatter, requests, cfg) if cfg.anchors_per_edit else []
+    kept = answer_anchors(model, formatter, requests, cfg) if cfg.anchors_per_edit or cfg.relation_anchors else []
     refs = anchor_references(model, formatter, kept, cfg) if cfg.anchor_loss == "kl" else []
     anchors_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -652,14 +658,21 @@ def build_trainer(model: torch.nn.Module, formatter: Formatter, requests: list[E
 def answer_anchors(model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest],
                    cfg: CorsaConfig) -> list[dict[str, Any]]:
     """Each edit's anchors (corsa.anchors.build) with the answer the model gives them now: what training keeps.
-    An anchor answered with nothing is dropped."""
-    sets = anchors.build(requests, cfg.anchors_per_edit, cfg.seed)
+    An anchor answered with nothing is dropped, and so is a question about the edit's own subject whose answer
+    holds the edit's old or new answer: it asks the edited fact in other words, and keeping it would fight the
+    edit."""
+    sets = anchors.build(requests, cfg.anchors_per_edit, cfg.seed, cfg.relation_anchors)
     items = [(i, a) for i, s in enumerate(sets) for a in s]
     model.eval()
     answers = current_answers(model, formatter, [a.prompt for _, a in items], max_new_tokens=cfg.anchor_tokens,
                               autocast=cfg.bf16) if items else []
     return [{"edit": i, "prompt": a.prompt, "source": a.source, "answer": answer}
-            for (i, a), answer in zip(items, answers) if answer]
+            for (i, a), answer in zip(items, answers)
+            if answer and not (a.source == "relation-swap" and asks_the_edit(answer, requests[i]))]
+
+
+def asks_the_edit(answer: str, request: EditRequest) -> bool:
+    return any(t is not None and contains(answer, t) for t in (request.target_old, request.target_new))
 
 
 @torch.no_grad()
@@ -710,7 +723,10 @@ class CorsaEditor:
 EXTRA_OPTIONS = (
     Option("--anchors", "anchors_per_edit", "anchor prompts per edit kept at the model's own answers (neighbourhood "
            "given, subject swapped, general questions; default: the --preset's, paper: 0)", type=int),
-    Option("--no-anchors", "anchors_per_edit", "train without anchors (as the paper)", value=0),
+    Option("--no-anchors", "anchors_per_edit", "train without anchors (as the paper)", value=0,
+           also={"relation_anchors": 0}),
+    Option("--relation-anchors", "relation_anchors", "more anchors per edit that ask other relations of the "
+           "edit's subject, kept at the model's own answers (default: the --preset's, paper: 0)", type=int),
     Option("--anchor-weight", "anchor_weight", "weight of the anchors' loss (default 1)", type=float),
     Option("--anchor-loss", "anchor_loss", "how an anchor's answer is kept: nll of the model's own greedy answer "
            "(default) or kl to its next-token distribution there", type=str, choices=("nll", "kl")),
@@ -722,6 +738,7 @@ EXTRA_OPTIONS = (
 
 EXTRA_SWEEPS = (Sweep("anchors", "anchors_per_edit", parse=int, form="<n>"), Sweep("anchorweight", "anchor_weight"),
                  Sweep("anchortokens", "anchor_tokens", parse=int, form="<n>"),
+                 Sweep("relanchors", "relation_anchors", parse=int, form="<n>"),
                  Sweep("anchorloss", "anchor_loss", parse=one_of("nll", "kl"), form="<nll|kl>"),
                  Sweep("anchorside", "anchor_side", parse=one_of("sft", "pcgrad"), form="<sft|pcgrad>"),
                  Sweep("contexts", "contexts_per_edit", parse=int, form="<n>"))
