@@ -320,16 +320,23 @@ def test_no_benchmark_or_demo_trains_on_its_evaluation_prompts(tmp_path, tiny_di
     counterfact(tmp_path, n=6)
     common = ["--data", str(tmp_path), "--model", str(tiny_dir), "--epochs", "1", "--quiet", "--max-new-tokens", "2"]
     assert main(["bench", "single", "--bench", "counterfact", "--out", str(tmp_path / "s"), "--n", "4",
-                 "--methods", "lora-anchors2", "--mmlu-n", "0", *common]) == 0
+                 "--methods", "lora-anchors2+relanchors2", "--mmlu-n", "0", *common]) == 0
     assert main(["bench", "revise", "--out", str(tmp_path / "r"), "--n", "4", "--n2", "2", "--n-revise", "2",
                  "--methods", "corsa-anchors2", *common]) == 0
     assert main(["demo", "--out", str(tmp_path / "d"), "--model", str(tiny_dir), "--epochs", "2", "--lr", "2e-2",
-                 "--quiet"]) == 0
+                 "--anchors", "2", "--relation-anchors", "2", "--quiet"]) == 0
     capsys.readouterr()
     assert len(seen) >= 4
     assert all(not r.paraphrases and not r.neighborhood for batch in seen for r in batch)
+    # ... and each carries every evaluated prompt, so that no anchor is one of them (corsa.anchors.build)
+    assert all(r.withheld for batch in seen for r in batch)
+    evaluated = {normalize(p) for r in demo.demo_edits() for p in (*r.paraphrases, *(n.prompt for n in r.neighborhood))}
+    manifest = json.loads((tmp_path / "d" / "corsa" / "edit_manifest.json").read_text())
+    used = [a["prompt"] for a in manifest["anchors"]]
+    assert any(a["source"] == "relation-swap" for a in manifest["anchors"])  # the flags reached the trainer
+    assert used and not {normalize(p) for p in used} & evaluated
     assert any(r.prompt == "p0 lives in" for batch in seen for r in batch)
     trained = {r.prompt for batch in seen for r in batch}
     assert keyed and set(keyed) <= trained  # the bench's routed rows and the demo key only the edits' own prompts
-    record = json.loads((tmp_path / "s" / "lora-anchors2" / "results.json").read_text())
+    record = json.loads((tmp_path / "s" / "lora-anchors2+relanchors2" / "results.json").read_text())
     assert record["counts"]["gen.generality"] == 4 and record["counts"]["gen.locality"] == 4  # still evaluated

@@ -31,15 +31,14 @@ def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["bf16"] = True
     if args.no_early_stop:
         out["stop_when_learned"] = False
-    if not hasattr(args, "method"):  # `corsa demo` runs both methods with their defaults
-        return out
     from corsa.methods.registry import options
 
     for flag, (option, methods) in options().items():  # in each method's declared order
-        given = getattr(args, option.dest)
+        # `corsa demo` has no --method: it declares only the flags every method it trains takes
+        given = getattr(args, option.dest, None)
         if given is None or given is False:
             continue
-        if args.method not in methods:
+        if hasattr(args, "method") and args.method not in methods:
             raise InputError(f"{flag} does not apply to --method {args.method}; it applies to --method "
                              f"{' and '.join(methods)}", field="--method")
         out[option.field] = given if option.type is not None else option.value
@@ -142,14 +141,19 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                         "override it")
 
 
-def _add_method_flags(p: argparse.ArgumentParser) -> None:
+def _add_method_flags(p: argparse.ArgumentParser, shared_by: tuple[str, ...] | None = None) -> None:
+    """--method and every method's own flags; with `shared_by` (the demo's methods), no --method and only the
+    flags all of those methods take."""
     # Choices, help and each method's own flags come from the method registry (corsa/methods/registry.py).
     from corsa.methods import REGISTRY
     from corsa.methods.registry import options
 
-    p.add_argument("--method", default="corsa", choices=list(REGISTRY),
-                   help="; ".join(spec.help for spec in REGISTRY.values()))
+    if shared_by is None:
+        p.add_argument("--method", default="corsa", choices=list(REGISTRY),
+                       help="; ".join(spec.help for spec in REGISTRY.values()))
     for flag, (option, methods) in options().items():
+        if shared_by is not None and not set(shared_by) <= set(methods):
+            continue
         if option.type is None:
             p.add_argument(flag, dest=option.dest, action="store_true", help=option.help)
         else:
@@ -288,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="edit the embedded fact set with LoRA and CoRSA and compare")
     p.add_argument("--out", default="runs/demo")
     _add_training_flags(p)
+    from corsa.demo import METHODS as DEMO_METHODS
+
+    _add_method_flags(p, shared_by=DEMO_METHODS)  # --anchors, --relation-anchors, --contexts, ...
     _add_routing_flags(p)
 
     bench = sub.add_parser("bench", help="benchmarks: compare methods on real data").add_subparsers(

@@ -53,7 +53,10 @@ def format_table(columns: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = ("lora", "corsa"), model: str | None = None,
+METHODS: tuple[str, ...] = ("lora", "corsa")  # the demo's comparison; `corsa demo` takes the flags both share
+
+
+def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = METHODS, model: str | None = None,
              progress: bool = True, prompt_style: PromptStyle = "auto", preset: str = "auto",
              route: routing.RouterConfig | None = routing.DEFAULT, **overrides: Any) -> dict[str, Any]:
     out = Path(out)
