@@ -3,11 +3,14 @@
     python bench/results_page.py summarize results/headline-s0 --out docs/results/headline-s0.json \\
         --commit 1ad3cb9 --log docs/log/2026-12-04-headline-rule.md
     python bench/results_page.py render
+    python bench/results_page.py compare docs/results/val/RUN-sub0.json results/RUN-sub1 --a lora-routed \
+        --b corsa-anchors2-routed
 
 `summarize` writes a run folder's summary (corsa.evaluate.summary: rates, per-case totals, commands; no answers,
 no adapters). `render` reads every docs/results/*.json, refuses any whose schema it does not know, and rewrites only
 the part of docs/RESULTS.md between the generated markers, so a rerun updates the tables and leaves the hand-written
-text alone. Summaries of one benchmark, split, model, case count and case seed that differ by --subset form one
+text alone. `compare` prints one setting minus another, pooled over the given summaries or run folders (disjoint
+subsets) and their training seeds, with each seed's rates: how a rule in docs/log/ is read. Summaries of one benchmark, split, model, case count and case seed that differ by --subset form one
 study: one table, its rows pooled over training seeds, and CoRSA minus LoRA pooled over seeds and subsets.
 """
 
@@ -22,7 +25,7 @@ from typing import Any
 
 from corsa import artifacts
 from corsa.evaluate.stats import COMPARED, base_name, reference
-from corsa.evaluate.summary import pooled_difference, read_summary, row_seed, rows_by_seed, write_summary
+from corsa.evaluate.summary import pooled_difference, read_summary, row_seed, rows_by_seed, summarize, write_summary
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- generated: begin -->", "<!-- generated: end -->"
@@ -207,6 +210,22 @@ def replace_block(text: str, block: str) -> str:
     return f"{head}{BEGIN}\n{block}\n{END}{tail}"
 
 
+def compare(summaries: Sequence[dict[str, Any]], a: str, b: str, metrics: Sequence[str] = COMPARED) -> list[str]:
+    """`b` minus `a` on each metric in points, pooled over the summaries and every training seed both have, with
+    its 95 % interval and each seed's rates (pooled over the summaries), one line per metric."""
+    lines = []
+    for metric in metrics:
+        d = pooled_difference(summaries, a, b, metric)
+        if d is None:
+            lines.append(f"{metric}: no values")
+            continue
+        rates = {m: " / ".join(pct(seed_rate(summaries, m, s, metric)) for s in d.seeds) for m in (a, b)}
+        lines.append(f"{metric}: {100 * d.estimate:+.1f} ({100 * d.low:+.1f} to {100 * d.high:+.1f}), {d.cases} cases, "
+                     f"seeds {', '.join(map(str, d.seeds))}, subsets {', '.join(map(str, d.subsets))}; "
+                     f"{a} {rates[a]}, {b} {rates[b]}")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -215,6 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="the summary file, e.g. docs/results/NAME.json")
     p.add_argument("--commit", help="the commit the run was made with (records do not carry one)")
     p.add_argument("--log", help="the docs/log/ entry describing the run, from the repository root")
+    p = sub.add_parser("compare", help="one setting minus another, pooled over subsets and training seeds")
+    p.add_argument("inputs", type=Path, nargs="+", help="summaries (.json) or run folders, one per case subset")
+    p.add_argument("--a", required=True, help="the setting subtracted, as its rows are named (lora-routed)")
+    p.add_argument("--b", required=True, help="the setting compared")
+    p.add_argument("--metrics", default=",".join(COMPARED), help="comma-separated (default: every compared metric)")
     p = sub.add_parser("render", help="rewrite the generated part of the results page")
     p.add_argument("--results", type=Path, default=REPO / "docs" / "results")
     p.add_argument("--page", type=Path, default=REPO / "docs" / "RESULTS.md")
@@ -224,6 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = write_summary(args.run_dir, args.out, commit=args.commit, log=args.log)
             args.out.chmod(0o644)  # a file to commit and share, not the private temp file it was written as
             print(f"wrote {args.out}: {len(summary['rows'])} rows, {summary['n']} cases")
+            return 0
+        if args.command == "compare":
+            summaries = [read_summary(p) if p.is_file() else summarize(p) for p in args.inputs]
+            print("\n".join(compare(summaries, args.a, args.b, args.metrics.split(","))))
             return 0
         page = args.page.read_text()
         updated = replace_block(page, render(load(args.results), args.page))

@@ -230,3 +230,21 @@ def test_two_summaries_of_the_same_cases_are_refused(runs, tmp_path):
     (results / "s0-again.json").write_text((results / "s0.json").read_text())
     assert bench_script("results_page").main(["render", "--results", str(results), "--page", str(page)]) == 2
     assert page.read_text() == PAGE
+
+
+def test_compare_reads_a_summary_and_a_run_folder_alike(runs, tmp_path, capsys):
+    """`compare` is how a rule's decision is read: one line per metric with the pooled difference and each seed's
+    rates, from a committed summary for one subset and a run folder for the other."""
+    main = bench_script("results_page").main
+    (run0, _), (run1, _) = runs
+    saved = tmp_path / "sub0.json"
+    write_summary(run0, saved)
+    assert main(["compare", str(saved), str(run1), "--a", "lora", "--b", "corsa-rho0.5",
+                 "--metrics", "gen.generality,gen.reliability"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2 and out[0].startswith("gen.generality: ") and out[1].startswith("gen.reliability: ")
+    d = pooled_difference([summarize(run0), summarize(run1)], "lora", "corsa-rho0.5", "gen.generality")
+    assert f"{100 * d.estimate:+.1f} ({100 * d.low:+.1f} to {100 * d.high:+.1f}), {2 * N} cases" in out[0]
+    assert "seeds 0, 1, 2, subsets 0, 1" in out[0] and out[0].count(" / ") == 4  # three seeds' rates per setting
+    assert main(["compare", str(run1), "--a", "lora", "--b", "nope"]) == 2  # an unknown row: one line, exit 2
+    assert "has no rows of nope" in capsys.readouterr().err
