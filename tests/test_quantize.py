@@ -175,16 +175,28 @@ def test_cli_quantizes_a_run_that_corsa_ask_then_answers(tmp_path, tiny_dir, cap
 
 
 @pytest.mark.integration
-def test_bench_quantize_measures_every_rule_at_every_bits_and_compares_them(tmp_path, tiny_dir, capsys):
+def test_bench_quantize_measures_every_rule_at_every_bits_and_compares_them(tmp_path, tiny_dir, capsys, monkeypatch):
     from test_bench import counterfact
     from test_mmlu import write_mmlu
 
+    from corsa import export
+
+    calibrated = []  # the edits each quantization calibrates on: they carry the prompts the rows are measured on
+    real = export.calibration_items
+
+    def watched(model, formatter, requests, cfg):
+        calibrated.append(list(requests))
+        return real(model, formatter, requests, cfg)
+
+    monkeypatch.setattr(export, "calibration_items", watched)
     counterfact(tmp_path)
     write_mmlu(tmp_path)
     out = tmp_path / "qb"
     argv = ["bench", "quantize", "--data", str(tmp_path), "--out", str(out), "--n", "4", "--model", tiny_dir,
             "--bits", "2", "--keep", "5", "--mmlu-n", "1", "--method", "lora", "--epochs", "1", "--max-new-tokens", "3", "--quiet"]
     assert main(argv) == 0
+    assert calibrated and all(r.withheld and not r.paraphrases for edits in calibrated for r in edits)
+    assert len(calibrated[0][0].withheld) == 8  # every case's paraphrase and neighbour, not only its own
     rows = sorted(p.parent.name for p in out.glob("*/results.json"))
     assert rows == sorted(["base", "unquantized"] + [f"{r}-{b}bit" for r in ("rtn", "magnitude", "tacq-general",
                                                                            "tacq-edits") for b in (2,)])

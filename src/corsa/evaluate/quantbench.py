@@ -84,7 +84,9 @@ def run_quant_bench(cfg: BenchConfig, out: str | Path, *, bits: tuple[int, ...] 
         edit(anchors.withheld(requests), run, method=method, model=cfg.model, overwrite=True, progress=progress,
              command=command, prompt_style=cfg.prompt_style, preset=cfg.preset, route=None,
              **method_overrides(method, {}, cfg.overrides, cfg.data))
-    trained = edits_of_source(run)  # what training saw, old answers mined: the only edits calibration may use
+    # what training saw, old answers mined: the only edits calibration may use; marked so that no calibration
+    # anchor is one of the prompts the rows are measured on
+    trained = anchors.withheld(edits_of_source(run), requests)
     asked = anchors.with_mined(requests, trained)
     print(f"{cfg.bench}/{cfg.split}: {len(requests)} edits (seed {cfg.seed}), {method} adapter in {run}; "
           f"bits {', '.join(map(str, bits))}, keep {keep} %, {quantizer}")
