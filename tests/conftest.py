@@ -20,6 +20,18 @@ DATA = Path(os.environ.get("CORSA_DATA", REPO.parent / "shared" / "benchmarks"))
 REAL_BF16_IS_FAST = scoring.bf16_is_fast  # kept before the fixture below replaces it in every test
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: a run compared with a recorded one, or a tiny model's training judged by
+    whether it learned every edit, depends on the order of parallel sums, and that order depends on how the work
+    splits over threads and on the CPU's kernels. On an AMD EPYC host with 2 threads a recorded margin moved in its
+    5th digit and a tiny F-Learning run learned 1 of 2 edits; on one thread both match the records."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def bf16_is_fast(monkeypatch):
     """Tests asked for bf16 run it on every machine: whether bf16 is fast (scoring.use_bf16) depends on the real

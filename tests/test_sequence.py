@@ -217,7 +217,7 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_dir, capsys, kind):
 
 
 @pytest.mark.integration
-def test_baselines_run_several_updates_on_the_tiny_model(tmp_path, tiny_dir, monkeypatch):
+def test_baselines_run_several_updates_on_the_tiny_model(tmp_path, tiny_dir, monkeypatch, one_thread):
     """F-Learning, MEMIT and merging fold the earlier update into the weights and edit again; prepend keeps
     telling the earlier facts. The methods that train must have learned every update's edits."""
     from corsa.answers import contains

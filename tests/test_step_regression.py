@@ -18,6 +18,8 @@ from corsa.methods import make_editor
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # sums in one order on any CPU (conftest.one_thread)
+
 RECORD = json.loads((Path(__file__).parent / "data" / "step_before_refactor.json").read_text())
 
 
