@@ -9,9 +9,10 @@
 `summarize` writes a run folder's summary (corsa.evaluate.summary: rates, per-case totals, commands; no answers,
 no adapters). `render` reads every docs/results/*.json, refuses any whose schema it does not know, and rewrites only
 the part of docs/RESULTS.md between the generated markers, so a rerun updates the tables and leaves the hand-written
-text alone. `compare` prints one setting minus another, pooled over the given summaries or run folders (disjoint
-subsets) and their training seeds, with each seed's rates: how a rule in docs/log/ is read. Summaries of one benchmark, split, model, case count and case seed that differ by --subset form one
+text alone. Summaries of one benchmark, split, model, case count and case seed that differ by --subset form one
 study: one table, its rows pooled over training seeds, and CoRSA minus LoRA pooled over seeds and subsets.
+`compare` prints one setting minus another, pooled over the given summaries or run folders (disjoint subsets) and
+their training seeds, with each seed's rates: how a rule in docs/log/ is read.
 """
 
 from __future__ import annotations

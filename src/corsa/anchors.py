@@ -100,6 +100,12 @@ def swap_subjects(subject: str, others: list[str], rng: random.Random) -> list[s
     return out
 
 
+def edit_rng(seed: int, prompt: str, stream: int = 0) -> random.Random:
+    """One edit's generator, fixed by `seed` and its prompt (not its place in the batch); `stream` tells apart the
+    independent draws made for one edit."""
+    return random.Random(seed * 1_000_003 + zlib.crc32(prompt.encode()) + stream)
+
+
 def build(requests: list[EditRequest], per_edit: int, seed: int = 0, relations: int = 0) -> list[tuple[Anchor, ...]]:
     """Up to `per_edit` anchors for each request, then up to `relations` more that ask other relations of its
     subject (see the module's docstring for where they come from). The choice is random but fixed by `seed` and
@@ -111,7 +117,7 @@ def build(requests: list[EditRequest], per_edit: int, seed: int = 0, relations: 
     questions = [q for q in pool()["questions"] if normalize(q) not in edited]
     out = []
     for r in requests:
-        rng = random.Random(seed * 1_000_003 + zlib.crc32(r.prompt.encode()))
+        rng = edit_rng(seed, r.prompt)
         chosen: list[Anchor] = [Anchor(n.prompt, "neighborhood") for n in r.neighborhood][:per_edit]
         if r.subject and r.subject in r.prompt and len(chosen) < per_edit:
             for name in swap_subjects(r.subject, subjects, rng):
@@ -121,9 +127,9 @@ def build(requests: list[EditRequest], per_edit: int, seed: int = 0, relations: 
         if len(chosen) < per_edit:
             chosen += [Anchor(q, "pool") for q in rng.sample(questions, min(per_edit - len(chosen), len(questions)))]
         if relations > 0 and r.subject:
-            # its own generator, so asking for these leaves the anchors above as they were
+            # its own stream, so asking for these leaves the anchors above as they were
             asked = [q for q in other_relations(r.subject, r.prompt) if normalize(q) not in edited]
-            random.Random(seed * 1_000_003 + zlib.crc32(r.prompt.encode()) + 1).shuffle(asked)
+            edit_rng(seed, r.prompt, stream=1).shuffle(asked)
             chosen += [Anchor(q, "relation-swap") for q in asked[:relations]]
         out.append(tuple(chosen))
     return out

@@ -66,8 +66,8 @@ def run_compose(cfg: BenchConfig, out: str | Path, *, progress: bool = True, com
         folders = {}
         for name in SETS:
             folders[name], result = edit(
-                anchors.withheld(cases[name], everything), out / spec / name, method=method, model=cfg.model, overwrite=True,
-                progress=progress, command=command, prompt_style=cfg.prompt_style, preset=cfg.preset,
+                anchors.withheld(cases[name], everything), out / spec / name, method=method, model=cfg.model,
+                overwrite=True, progress=progress, command=command, prompt_style=cfg.prompt_style, preset=cfg.preset,
                 **method_overrides(method, overrides, cfg.overrides, cfg.data))
             del result
         edit_s = time.perf_counter() - t
