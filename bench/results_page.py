@@ -2,12 +2,15 @@
 
     python bench/results_page.py summarize results/headline-s0 --out docs/results/headline-s0.json \\
         --commit 1ad3cb9 --log docs/log/2026-12-04-headline-rule.md
+    python bench/results_page.py summarize docs/results/val/RUN.json results/RUN-seeds12 \\
+        --out docs/results/val/RUN.json
     python bench/results_page.py render
     python bench/results_page.py compare docs/results/val/RUN-sub0.json results/RUN-sub1 --a lora-routed \
         --b corsa-anchors2-routed
 
 `summarize` writes a run folder's summary (corsa.evaluate.summary: rates, per-case totals, commands; no answers,
-no adapters). `render` reads every docs/results/*.json, refuses any whose schema it does not know, and rewrites only
+no adapters); given several run folders or summaries of the same cases, each with other training seeds, it merges
+them into one (a study goes on after its first folder is gone). `render` reads every docs/results/*.json, refuses any whose schema it does not know, and rewrites only
 the part of docs/RESULTS.md between the generated markers, so a rerun updates the tables and leaves the hand-written
 text alone. Summaries of one benchmark, split, model, case count and case seed that differ by --subset form one
 study: one table, its rows pooled over training seeds, and CoRSA minus LoRA pooled over seeds and subsets.
@@ -26,7 +29,7 @@ from typing import Any
 
 from corsa import artifacts
 from corsa.evaluate.stats import COMPARED, base_name, reference
-from corsa.evaluate.summary import pooled_difference, read_summary, row_seed, rows_by_seed, summarize, write_summary
+from corsa.evaluate.summary import dumps, merge, pooled_difference, read_summary, row_seed, rows_by_seed, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- generated: begin -->", "<!-- generated: end -->"
@@ -231,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("summarize", help="write a `corsa bench single` run folder's summary")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("inputs", type=Path, nargs="+", help="a run folder; or several run folders or summaries (.json) "
+                   "of the same cases with other training seeds each, merged into one summary")
     p.add_argument("--out", type=Path, required=True, help="the summary file, e.g. docs/results/NAME.json")
     p.add_argument("--commit", help="the commit the run was made with (records do not carry one)")
     p.add_argument("--log", help="the docs/log/ entry describing the run, from the repository root")
@@ -246,7 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "summarize":
-            summary = write_summary(args.run_dir, args.out, commit=args.commit, log=args.log)
+            summary = merge([read_summary(p) if p.is_file() else summarize(p, commit=args.commit, log=args.log)
+                             for p in args.inputs])
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            if args.log:
+                summary["log"] = args.log
+            artifacts.write_text(args.out, dumps(summary))  # after every input is read: --out may be one of them
             args.out.chmod(0o644)  # a file to commit and share, not the private temp file it was written as
             print(f"wrote {args.out}: {len(summary['rows'])} rows, {summary['n']} cases")
             return 0

@@ -248,3 +248,33 @@ def test_compare_reads_a_summary_and_a_run_folder_alike(runs, tmp_path, capsys):
     assert "seeds 0, 1, 2, subsets 0, 1" in out[0] and out[0].count(" / ") == 4  # three seeds' rates per setting
     assert main(["compare", str(run1), "--a", "lora", "--b", "nope"]) == 2  # an unknown row: one line, exit 2
     assert "has no rows of nope" in capsys.readouterr().err
+
+
+def test_summaries_of_other_seeds_merge_into_the_study_they_continue(runs, tmp_path, capsys):
+    """A study goes on after its first folder is gone: a committed summary of seed 0 and a new folder with seeds 1
+    and 2 of the same cases merge into one summary that pools exactly as the whole run does."""
+    main = bench_script("results_page").main
+    (run0, records), _ = runs
+    first, rest = tmp_path / "seed0", tmp_path / "seeds12"
+    for r in records:
+        seed = (r.get("config") or {}).get("seed")
+        for folder in ((first,) if seed == 0 else (rest,) if seed else (first, rest)):  # base in both
+            (folder / r["method"]).mkdir(parents=True)
+            (folder / r["method"] / "results.json").write_text(json.dumps(r))
+    saved = tmp_path / "study.json"
+    write_summary(first, saved, log="docs/log/first.md")
+    assert main(["summarize", str(saved), str(rest), "--out", str(saved), "--log", "docs/log/later.md"]) == 0
+    merged = read_summary(saved)
+    whole = summarize(run0)
+    assert merged["log"] == "docs/log/later.md"
+    assert sorted(r["method"] for r in merged["rows"]) == sorted(r["method"] for r in whole["rows"])
+    for metric in ("gen.generality", "gen.reliability"):
+        assert pooled_difference([merged], "lora", "corsa-rho0.5", metric) == \
+            pooled_difference([whole], "lora", "corsa-rho0.5", metric)
+    # the same seed twice, or other cases, would be counted wrongly: refused in one line, nothing written
+    before = saved.read_text()
+    assert main(["summarize", str(saved), str(rest), "--out", str(saved)]) == 2
+    assert "training seed 1 is in summary 1 and an earlier one" in capsys.readouterr().err
+    assert main(["summarize", str(saved), str(runs[1][0]), "--out", str(tmp_path / "x.json")]) == 2
+    assert "differs from summary 0 in subset" in capsys.readouterr().err
+    assert saved.read_text() == before and not (tmp_path / "x.json").exists()

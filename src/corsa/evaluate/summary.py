@@ -114,6 +114,45 @@ def summarize(run_dir: str | Path, *, commit: str | None = None, log: str | None
     }
 
 
+def merge(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One summary of the same cases from several, each holding other training seeds: how a study goes on after its
+    first run folder is gone (only its committed summary remains) or when seeds were trained into another folder.
+
+    Refused (ValueError) unless every summary has the same run fields and the same cases, and no setting has a
+    training seed in two of them (pooling would count it twice). `base` is kept once, from the first summary.
+    """
+    if not summaries:
+        raise ValueError("no summaries to merge")
+    first = summaries[0]
+    ids = _case_ids(first)
+    rows = list(first["rows"])
+    held = {(base_name(r["method"]), row_seed(r)) for r in rows if r["method"] != "base"}
+    for i, s in enumerate(summaries[1:], start=1):
+        differ = [f for f in RUN_FIELDS if s.get(f) != first.get(f)]
+        if differ:
+            raise ValueError(f"summary {i} differs from summary 0 in {', '.join(differ)}; only the same cases merge")
+        if _case_ids(s) != ids:
+            raise ValueError(f"summary {i} holds other cases than summary 0; only the same cases merge")
+        for r in s["rows"]:
+            if r["method"] == "base":
+                continue
+            key = (base_name(r["method"]), row_seed(r))
+            if key in held:
+                raise ValueError(f"{key[0]} with training seed {key[1]} is in summary {i} and an earlier one")
+            held.add(key)
+            rows.append(r)
+    commits = list(dict.fromkeys(str(s["commit"]) for s in summaries if s.get("commit")))
+    dates = [s["date"] for s in summaries if s.get("date")]
+    logs = list(dict.fromkeys(s["log"] for s in summaries if s.get("log")))
+    return {**first, "commands": list(dict.fromkeys(c for s in summaries for c in s.get("commands") or [])),
+            "commit": ", ".join(commits) or None, "date": max(dates) if dates else None,
+            "log": logs[-1] if logs else None, "rows": rows}
+
+
+def _case_ids(summary: dict[str, Any]) -> set[str]:
+    return {c for r in summary["rows"] for c in r["cases"]}
+
+
 def dumps(summary: dict[str, Any]) -> str:
     """JSON with one line per case (and per config and summary): indented throughout, as write_json writes it,
     every [sum, count] would take four lines, some ten thousand for a 50-case run with six adapters, and a
