@@ -321,7 +321,12 @@ def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 @dataclass(frozen=True)
 class PairBatch:
     """Pairs as the rows of one SharedBatch: every prompt runs once, its y+ and y- after it. Which row holds
-    whose answer is recorded here, so the losses never depend on an order convention."""
+    whose answer is recorded here, so the losses never depend on an order convention.
+
+    The pairs' anchors are a batch of their own, run by a second forward pass. In one shared batch every backward
+    pass would run over every row: L_SFT's and L_DPO's over the anchors' tokens (most of a batch's tokens, at 16
+    per answer and several anchors per edit) and L_anchor's over the edits', for gradients that are zero there.
+    Apart, each backward covers only the tokens its loss reads; the gradients are the same sums."""
 
     batch: SharedBatch
     pairs: list[int]  # the pairs in the batch; pairs[k]'s y+ is row new_rows[k]
@@ -329,39 +334,38 @@ class PairBatch:
     dpo_pairs: list[int]  # the pairs that also have a y- to push down; dpo_pairs[k]'s y- is row old_rows[k]
     dpo_new_rows: torch.Tensor  # and its y+ row
     old_rows: torch.Tensor
-    anchor_rows: torch.Tensor  # the rows of the pairs' anchors, each with the answer it must keep
     context_rows: torch.Tensor  # the rows of y+ after the pairs' prompts in context (corsa.contexts)
-    # anchor_loss="kl": the reference at every anchor answer token, in the batch's token order (Pair.anchor_refs)
+    anchors: SharedBatch | None = None  # each of the pairs' anchors as one row, with the answer it must keep
+    # anchor_loss="kl": the reference at every anchor answer token, in the anchor batch's token order
+    # (Pair.anchor_refs)
     anchor_refs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def to(self, device: torch.device) -> PairBatch:
         refs = None if self.anchor_refs is None else tuple(t.to(device) for t in self.anchor_refs)
         return PairBatch(self.batch.to(device), self.pairs, self.new_rows.to(device), self.dpo_pairs,
-                         self.dpo_new_rows.to(device), self.old_rows.to(device), self.anchor_rows.to(device),
-                         self.context_rows.to(device), refs)  # type: ignore[arg-type]
+                         self.dpo_new_rows.to(device), self.old_rows.to(device), self.context_rows.to(device),
+                         None if self.anchors is None else self.anchors.to(device), refs)  # type: ignore[arg-type]
 
 
 def pair_batch(pairs: list[Pair], idx: list[int], use_dpo: bool, pad_id: int) -> PairBatch:
-    """The pairs `idx` as one batch (one forward pass for every y+, y-, context copy and anchor answer). Prompts:
-    the pairs', then their anchors', then their context copies'; rows: y+, y-, anchors, context copies' y+."""
+    """The pairs `idx` as one batch (one forward pass for every y+, y- and context copy), and their anchors as
+    another. Prompts: the pairs', then their context copies'; rows: y+, y-, context copies' y+."""
     dpo = [i for i in idx if use_dpo and pairs[i].old is not None]
     answers = [(k, pairs[i].new) for k, i in enumerate(idx)]
     answers += [(idx.index(i), pairs[i].old) for i in dpo]  # type: ignore[misc]
-    kept = [a for i in idx for a in pairs[i].anchors]
-    answers += [(len(idx) + k, answer) for k, (_, answer) in enumerate(kept)]
     copies = [(c, pairs[i].new) for i in idx for c in pairs[i].contexts]
-    first_copy_prompt = len(idx) + len(kept)
-    answers += [(first_copy_prompt + k, new) for k, (_, new) in enumerate(copies)]
-    prompts = [pairs[i].prompt for i in idx] + [prompt for prompt, _ in kept] + [c for c, _ in copies]
-    batch = make_shared_batch(prompts, answers, pad_id)
-    first_anchor = len(idx) + len(dpo)
-    first_copy = first_anchor + len(kept)
-    # anchor rows are consecutive and each row's tokens are in order, so their references concatenate in step
+    answers += [(len(idx) + k, new) for k, (_, new) in enumerate(copies)]
+    batch = make_shared_batch([pairs[i].prompt for i in idx] + [c for c, _ in copies], answers, pad_id)
+    first_copy = len(idx) + len(dpo)
+    kept = [a for i in idx for a in pairs[i].anchors]
+    anchor_batch = make_shared_batch([prompt for prompt, _ in kept], [(k, answer) for k, (_, answer)
+                                                                      in enumerate(kept)], pad_id) if kept else None
+    # anchor rows are in order and each row's tokens are in order, so their references concatenate in step
     refs = [r for i in idx for r in pairs[i].anchor_refs]
     anchor_refs = tuple(torch.cat(parts) for parts in zip(*refs)) if refs else None
     return PairBatch(batch, list(idx), torch.arange(len(idx)), dpo, torch.tensor([idx.index(i) for i in dpo],
-                     dtype=torch.long), torch.arange(len(idx), first_anchor),
-                     torch.arange(first_anchor, first_copy), torch.arange(first_copy, first_copy + len(copies)),
+                     dtype=torch.long), torch.arange(len(idx), first_copy),
+                     torch.arange(first_copy, first_copy + len(copies)), anchor_batch,
                      anchor_refs)  # type: ignore[arg-type]
 
 
@@ -395,15 +399,14 @@ def batch_losses(model: torch.nn.Module, pb: PairBatch, pairs: list[Pair], cfg: 
     stats = {"sft_loss": sft.item(), "logp_new": seq_logp[pb.new_rows].sum().item() / n_batch}
     exact = {i: bool(misses[row] == 0) for i, row in zip(pb.pairs, pb.new_rows.tolist())}
     anchor = None
-    if len(pb.anchor_rows):
-        is_anchor = torch.zeros(batch.n_rows, dtype=torch.bool, device=batch.rows.device)
-        is_anchor[pb.anchor_rows] = True
-        at = is_anchor[batch.rows]
+    if pb.anchors is not None:
+        with autocast_context(batch.targets.device, cfg.bf16):
+            kept = answer_log_softmax(model, pb.anchors)
         if cfg.anchor_loss == "kl":
             assert pb.anchor_refs is not None, "anchor_loss='kl' needs the anchors' references (build_trainer)"
-            anchor = losses.top_k_kl(full[at], *pb.anchor_refs, n_positions=n_anchor_tokens)
+            anchor = losses.top_k_kl(kept, *pb.anchor_refs, n_positions=n_anchor_tokens)
         else:
-            anchor = losses.sft_loss(tok_logp[at], n_anchor_tokens)
+            anchor = losses.sft_loss(at_targets(kept, pb.anchors)[0], n_anchor_tokens)
         stats["anchor_loss"] = anchor.item()
         if cfg.anchor_side == "sft":
             sft, anchor = sft + cfg.anchor_weight * anchor, None
