@@ -10,9 +10,9 @@
 
 `summarize` writes a run folder's summary (corsa.evaluate.summary: rates, per-case totals, commands; no answers,
 no adapters); given several run folders or summaries of the same cases, each with other training seeds, it merges
-them into one (a study goes on after its first folder is gone). `render` reads every docs/results/*.json, refuses any whose schema it does not know, and rewrites only
-the part of docs/RESULTS.md between the generated markers, so a rerun updates the tables and leaves the hand-written
-text alone. Summaries of one benchmark, split, model, case count and case seed that differ by --subset form one
+them into one (a study goes on after its first folder is gone). `render` reads every docs/results/*.json, refuses
+any whose schema it does not know, and rewrites only the part of docs/RESULTS.md between the generated markers, so
+a rerun updates the tables and leaves the hand-written text alone. Summaries of one benchmark, split, model, case count and case seed that differ by --subset form one
 study: one table, its rows pooled over training seeds, and CoRSA minus LoRA pooled over seeds and subsets.
 `compare` prints one setting minus another, pooled over the given summaries or run folders (disjoint subsets) and
 their training seeds, with each seed's rates: how a rule in docs/log/ is read.
@@ -29,7 +29,15 @@ from typing import Any
 
 from corsa import artifacts
 from corsa.evaluate.stats import COMPARED, base_name, reference
-from corsa.evaluate.summary import dumps, merge, pooled_difference, read_summary, row_seed, rows_by_seed, summarize
+from corsa.evaluate.summary import (
+    merge,
+    pooled_difference,
+    read_summary,
+    row_seed,
+    rows_by_seed,
+    save_summary,
+    summarize,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- generated: begin -->", "<!-- generated: end -->"
@@ -250,12 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "summarize":
-            summary = merge([read_summary(p) if p.is_file() else summarize(p, commit=args.commit, log=args.log)
+            summary = merge([read_summary(p) if p.is_file() else summarize(p, commit=args.commit)
                              for p in args.inputs])
-            args.out.parent.mkdir(parents=True, exist_ok=True)
             if args.log:
                 summary["log"] = args.log
-            artifacts.write_text(args.out, dumps(summary))  # after every input is read: --out may be one of them
+            save_summary(summary, args.out)  # after every input is read: --out may be one of them
             args.out.chmod(0o644)  # a file to commit and share, not the private temp file it was written as
             print(f"wrote {args.out}: {len(summary['rows'])} rows, {summary['n']} cases")
             return 0

@@ -169,9 +169,13 @@ def dumps(summary: dict[str, Any]) -> str:
 
 
 def write_summary(run_dir: str | Path, path: str | Path, **kwargs: Any) -> dict[str, Any]:
-    """Summarise `run_dir` into `path`, atomically (a temp file renamed into place, so a reader never sees half a
-    file); returns the summary."""
-    summary = summarize(run_dir, **kwargs)
+    """Summarise `run_dir` into `path` (save_summary); returns the summary."""
+    return save_summary(summarize(run_dir, **kwargs), path)
+
+
+def save_summary(summary: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """Write `summary` to `path` atomically (a temp file renamed into place, so a reader never sees half a file,
+    and `path` may be a summary the caller has just read); returns it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     artifacts.write_text(path, dumps(summary))
