@@ -13,14 +13,13 @@ step on the same edits.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
 
 from common import interleaved_args, model_and_edits, step_from_start  # bench/common.py
 from torch.utils.flop_counter import FlopCounterMode
 
 import corsa
+from corsa.evaluate.speed import median_time
 from corsa.methods.corsa import CorsaConfig, build_trainer
 
 SETTINGS = {
@@ -41,12 +40,8 @@ def main() -> None:
         step = step_from_start(trainer, idx)
         with FlopCounterMode(display=False) as counter:
             step()
-        times = []
-        for _ in range(args.reps):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-        rows[name] = {"gflops": counter.get_total_flops() / 1e9, "seconds": statistics.median(times),
+        seconds = median_time(step, args.reps, warmup=False)  # the counted step above was the warm-up
+        rows[name] = {"gflops": counter.get_total_flops() / 1e9, "seconds": seconds,
                       "anchors": sum(len(p.anchors) for p in trainer.pairs)}
         print(f"{name}: {rows[name]['anchors']} anchors, {rows[name]['gflops']:.0f} GFLOP, "
               f"{rows[name]['seconds']:.2f} s per step", flush=True)

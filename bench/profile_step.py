@@ -12,13 +12,12 @@ those levers.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 from common import model_and_edits, require_fast_bf16  # bench/common.py (scripts run as python bench/NAME.py)
 from torch.profiler import ProfilerActivity, profile
 
+from corsa.evaluate.speed import median_time
 from corsa.methods.corsa import CorsaConfig, build_trainer
 
 
@@ -32,13 +31,8 @@ def main() -> None:
     model.train()
     for size in (16, 8):
         idx = list(range(size))
-        trainer.step(idx)
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            trainer.step(idx)
-            times.append(time.perf_counter() - t)
-        print(f"step on {size} edits: {statistics.median(times):.2f} s")
+        seconds = median_time(lambda idx=idx: trainer.step(idx), 3)
+        print(f"step on {size} edits: {seconds:.2f} s")
     shapes = "--shapes" in sys.argv[2:]
     with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as prof:
         trainer.step(list(range(16)))

@@ -46,9 +46,13 @@ class SpeedConfig:
     seed: int = 0
 
 
-def _median_time(fn: Callable[[], Any], steps: int, sync: Callable[[], None]) -> float:
-    fn()  # warm-up: allocator, autotuning, lazy inits
-    sync()
+def median_time(fn: Callable[[], Any], steps: int, sync: Callable[[], None] = lambda: None,
+                warmup: bool = True) -> float:
+    """Median wall seconds of `steps` calls of `fn`, each waited for with `sync` (the device's queue). One untimed
+    call first unless the caller has just made one (warmup=False): the allocator, autotuning and lazy inits."""
+    if warmup:
+        fn()
+        sync()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -69,7 +73,7 @@ def matmul_throughput(device: torch.device, dtype: torch.dtype, size: int = 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     sync = _sync(device)
-    seconds = _median_time(lambda: a @ b, reps, sync)
+    seconds = median_time(lambda: a @ b, reps, sync)
     return 2 * size**3 / seconds
 
 
@@ -116,7 +120,7 @@ def measure_model(name: str, cfg: SpeedConfig) -> dict[str, Any]:
         "sam_perturb_restore": lambda: sam.restore(corsa.params, sam.perturb(corsa.params, direction, 0.05)),
     }
     with compute_context(model, cfg.bf16):  # as training and scoring run them
-        seconds = {k: _median_time(fn, cfg.steps, sync) for k, fn in parts.items()}
+        seconds = {k: median_time(fn, cfg.steps, sync) for k, fn in parts.items()}
         flops = {k: _flops(parts[k]) for k in ("lora_step", "corsa_step", "forward")}
     model.train(False)
     bf16 = use_bf16(device, cfg.bf16)  # what the timed parts ran in: fp32 where bf16 is not fast here
