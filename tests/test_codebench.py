@@ -8,7 +8,7 @@ import json
 import pytest
 from test_code import SOLUTION, record, small
 
-from corsa import presets
+from corsa import editing, presets
 from corsa.cli import main
 from corsa.errors import InputError
 from corsa.evaluate.code import load_arena, split_programs
@@ -26,6 +26,7 @@ from corsa.evaluate.codebench import (
     upass_rows,
     update_text,
 )
+from corsa.requests import EditRequest
 
 PROBLEM = {"task_id": "Test/0", "entry_point": "add",
            "prompt": 'def add(a, b):\n    """Return a + b."""\n',
@@ -137,6 +138,11 @@ def test_code_preset_is_the_papers():
     assert presets.choose("paper", None, "edit") is presets.PAPER
 
 
+def without_old(recorded: dict) -> EditRequest:
+    """A manifest's edit as the user gave it: its old answer was mined by the model."""
+    return EditRequest(**{k: v for k, v in recorded.items() if k not in ("target_old", "old_mined")})
+
+
 @pytest.mark.integration
 def test_bench_code_runs_every_row(tmp_path, tiny_dir, capsys):
     records = [record(update_id=f"[math.sin]:[add-argument]:[update-{i}]") for i in range(2)]
@@ -166,6 +172,27 @@ def test_bench_code_runs_every_row(tmp_path, tiny_dir, capsys):
     assert "| base |" in table and "corsa minus lora" in table and (out / "plot.png").stat().st_size > 0
     capsys.readouterr()
     assert main(args) == 0 and capsys.readouterr().out.count("done earlier, skipped") == 5
+    # A row stopped during its evaluation goes on from its trained adapter: loaded, not trained again.
+    adapter = out / "corsa" / "adapter"
+    written = (adapter / "adapter_model.safetensors").stat().st_mtime_ns
+    (out / "corsa" / "results.json").unlink()
+    assert main(args) == 0 and "loaded instead of trained again" in capsys.readouterr().out
+    again = json.loads((out / "corsa" / "results.json").read_text())
+    assert (adapter / "adapter_model.safetensors").stat().st_mtime_ns == written
+    assert again["train"]["edit_s"] == manifest["wall_time_s"] and again["upass"] == rows["corsa"]["upass"]
+    # Only the very same edit is reused: another setting, other edits or a changed file train again.
+    trained = editing.trained_earlier([without_old(e) for e in manifest["edits"]], adapter, method="corsa",
+                                      model=str(tiny_dir), scenario="code", route=None, epochs=1)
+    assert trained is not None and [r.target_old for r in trained] == [e["target_old"] for e in manifest["edits"]]
+    assert editing.trained_earlier(trained, adapter, method="corsa", model=str(tiny_dir), scenario="code",
+                                   route=None, epochs=2) is None
+    assert editing.trained_earlier(trained[:1], adapter, method="corsa", model=str(tiny_dir), scenario="code",
+                                   route=None, epochs=1) is None
+    assert editing.trained_earlier(trained, adapter, method="lora", model=str(tiny_dir), scenario="code",
+                                   route=None, epochs=1) is None
+    (adapter / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text() + " ")
+    assert editing.trained_earlier(trained, adapter, method="corsa", model=str(tiny_dir), scenario="code",
+                                   route=None, epochs=1) is None
     # Other problems into the same folder would mix two runs in one table: refused, nothing changed.
     before = sorted(p.name for p in out.iterdir())
     assert main([*args[:-1], "--humaneval-n", "1", "--quiet"]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -149,6 +150,47 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
                            timings=timings, wall_time_s=time.perf_counter() - t_start, checks=checks, **sha)
     distributed.barrier()
     return Path(out), result
+
+
+def trained_earlier(requests: list[EditRequest], out: str | Path, *, method: str = "corsa", model: str | None = None,
+                    prompt_style: PromptStyle = "auto", preset: str = "auto", scenario: presets.Scenario = "edit",
+                    route: routing.RouterConfig | None = routing.DEFAULT, **overrides: Any
+                    ) -> list[EditRequest] | None:
+    """The requests as trained (old answers the model gave filled in) when `out` already holds the adapter that
+    `edit` with these same arguments writes, else None.
+
+    "The same" is what its manifest records: method, model, settings, routing setting, process count and edits (a
+    mined old answer standing for one the request leaves out), and adapter files that still match their checksum.
+    How a benchmark row stopped after training and before its evaluation goes on without training again: a code
+    row trains for half an hour on 2 CPU cores. In-context methods are not looked up: they train nothing."""
+    folder = Path(out)
+    if get(method).output != "adapter" or not (folder / artifacts.MANIFEST).is_file():
+        return None
+    manifest = artifacts.read_manifest(folder)
+    editor = make_editor(method, **presets.settings(presets.choose(preset, model, scenario), method, overrides))
+    wanted_routing = None if route is None else routing.record(route)
+    recorded_routing = manifest.get("routing")
+    same = (manifest.get("method") == editor.name
+            and (manifest.get("model") or {}).get("name") == models.canonical(model)
+            and prompt_style in ("auto", manifest.get("prompt_style"))
+            # through JSON, as the manifest holds it (tuples become lists)
+            and manifest.get("config") == json.loads(json.dumps(dataclasses.asdict(editor.config)))
+            and manifest.get("processes") == distributed.world_size()
+            and (recorded_routing is None if wanted_routing is None else recorded_routing is not None
+                 and all(recorded_routing.get(k) == v for k, v in wanted_routing.items())))
+    recorded = manifest.get("edits")
+    if not same or not isinstance(recorded, list) or len(recorded) != len(requests):
+        return None
+    trained = []
+    for request, done in zip(requests, recorded):
+        if request.target_old is None and isinstance(done, dict) and done.get("old_mined"):
+            request = request.with_old(done.get("target_old", ""), mined=True)
+        if request.to_dict() != done:
+            return None
+        trained.append(request)
+    files_intact = all((folder / name).is_file() for name in artifacts.ADAPTER_FILES) \
+        and artifacts.adapter_sha256(folder) == manifest.get("adapter_sha256")
+    return trained if files_intact else None
 
 
 def save_result(spec: MethodSpec, result: EditResult, folder: Path) -> None:

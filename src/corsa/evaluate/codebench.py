@@ -35,7 +35,6 @@ from typing import Any
 import torch
 
 from corsa import artifacts, models, presets, sandbox
-from corsa.editing import edit
 from corsa.errors import InputError
 from corsa.evaluate import code, plots, runner
 from corsa.evaluate.stats import SEED_MARK, base_name, bootstrap
@@ -330,14 +329,14 @@ def run_code_bench(cfg: CodeBenchConfig, out: str | Path, *, progress: bool = Tr
                                  max_new_tokens=cfg.max_new_tokens)
                 requests = [edit_request(u, p, old or "(empty answer)") for u, p, old in zip(updates, train, mined)]
             overrides = {**cfg.overrides, **({"seed": seed} if seed is not None else {})}
-            t_edit = time.perf_counter()
-            adapter, result = edit(requests, out / row / "adapter", method=method, model=cfg.model,
-                                   overwrite=True, progress=progress, command=command, prompt_style=cfg.prompt_style,
-                                   preset=cfg.preset, scenario="code", route=None, **overrides)
+            adapter, result, edit_s = runner.edit_once(requests, out / row / "adapter", method=method,
+                                                       model=cfg.model, progress=progress, command=command,
+                                                       prompt_style=cfg.prompt_style, preset=cfg.preset,
+                                                       scenario="code", route=None, **overrides)
             manifest = artifacts.read_manifest(adapter)
             record["config"] = manifest["config"]
             record["train"] = {"steps": manifest["steps"], "epochs_run": manifest["epochs_run"],
-                               "timings": manifest["timings"], "edit_s": time.perf_counter() - t_edit,
+                               "timings": manifest["timings"], "edit_s": edit_s,
                                "final": manifest["curves"][-1] if manifest["curves"] else {}}
             ev = measure(result.model, formatter, updates, needed, humaneval, cfg)
             del result

@@ -23,13 +23,13 @@ import torch
 
 from corsa import anchors, artifacts, models, presets, routing
 from corsa.answers import contains
-from corsa.editing import edit
+from corsa.editing import edit, trained_earlier
 from corsa.errors import InputError
 from corsa.evaluate import plots
 from corsa.evaluate.metrics import HEADLINE, METRICS, EvalConfig, evaluate, with_other_targets
 from corsa.evaluate.stats import SEED_MARK, differences_line, mmlu_line, routed_name, seeds_line, unrouted_name
 from corsa.loading import load_edited
-from corsa.methods import REGISTRY, make_editor
+from corsa.methods import REGISTRY, EditResult, make_editor
 from corsa.methods.registry import variant_names
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark_with_report
@@ -244,11 +244,10 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
             continue
         t = time.perf_counter()
         # Training never sees the evaluation's paraphrases or neighbourhood prompts (anchors would use them).
-        adapter, result = edit(anchors.withheld(chosen), out / spec / "adapter", method=method, model=cfg.model,
-                               overwrite=True,
-                               progress=progress, command=command, prompt_style=cfg.prompt_style,
-                               preset=cfg.preset, **method_overrides(method, overrides, cfg.overrides, cfg.data))
-        edit_s = time.perf_counter() - t
+        adapter, result, edit_s = edit_once(anchors.withheld(chosen), out / spec / "adapter", method=method,
+                                            model=cfg.model, progress=progress, command=command,
+                                            prompt_style=cfg.prompt_style, preset=cfg.preset,
+                                            **method_overrides(method, overrides, cfg.overrides, cfg.data))
         tok = models.load_tokenizer(models.resolve(cfg.model))
         asked = result.formatter or Formatter(tok, cfg.prompt_style)  # in-context methods bring their own
         ev = evaluate_all(result.model, asked, tok, anchors.with_mined(chosen, result.requests), cfg, base)
@@ -268,6 +267,26 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
 
     write_report(out)
     return out
+
+
+def edit_once(requests: list[EditRequest], out: Path, *, method: str, model: str | None, progress: bool,
+              command: str | None, prompt_style: PromptStyle, preset: str, scenario: presets.Scenario = "edit",
+              route: routing.RouterConfig | None = routing.DEFAULT, **overrides: Any
+              ) -> tuple[Path, EditResult, float]:
+    """A benchmark row's adapter: `edit` into `out` (replacing what an earlier, different run left there), unless
+    `out` already holds the adapter these arguments train (editing.trained_earlier: a row stopped during its
+    evaluation), which is then loaded instead of trained again. Also returns the seconds the edit took, the
+    earlier edit's own when it is reused."""
+    same = {"method": method, "model": model, "prompt_style": prompt_style, "preset": preset, "scenario": scenario,
+            "route": route, **overrides}
+    trained = trained_earlier(requests, out, **same)
+    if trained is not None:
+        loaded, _ = load_edited(out, route=False)
+        print(f"{out}: trained earlier with these settings and edits, loaded instead of trained again")
+        return out, EditResult(model=loaded, requests=trained), float(artifacts.read_manifest(out)["wall_time_s"])
+    t = time.perf_counter()
+    adapter, result = edit(requests, out, overwrite=True, progress=progress, command=command, **same)
+    return adapter, result, time.perf_counter() - t
 
 
 def routed_record(model: torch.nn.Module, formatter: Formatter, tokenizer: Any, chosen: list[EditRequest],
