@@ -191,6 +191,14 @@ def test_multi_bench_routes_among_adapters_against_the_oracle(tmp_path, tiny_dir
     assert rows["lora-oracle"]["n"] == 6 and rows["lora-oracle"]["parts"] == 3
     assert "- lora-routed minus lora-oracle: gen.generality" in (out / "table.md").read_text()
     capsys.readouterr()
+    # Stopped after its parts were trained: a rerun loads the three adapters instead of training them again.
+    for row in ("lora-oracle", "lora-routed"):
+        (out / row / "results.json").unlink()
+    assert main(["bench", "multi", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(out), "--n", "6",
+                 "--parts", "3", "--methods", "lora", "--model", tiny_dir, "--epochs", "1", "--quiet",
+                 "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.count("loaded instead of trained again") == 3
+    assert {r["method"]: r for r in load_results(out)}["lora-routed"]["routing"]["gap"] == gap
     assert main(["bench", "multi", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(out), "--n", "6",
                  "--parts", "7", "--methods", "lora", "--model", tiny_dir]) == 2
     assert "--parts" in capsys.readouterr().err

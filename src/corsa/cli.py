@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = bench.add_parser(name, help=text)
         p.add_argument("--bench", required=True, choices=["counterfact", "zsre", "mquake"])
         p.add_argument("--data", required=True, help="benchmarks folder (e.g. ../shared/benchmarks) or a file")
-        p.add_argument("--out", required=True, help="run folder; a rerun skips finished methods")
+        p.add_argument("--out", required=True, help="run folder; a rerun skips finished methods and reuses a finished adapter")
         p.add_argument("--n", type=POSITIVE, default=200, help="edits in the seeded subset (MQuAKE: whole cases)")
         p.add_argument("--split", default="edit", help="CounterFact split: edit (report), val (tune), train")
         p.add_argument("--subset", type=COUNT, help="block k of the --seed shuffle, k = 0, 1, ...: subsets of one seed "
@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("code", help="API updates taught as edits, measured by running the code in the sandbox: "
                                       "UPass on CodeUpdateArena, SPass on HumanEval (paper section 5.3, Table 6)")
     p.add_argument("--data", required=True, help="benchmarks folder (with codeupdatearena/arena.jsonl) or the file")
-    p.add_argument("--out", required=True, help="run folder; a rerun skips finished rows")
+    p.add_argument("--out", required=True, help="run folder; a rerun skips finished rows and reuses a finished adapter")
     p.add_argument("--n", type=POSITIVE, default=20, help="updates in the seeded subset (the release has 141)")
     p.add_argument("--methods", default="base,prepend,lora,flearning,corsa",
                    help="comma-separated: base, prepend and adapter methods (lora, flearning, corsa)")

@@ -21,10 +21,16 @@ import time
 from pathlib import Path
 
 from corsa import anchors, artifacts, models, presets
-from corsa.editing import edit
 from corsa.errors import InputError
 from corsa.evaluate.metrics import forgotten
-from corsa.evaluate.runner import BenchConfig, check_before_work, method_overrides, parse_method, select_cases
+from corsa.evaluate.runner import (
+    BenchConfig,
+    check_before_work,
+    edit_once,
+    method_overrides,
+    parse_method,
+    select_cases,
+)
 from corsa.methods import REGISTRY
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest, load_benchmark_with_report
@@ -63,14 +69,14 @@ def run_compose(cfg: BenchConfig, out: str | Path, *, progress: bool = True, com
             print(f"{spec}: done earlier, skipped")
             continue
         t = time.perf_counter()
-        folders = {}
+        folders, edit_s = {}, 0.0
         for name in SETS:
-            folders[name], result = edit(
+            folders[name], result, seconds = edit_once(
                 anchors.withheld(cases[name], everything), out / spec / name, method=method, model=cfg.model,
-                overwrite=True, progress=progress, command=command, prompt_style=cfg.prompt_style, preset=cfg.preset,
+                progress=progress, command=command, prompt_style=cfg.prompt_style, preset=cfg.preset,
                 **method_overrides(method, overrides, cfg.overrides, cfg.data))
+            edit_s += seconds
             del result
-        edit_s = time.perf_counter() - t
         model, tok, _ = models.load_model(cfg.model)
         peft = PeftModel.from_pretrained(model, str(folders["counterfact"]), adapter_name="counterfact")
         peft.load_adapter(str(folders["mquake"]), adapter_name="mquake")

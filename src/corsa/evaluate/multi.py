@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from corsa import anchors, artifacts, models, presets, routing
-from corsa.editing import edit
 from corsa.errors import InputError
 from corsa.evaluate.metrics import evaluate
 from corsa.evaluate.runner import (
@@ -30,6 +29,7 @@ from corsa.evaluate.runner import (
     base_record,
     brief,
     check_before_work,
+    edit_once,
     format_table,
     load_results,
     method_overrides,
@@ -118,15 +118,16 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
             print(f"{spec}: done earlier, skipped")
             continue
         t = time.perf_counter()
-        folders, trained = [], []
+        folders, trained, edit_s = [], [], 0.0
         for name, piece in zip(names, pieces):
-            folder, result = edit(anchors.withheld(piece, chosen), out / spec / name, method=method, model=cfg.model,
-                                  overwrite=True, progress=progress, command=command, prompt_style=cfg.prompt_style,
-                                  preset=cfg.preset, **method_overrides(method, overrides, cfg.overrides, cfg.data))
+            folder, result, seconds = edit_once(anchors.withheld(piece, chosen), out / spec / name, method=method,
+                                                model=cfg.model, progress=progress, command=command,
+                                                prompt_style=cfg.prompt_style, preset=cfg.preset,
+                                                **method_overrides(method, overrides, cfg.overrides, cfg.data))
             folders.append(folder)
             trained += result.requests
+            edit_s += seconds
             del result
-        edit_s = time.perf_counter() - t
         model, tok, _ = models.load_model(cfg.model)
         peft = PeftModel.from_pretrained(model, str(folders[0]), adapter_name=names[0])
         for name, folder in zip(names[1:], folders[1:]):

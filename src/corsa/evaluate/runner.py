@@ -5,7 +5,8 @@ Layout of a run folder:
   <method>/adapter/         the adapter and its edit_manifest.json
   <method>/results.json     every metric, per case and aggregated, with config, seed, case ids and timings
   table.md, plot.png        made from the results.json files, so the table always matches the JSON
-A rerun skips every method whose results.json exists, so an interrupted benchmark resumes where it stopped.
+A rerun skips every method whose results.json exists, so an interrupted benchmark resumes where it stopped; a
+method stopped after its adapter was written loads it instead of training again (`edit_once`).
 """
 
 from __future__ import annotations
