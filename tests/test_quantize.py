@@ -218,3 +218,7 @@ def test_bench_quantize_measures_every_rule_at_every_bits_and_compares_them(tmp_
     table = (out / "table.md").read_text()
     assert "2 bits, gptq, tacq-edits minus gptq: gen.reliability" in table
     assert "2 bits, tacq-edits minus rtn" in table
+    # Another adapter setting into the same folder would be measured under these rows' names: refused, unchanged.
+    before = sorted(p.name for p in out.iterdir())
+    assert main([*argv, "--lr", "0.5"]) == 2
+    assert "other settings or edits" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == before
