@@ -222,12 +222,13 @@ def replace_block(text: str, block: str) -> str:
     return f"{head}{BEGIN}\n{block}\n{END}{tail}"
 
 
-def compare(summaries: Sequence[dict[str, Any]], a: str, b: str, metrics: Sequence[str] = COMPARED) -> list[str]:
-    """`b` minus `a` on each metric in points, pooled over the summaries and every training seed both have, with
-    its 95 % interval and each seed's rates (pooled over the summaries), one line per metric."""
+def compare(summaries: Sequence[dict[str, Any]], a: str, b: str, metrics: Sequence[str] = COMPARED,
+            seeds: Sequence[int] | None = None) -> list[str]:
+    """`b` minus `a` on each metric in points, pooled over the summaries and every training seed both have (or
+    `seeds` only), with its 95 % interval and each seed's rates (pooled over the summaries), one line per metric."""
     lines = []
     for metric in metrics:
-        d = pooled_difference(summaries, a, b, metric)
+        d = pooled_difference(summaries, a, b, metric, only_seeds=seeds)
         if d is None:
             lines.append(f"{metric}: no values")
             continue
@@ -252,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--a", required=True, help="the setting subtracted, as its rows are named (lora-routed)")
     p.add_argument("--b", required=True, help="the setting compared")
     p.add_argument("--metrics", default=",".join(COMPARED), help="comma-separated (default: every compared metric)")
+    p.add_argument("--seeds", help="comma-separated training seeds to pool (default: all; both settings need each)")
     p = sub.add_parser("render", help="rewrite the generated part of the results page")
     p.add_argument("--results", type=Path, default=REPO / "docs" / "results")
     p.add_argument("--page", type=Path, default=REPO / "docs" / "RESULTS.md")
@@ -268,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "compare":
             summaries = [read_summary(p) if p.is_file() else summarize(p) for p in args.inputs]
-            print("\n".join(compare(summaries, args.a, args.b, args.metrics.split(","))))
+            seeds = [int(k) for k in args.seeds.split(",")] if args.seeds else None
+            print("\n".join(compare(summaries, args.a, args.b, args.metrics.split(","), seeds)))
             return 0
         page = args.page.read_text()
         updated = replace_block(page, render(load(args.results), args.page))

@@ -138,6 +138,10 @@ def test_a_seed_one_method_lacks_is_refused(runs):
     summaries[1]["rows"] = [r for r in summaries[1]["rows"] if r["method"] != "corsa-rho0.5@seed2"]
     with pytest.raises(ValueError, match="seed 2 is present for only one"):
         pooled_difference(summaries, "lora", "corsa-rho0.5", "gen.generality")
+    # Narrowed to the seeds both have, on request: the same as the summaries cut down to those seeds.
+    shared = pooled_difference(summaries, "lora", "corsa-rho0.5", "gen.generality", only_seeds=(0, 1))
+    cut = [{**s, "rows": [r for r in s["rows"] if not r["method"].endswith("@seed2")]} for s in summaries]
+    assert shared.seeds == (0, 1) and shared == pooled_difference(cut, "lora", "corsa-rho0.5", "gen.generality")
 
 
 def test_seeds_that_differ_between_subsets_are_refused(runs):

@@ -219,14 +219,16 @@ def rows_by_seed(summary: dict[str, Any], method: str) -> dict[int | None, dict[
 
 
 def pooled_difference(summaries: Sequence[dict[str, Any]], method_a: str, method_b: str, metric: str, *,
-                      resamples: int = 2000, seed: int = 0) -> PooledDifference | None:
+                      resamples: int = 2000, seed: int = 0, only_seeds: Sequence[int] | None = None
+                      ) -> PooledDifference | None:
     """`method_b` minus `method_a` on `metric`, pooled over the summaries (disjoint case subsets) and every
     training seed, with a 95 % percentile bootstrap interval over cases; None when the metric has no values.
 
     Each case's unit sums its outcomes over the seeds, for a and for b alike; a seed is used only where both
     methods have it, and a seed one method has and the other lacks is refused (ValueError), as is a seed set that
     differs between subsets or a case that appears in two subsets: either would make "pooled over S seeds and
-    K subsets" untrue.
+    K subsets" untrue. `only_seeds` narrows every summary to those training seeds first: how a setting run with one
+    seed is compared with one run with three, on the seed they share (the result names the seeds it used).
     """
     if not summaries:
         raise ValueError("no summaries to pool")
@@ -235,6 +237,8 @@ def pooled_difference(summaries: Sequence[dict[str, Any]], method_a: str, method
     seen: dict[str, int] = {}
     for i, summary in enumerate(summaries):
         a, b = rows_by_seed(summary, method_a), rows_by_seed(summary, method_b)
+        if only_seeds is not None:
+            a, b = ({k: v for k, v in rows.items() if k in only_seeds} for rows in (a, b))
         where = f"summary {i} (subset {summary.get('subset')})"
         for name, rows in ((method_a, a), (method_b, b)):
             if not rows:
