@@ -80,16 +80,18 @@ def run_quant_bench(cfg: BenchConfig, out: str | Path, *, bits: tuple[int, ...] 
     requests = select_cases(load_benchmark_with_report(cfg.bench, cfg.data, cfg.split)[0], cfg.n, cfg.seed,
                             cfg.bench, cfg.subset)
     run = out / "adapter"
+    to_train = anchors.withheld(requests)
     settings = {"method": method, "model": cfg.model, "prompt_style": cfg.prompt_style, "preset": cfg.preset,
                 "route": None, **method_overrides(method, {}, cfg.overrides, cfg.data)}
+    trained_before = artifacts.is_run(run)
     # Every row of the folder measures its one adapter: an adapter of other settings or edits left there by an
     # earlier run would be measured under this run's name, so it is refused rather than used or replaced.
-    if artifacts.is_run(run) and trained_earlier(anchors.withheld(requests), run, **settings) is None:
+    if trained_before and trained_earlier(to_train, run, **settings) is None:
         raise InputError(f"{run} holds an adapter trained with other settings or edits than this run's; "
                          "give another --out", field="--out")
     out.mkdir(parents=True, exist_ok=True)
-    if not artifacts.is_run(run):
-        edit(anchors.withheld(requests), run, overwrite=True, progress=progress, command=command, **settings)
+    if not trained_before:
+        edit(to_train, run, overwrite=True, progress=progress, command=command, **settings)
     # what training saw, old answers mined: the only edits calibration may use; marked so that no calibration
     # anchor is one of the prompts the rows are measured on
     trained = anchors.withheld(edits_of_source(run), requests)
