@@ -16,12 +16,15 @@ from corsa.methods import make_editor
 def test_known_model_gets_its_measured_setting_and_paper_gets_appendix_a2():
     edit = presets.choose("auto", None, "edit")  # None: the default model
     assert edit is presets.choose("auto", "SmolLM2", "edit")  # aliases name the same model
-    assert presets.settings(edit, "corsa", {}) == {"rho": 0.5, "lr": 2e-3}
-    assert presets.settings(edit, "lora", {"lr": 1e-3}) == {"lr": 1e-3}  # the user's flag wins
-    assert presets.settings(edit, "memit", {}) == {}  # methods the preset does not name keep their defaults
+    assert edit.for_method("corsa") == {"rho": 0.5, "lr": 2e-3}
+    cfg = presets.editor(edit, "corsa", {}).config
+    assert (cfg.rho, cfg.lr) == (0.5, 2e-3)
+    assert presets.editor(edit, "lora", {"lr": 1e-3}).config.lr == 1e-3  # the user's flag wins
+    # methods the preset does not name keep their defaults
+    assert presets.editor(edit, "memit", {}).config == make_editor("memit").config
     assert presets.choose("auto", None, "update").for_method("corsa")["learned_share"] == 0.95
     paper = presets.choose("paper", None, "edit")
-    cfg = make_editor("corsa", **presets.settings(paper, "corsa", {})).config
+    cfg = presets.editor(paper, "corsa", {}).config
     assert (cfg.rho, cfg.lr, cfg.lam, cfg.beta, cfg.batch_size, cfg.lora_r, cfg.lora_alpha) == (
         0.05, 2e-4, 1.0, 0.1, 16, 32, 64)  # appendix A.2
     assert presets.choose("auto", "/some/local/model", "edit") is presets.PAPER

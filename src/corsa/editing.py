@@ -14,7 +14,7 @@ import torch
 from corsa import artifacts, distributed, models, presets, routing
 from corsa.answers import contains
 from corsa.errors import InputError
-from corsa.methods import Editor, EditResult, MethodSpec, get, make_editor
+from corsa.methods import Editor, EditResult, MethodSpec, get
 from corsa.methods.base import CONTEXT_FILE
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, check_lengths
@@ -116,7 +116,7 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
     artifacts.check_writable(out, overwrite)
     chosen = presets.choose(preset, model, scenario)
     spec = get(method)
-    editor = make_editor(method, **presets.settings(chosen, method, overrides))  # a bad config fails here
+    editor = presets.editor(chosen, method, overrides)  # a bad config fails here
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -167,7 +167,7 @@ def trained_earlier(requests: list[EditRequest], out: str | Path, *, method: str
     if get(method).output != "adapter" or not (folder / artifacts.MANIFEST).is_file():
         return None
     manifest = artifacts.read_manifest(folder)
-    editor = make_editor(method, **presets.settings(presets.choose(preset, model, scenario), method, overrides))
+    editor = presets.editor(presets.choose(preset, model, scenario), method, overrides)
     wanted_routing = None if route is None else routing.record(route)
     recorded_routing = manifest.get("routing")
     same = (manifest.get("method") == editor.name

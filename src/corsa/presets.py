@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from corsa import models
 from corsa.errors import InputError
+from corsa.methods import Editor, make_editor
 
 Scenario = Literal["edit", "update", "code"]
 JOURNAL = "docs/log/2026-11-24-to-12-03-journal.md"
@@ -84,6 +85,7 @@ def choose(preset: str, model: str | None, scenario: Scenario) -> Preset:
     return PRESETS.get((model_key(model) or "", scenario), PAPER_BY_SCENARIO[scenario])
 
 
-def settings(preset: Preset, method: str, user: Mapping[str, Any]) -> dict[str, Any]:
-    """A method's config overrides: the preset's, then the user's on top."""
-    return {**preset.for_method(method), **user}
+def editor(preset: Preset, method: str, user: Mapping[str, Any]) -> Editor:
+    """A method's editor, its settings in order of precedence: its own defaults, the preset's, the user's. Raises
+    on a bad setting, before any work."""
+    return make_editor(method, **{**preset.for_method(method), **user})

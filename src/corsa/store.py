@@ -60,7 +60,7 @@ from corsa.artifacts import ADAPTER_FILES, adapter_sha256
 from corsa.editing import adapter_state, check_result, mine_old_answers, save_result, write_manifest
 from corsa.errors import InputError
 from corsa.evaluate.metrics import forgotten, neighbor_edit_target
-from corsa.methods import REGISTRY, get, make_editor
+from corsa.methods import REGISTRY, get
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, check_lengths
 from corsa.scoring import generate
@@ -741,7 +741,7 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
     check_distinct(requests)
     settled = settle_model(root, model, prompt_style)
     chosen = presets.choose(preset, settled.model, "update")
-    editor = make_editor(method, **presets.settings(chosen, method, overrides))  # a bad config fails here
+    editor = presets.editor(chosen, method, overrides)  # a bad config fails here
     t_start = time.perf_counter()
     base, tok, _ = models.load_model(settled.model)
     formatter = Formatter(tok, settled.prompt_style)  # type: ignore[arg-type]

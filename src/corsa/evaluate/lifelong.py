@@ -33,7 +33,7 @@ from corsa.errors import InputError
 from corsa.evaluate.mmlu import MMLUConfig, evaluate_mmlu
 from corsa.evaluate.runner import check_before_work, method_overrides, parse_method, select_cases
 from corsa.evaluate.sequence import fold
-from corsa.methods import REGISTRY, make_editor
+from corsa.methods import REGISTRY
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark
 from corsa.scoring import generate
@@ -156,8 +156,7 @@ def run_lifelong(cfg: LifelongConfig, out: str | Path, *, progress: bool = True,
         if len(curve) == cfg.updates:
             print(f"{spec}: done earlier, skipped")
             continue
-        editor = make_editor(method, **presets.settings(preset, method, method_overrides(method, overrides,
-                                                                                          cfg.overrides, cfg.data)))
+        editor = presets.editor(preset, method, method_overrides(method, overrides, cfg.overrides, cfg.data))
         if curve:
             model, asks = resume(cfg, method, folder, len(curve), editor)
             print(f"{spec}: resumed after update {len(curve)}")

@@ -30,7 +30,7 @@ from corsa.evaluate import plots
 from corsa.evaluate.metrics import HEADLINE, METRICS, EvalConfig, evaluate, with_other_targets
 from corsa.evaluate.stats import SEED_MARK, differences_line, mmlu_line, routed_name, seeds_line, unrouted_name
 from corsa.loading import load_edited
-from corsa.methods import REGISTRY, EditResult, make_editor
+from corsa.methods import REGISTRY, EditResult
 from corsa.methods.registry import variant_names
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark_with_report
@@ -221,7 +221,7 @@ def check_before_work(out: Path, methods: list[tuple[str, str, dict[str, Any]]],
     else:
         artifacts.check_writable(out, overwrite=False)
     for _, method, variant in methods:
-        make_editor(method, **presets.settings(preset, method, method_overrides(method, variant, common, data)))
+        presets.editor(preset, method, method_overrides(method, variant, common, data))
     models.canonical(model)
 
 

@@ -51,7 +51,7 @@ from corsa.errors import InputError
 from corsa.evaluate import plots, stats
 from corsa.evaluate.metrics import forgotten, neighbor_edit_target
 from corsa.evaluate.runner import check_before_work, commands_line, method_overrides, parse_method, select_cases
-from corsa.methods import REGISTRY, make_editor
+from corsa.methods import REGISTRY
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark, read_edits
 from corsa.scoring import generate
@@ -285,8 +285,7 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
             print(f"{spec}: done earlier, skipped")
             continue
         t0 = time.perf_counter()
-        editor = make_editor(method, **presets.settings(preset, method, method_overrides(method, overrides,
-                                                                                          cfg.overrides, cfg.data)))
+        editor = presets.editor(preset, method, method_overrides(method, overrides, cfg.overrides, cfg.data))
         base, tok, _ = models.load_model(cfg.model)
         formatter = Formatter(tok, cfg.prompt_style)
         everything = [r for s in stages for r in s]
