@@ -16,9 +16,9 @@ from corsa.methods import make_editor
 def test_known_model_gets_its_measured_setting_and_paper_gets_appendix_a2():
     edit = presets.choose("auto", None, "edit")  # None: the default model
     assert edit is presets.choose("auto", "SmolLM2", "edit")  # aliases name the same model
-    assert edit.for_method("corsa") == {"rho": 0.5, "lr": 2e-3}
     cfg = presets.editor(edit, "corsa", {}).config
-    assert (cfg.rho, cfg.lr) == (0.5, 2e-3)
+    assert (cfg.rho, cfg.lr, cfg.anchors_per_edit, cfg.anchor_loss, cfg.relation_anchors) == (0.5, 2e-3, 2, "kl", 2)
+    assert presets.editor(edit, "corsa", {"anchors_per_edit": 0}).config.anchors_per_edit == 0  # --no-anchors
     assert presets.editor(edit, "lora", {"lr": 1e-3}).config.lr == 1e-3  # the user's flag wins
     # methods the preset does not name keep their defaults
     assert presets.editor(edit, "memit", {}).config == make_editor("memit").config
@@ -41,6 +41,9 @@ def test_help_states_the_presets_that_are_in_force(capsys):
             said.append("lr " + f"{values['lr']:.0e}".replace("e-0", "e-"))
             if "learned_share" in values:
                 said.append(f"--stop-share {values['learned_share']}")
+            flags = {"anchors_per_edit": "--anchors", "anchor_loss": "--anchor-loss",
+                     "relation_anchors": "--relation-anchors"}
+            said += [f"{flag} {values[key]}" for key, flag in flags.items() if key in values]
             assert all(x in help_text for x in said), (said, help_text)
 
 

@@ -136,7 +136,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--preset", default="auto", choices=["auto", "paper"],
                    help="auto (default): the best setting measured for a known model (smollm2-135m: CoRSA ρ 0.5, lr "
-                        "2e-3 and LoRA lr 2e-3 for one update; ρ 0.5, lr 2e-4, --stop-share 0.95 for a store; "
+                        "2e-3, --anchors 2 --anchor-loss kl --relation-anchors 2 and LoRA lr 2e-3 for one update; "
+                        "ρ 0.5, lr 2e-4, --stop-share 0.95 for a store; "
                         "provenance in each manifest), else the paper's; paper: appendix A.2 exactly. Flags you set "
                         "override it")
 
