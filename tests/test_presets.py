@@ -55,3 +55,16 @@ def test_the_manifest_records_the_preset(tmp_path, tiny_dir):
     manifest = json.loads((tmp_path / "run" / "edit_manifest.json").read_text())
     assert manifest["preset"]["name"] == "paper" and manifest["config"]["rho"] == 0.05
     assert "appendix A.2" in manifest["preset"]["source"]
+
+
+def test_no_anchors_turns_off_both_kinds_of_anchor(tmp_path, tiny_dir):
+    # The default model's preset trains anchors and relation anchors; --no-anchors must drop both, whatever else
+    # asked for them (the tiny model has no preset, so the flags stand in for it).
+    facts = tmp_path / "f.jsonl"
+    facts.write_text('{"prompt": "The sky of Mars is", "target_new": "green", "target_old": "red", '
+                     '"subject": "Mars"}\n')
+    assert main(["edit", str(facts), "--out", str(tmp_path / "run"), "--model", tiny_dir, "--epochs", "1",
+                 "--anchors", "2", "--relation-anchors", "2", "--no-anchors", "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "run" / "edit_manifest.json").read_text())
+    assert (manifest["config"]["anchors_per_edit"], manifest["config"]["relation_anchors"]) == (0, 0)
+    assert not manifest["anchors"]

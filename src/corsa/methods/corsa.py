@@ -726,13 +726,15 @@ class CorsaEditor:
 EXTRA_OPTIONS = (
     Option("--anchors", "anchors_per_edit", "anchor prompts per edit kept at the model's own answers (neighbourhood "
            "given, subject swapped, general questions; default: the --preset's, paper: 0)", type=int),
-    Option("--no-anchors", "anchors_per_edit", "train without anchors (as the paper)", value=0,
-           also={"relation_anchors": 0}),
     Option("--relation-anchors", "relation_anchors", "more anchors per edit that ask other relations of the "
            "edit's subject, kept at the model's own answers (default: the --preset's, paper: 0)", type=int),
+    # After both counts: flags apply in declared order, so this switch wins over either of them.
+    Option("--no-anchors", "anchors_per_edit", "train without anchors of either kind (as the paper)", value=0,
+           also={"relation_anchors": 0}),
     Option("--anchor-weight", "anchor_weight", "weight of the anchors' loss (default 1)", type=float),
     Option("--anchor-loss", "anchor_loss", "how an anchor's answer is kept: nll of the model's own greedy answer "
-           "(default) or kl to its next-token distribution there", type=str, choices=("nll", "kl")),
+           "or kl to its next-token distribution there (default: the --preset's, paper: nll)", type=str,
+           choices=("nll", "kl")),
     Option("--anchor-side", "anchor_side", "where the anchors' loss enters Algorithm 1: added to the SFT side "
            "(default) or a third gradient under PCGrad", type=str, choices=("sft", "pcgrad")),
     Option("--contexts", "contexts_per_edit", "also train each edit's prompt behind this many short texts the "
