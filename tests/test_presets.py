@@ -18,7 +18,8 @@ def test_known_model_gets_its_measured_setting_and_paper_gets_appendix_a2():
     assert edit is presets.choose("auto", "SmolLM2", "edit")  # aliases name the same model
     cfg = presets.editor(edit, "corsa", {}).config
     assert (cfg.rho, cfg.lr, cfg.anchors_per_edit, cfg.anchor_loss, cfg.relation_anchors) == (0.5, 2e-3, 2, "kl", 2)
-    assert presets.editor(edit, "corsa", {"anchors_per_edit": 0}).config.anchors_per_edit == 0  # --no-anchors
+    off = presets.editor(edit, "corsa", {"anchors_per_edit": 0, "relation_anchors": 0}).config  # --no-anchors's
+    assert (off.anchors_per_edit, off.relation_anchors, off.rho) == (0, 0, 0.5)  # the rest of the preset stays
     assert presets.editor(edit, "lora", {"lr": 1e-3}).config.lr == 1e-3  # the user's flag wins
     # methods the preset does not name keep their defaults
     assert presets.editor(edit, "memit", {}).config == make_editor("memit").config
