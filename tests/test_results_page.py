@@ -282,3 +282,29 @@ def test_summaries_of_other_seeds_merge_into_the_study_they_continue(runs, tmp_p
     assert main(["summarize", str(saved), str(runs[1][0]), "--out", str(tmp_path / "x.json")]) == 2
     assert "differs from summary 0 in subset" in capsys.readouterr().err
     assert saved.read_text() == before and not (tmp_path / "x.json").exists()
+
+
+def test_paired_runs_pool_the_same_rows_of_two_evaluations_case_by_case(runs, tmp_path):
+    paired = bench_script("paired_runs")
+    (run0, records0), (run1, records1) = runs
+    rows = ["lora@seed0", "lora@seed2"]
+    # each folder against itself: nothing changes
+    same = paired.compare([(str(run0), str(run0)), (str(run1), str(run1))], rows, ["gen.generality"])
+    assert same[0].startswith("4 rows") and same[1].startswith("gen.generality: +0.0 (+0.0 to +0.0)")
+    # B is lora's cases, A corsa's, written under lora's names: B minus A is lora minus corsa, pooled over
+    # prompts of every case of both subsets and both rows
+    swapped = []
+    for run, records in runs:
+        other = tmp_path / f"{run.name}-corsa-as-lora"
+        for seed in (0, 2):
+            corsa = next(r for r in records if r["method"] == f"corsa-rho0.5@seed{seed}")
+            (other / f"lora@seed{seed}").mkdir(parents=True)
+            (other / f"lora@seed{seed}" / "results.json").write_text(json.dumps({**corsa, "method": f"lora@seed{seed}"}))
+        swapped.append((str(other), str(run)))
+    lines = paired.compare(swapped, rows, ["gen.generality"])
+    pick = [r for rs in (records0, records1) for r in rs]
+    a = [x for r in pick if r["method"] in ("corsa-rho0.5@seed0", "corsa-rho0.5@seed2")
+         for c in r["cases"] for x in values(c, "gen.generality")]
+    b = [x for r in pick if r["method"] in rows for c in r["cases"] for x in values(c, "gen.generality")]
+    assert lines[1].startswith(f"gen.generality: {100 * (sum(b) / len(b) - sum(a) / len(a)):+.1f} (")
+    assert "24 case units" in lines[1]
