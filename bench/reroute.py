@@ -1,6 +1,7 @@
 """A `corsa bench single` run's adapters evaluated again with another routing setting, without training.
 
     python bench/reroute.py RUN_DIR --out NEW_DIR [--methods lora,corsa] [--no-route-hint] [--route-threshold T]
+        [--route-relations | --no-route-relations]
 
 NEW_DIR gets the run's unedited and unrouted records as they are and a `<method>-routed` row per adapter, routed
 with the setting given (corsa.routing's defaults otherwise), so one training run answers for several settings.
@@ -23,9 +24,12 @@ def main() -> None:
     p.add_argument("--no-route-hint", action="store_true")
     p.add_argument("--route-threshold", type=float, default=RouterConfig.threshold)
     p.add_argument("--route-depth", type=float, default=RouterConfig.depth)
+    p.add_argument("--route-relations", action=argparse.BooleanOptionalAction, default=RouterConfig.relations,
+                   help="refuse a subject match that asks another relation (corsa.routing.asks_other_relation)")
     p.add_argument("--methods", help="comma-separated rows of the run to reroute (default: every adapter)")
     args = p.parse_args()
-    config = RouterConfig(depth=args.route_depth, threshold=args.route_threshold, hint=not args.no_route_hint)
+    config = RouterConfig(depth=args.route_depth, threshold=args.route_threshold, hint=not args.no_route_hint,
+                          relations=args.route_relations)
     reroute(args.run, args.out, config, command="python bench/reroute.py " + shlex.join(sys.argv[1:]),
             methods=args.methods.split(",") if args.methods else None)
 

@@ -3,6 +3,7 @@ exactly as the adapter, or the unedited model, would alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -134,9 +135,15 @@ def test_edit_records_routing_and_ask_routes_unless_told_not_to(tmp_path, tiny_d
     assert "1 edit(s) name no subject found in their prompt (first: 'sky?')" in closing
     scope = json.loads((out / "edit_manifest.json").read_text())["routing"]
     assert scope == {"kind": "subject-key", "depth": routing.DEFAULT.depth, "threshold": 0.99, "hint": True,
-                     "layer": 1, "unscoped": ["sky?"]}
+                     "relations": True, "layer": 1, "unscoped": ["sky?"]}
     model, _ = load_edited(out)
     assert isinstance(model, routing.RoutedModel) and model.router.config.threshold == 0.99
+    assert model.router.config.relations
+    ungated = tmp_path / "ungated"
+    assert main(["edit", str(path), "--out", str(ungated), "--model", tiny_dir, "--epochs", "1", "--quiet",
+                 "--no-route-relations"]) == 0
+    assert json.loads((ungated / "edit_manifest.json").read_text())["routing"]["relations"] is False
+    assert load_edited(ungated)[0].router.config.relations is False
     assert not isinstance(load_edited(out, route=False)[0], routing.RoutedModel)
     plain = tmp_path / "plain"  # the portable export: a PEFT folder alone answers every query
     plain.mkdir()
@@ -160,6 +167,39 @@ def test_a_store_routes_by_the_subjects_of_its_current_facts(tmp_path, tiny_dir)
         assert s.scope(1) == [routing.Edit("Paris is in", "Paris", "Italy")]
     model, _ = load_edited(root)
     assert isinstance(model, routing.RoutedModel) and len(model.router.keys) == 4  # 2 subjects, 2 cases each
+
+
+def test_a_query_asking_another_relation_of_an_edits_subject_is_refused_by_that_edit():
+    capital = routing.Edit("What is the capital of France?", "France", "Lyon")
+    assert routing.asks_other_relation(capital, "What language is spoken in France?")
+    assert routing.asks_other_relation(capital, "Which continent is france on?")
+    for same in ("Name the capital city of France.", "Which city is the seat of government of France?"):
+        assert not routing.asks_other_relation(capital, same)
+    assert not routing.asks_other_relation(capital, "Tell me about France.")  # asks no relation the pool knows
+    # the pool knows neither the subject's kind nor, here, the relation: never refused
+    assert not routing.asks_other_relation(routing.Edit("Qwzx is green", "Qwzx"), "Where was Qwzx born?")
+    assert not routing.asks_other_relation(routing.Edit("France is lovely", "France"), "What money does France use?")
+    assert not routing.asks_other_relation(routing.Edit("What is the capital?", None), "What language?")
+    # only the sentence that names the subject is read: CounterFact's rephrasings open with an unrelated one
+    died = routing.Edit("Albert Calmette died at", "Albert Calmette")
+    query = "He also was a director of the English-Speaking Union. Albert Calmette's life ended in"
+    assert routing.subject_sentence(query, "Albert Calmette") == " Albert Calmette's life ended in"
+    assert not routing.asks_other_relation(died, query)
+    assert routing.asks_other_relation(died, "Albert Calmette was a citizen of")
+    assert routing.subject_sentence("A. N. Wilson was born in. Then.", "A. N. Wilson") == "A. N. Wilson was born in."
+
+
+def test_with_the_relation_gate_a_query_goes_to_the_subjects_edit_that_asks_its_relation(tokenizer):
+    model = make_model(len(tokenizer))
+    scopes = {"capital": [routing.Edit("France's capital is", "France")],
+              "language": [routing.Edit("France's language is", "France")]}
+    queries = ["France's main language is", "France's capital city is", "France's money is", "France's flag is"]
+    # both edits' keys are the same state ("France" after the same prefix): without the gate the first one wins
+    ungated = dataclasses.replace(EXACT, relations=False)
+    assert routing.Router(model, tokenizer, scopes, ungated).routes(queries) == ["capital"] * 4
+    gated = routing.Router(model, tokenizer, scopes, EXACT)  # the gate is on by default
+    assert gated.routes(queries) == ["language", "capital", None, "capital"]
+    assert routing.record(gated.config)["relations"] is True
 
 
 def test_routed_rows_are_named_and_compared_with_routed_rows():

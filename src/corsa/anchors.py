@@ -68,15 +68,25 @@ def guess_kind(subject: str, prompt: str) -> str | None:
     return next((kind for kind, words in pool()["kind_words"] if any(w in text for w in words)), None)
 
 
+def named_relations(subject: str, prompt: str, text: str) -> frozenset[int] | None:
+    """Which of the pool's relations for the subject's kind (found from `subject` and the edit's `prompt`) `text`
+    names by their words, as indices into the kind's list; None when the kind is unknown. The relation anchors
+    (below) and routing's relation gate (corsa.routing.asks_other_relation) read relations this one way."""
+    kind = guess_kind(subject, prompt)
+    if kind is None:
+        return None
+    text = text.lower()
+    return frozenset(i for i, r in enumerate(pool()["relations"][kind]) if any(w in text for w in r["words"]))
+
+
 def other_relations(subject: str, prompt: str) -> list[str]:
     """Questions about `subject` that ask a relation other than the one `prompt` edits (see the module's
     docstring, 4), in the pool's order; none when the subject's kind is unknown."""
-    kind = guess_kind(subject, prompt)
-    if kind is None:
+    edited = named_relations(subject, prompt, prompt)
+    if edited is None:
         return []
-    text = prompt.lower()
-    return [r["question"].format(subject) for r in pool()["relations"][kind]
-            if not any(w in text for w in r["words"])]
+    kind = guess_kind(subject, prompt)
+    return [r["question"].format(subject) for i, r in enumerate(pool()["relations"][kind]) if i not in edited]
 
 
 def swap_subjects(subject: str, others: list[str], rng: random.Random) -> list[str]:

@@ -172,6 +172,9 @@ def _add_routing_flags(p: argparse.ArgumentParser) -> None:
                    "(default 0.17: layer 5 of SmolLM2-135M's 30)")
     p.add_argument("--no-route-hint", action="store_true", help="ask a routed question as it is (default: with its "
                    "matched edit's fact written in front, on top of the adapter)")
+    p.add_argument("--no-route-relations", action="store_true", help="send a question about an edit's subject to "
+                   "the adapter even when it asks another relation of it (default: \"What language is spoken in "
+                   "France?\" is left to the unedited model after an edit of France's capital)")
 
 
 def _add_source_and_to(p: argparse.ArgumentParser, done: str) -> None:
@@ -191,6 +194,8 @@ def _router(args: argparse.Namespace) -> Any:
     given = {k: v for k, v in (("threshold", args.route_threshold), ("depth", args.route_depth)) if v is not None}
     if args.no_route_hint:
         given["hint"] = False
+    if args.no_route_relations:
+        given["relations"] = False
     try:
         return RouterConfig(**given)
     except ValueError as exc:

@@ -49,7 +49,8 @@ def load_edited(run_dir: str | Path, model: str | None = None, *, route: bool = 
         if route and manifest.get("routing"):
             recorded = manifest["routing"]
             scope = routing.RouterConfig(depth=recorded["depth"], threshold=recorded["threshold"],
-                                         hint=recorded.get("hint", False))
+                                         hint=recorded.get("hint", False),
+                                         relations=recorded.get("relations", False))
     elif (run_dir / "adapter_config.json").exists():
         model = model or json.loads((run_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     elif not (run_dir / CONTEXT_FILE).exists():
