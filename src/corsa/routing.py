@@ -11,6 +11,10 @@ close to 1, and a same-relation question about another subject scores low. The q
 edits score highest, when that score reaches the threshold; else to no adapter. Keys at the question's last token
 or averaged over it separated paraphrases from neighbours far worse (docs/log/2026-12-05-routing.md).
 
+A subject match is refused when the query asks another relation of the subject than the edit does ("What
+language is spoken in France?" after an edit of France's capital; `asks_other_relation`): routed, it would be asked
+with the edit's fact in front and answered with the new capital (docs/log/2026-12-06-relation-gate.md).
+
 Every text is read after a fixed prefix, because the first token of any sequence carries the same large
 activation in every sequence (an attention sink): a subject at position 0 would look like every other one.
 
@@ -245,7 +249,8 @@ class Router:
         return out.scatter_reduce(1, self.edit_owner.expand_as(per_edit), per_edit, reduce="amax")
 
     def matched(self, prompts: Sequence[str]) -> list[Edit | None]:
-        """Per query, the edit whose subject it matches best, when that reaches the threshold."""
+        """Per query, the edit whose subject it matches best, when that reaches the threshold, leaving out (with
+        `relations` on) the edits whose relation the query does not ask."""
         new = list(dict.fromkeys(p for p in prompts if p not in self.known))
         for prompt, row in zip(new, self.edit_scores(new)):
             if self.config.relations:
