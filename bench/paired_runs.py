@@ -15,7 +15,7 @@ import argparse
 from collections.abc import Sequence
 
 from corsa.evaluate.runner import load_results
-from corsa.evaluate.stats import COMPARED, bootstrap, case_totals
+from corsa.evaluate.stats import COMPARED, bootstrap, paired_units
 
 
 def compare(pairs: Sequence[tuple[str, str]], rows: Sequence[str], metrics: Sequence[str]) -> list[str]:
@@ -30,12 +30,7 @@ def compare(pairs: Sequence[tuple[str, str]], rows: Sequence[str], metrics: Sequ
     for metric in metrics:
         units, per_row = [], []
         for _, row, ca, cb in found:
-            by_id = {c["id"]: c for c in cb}
-            mine = []
-            for case in ca:
-                (sa, na), (sb, nb) = case_totals(case, metric), case_totals(by_id[case["id"]], metric)
-                if na and na == nb:
-                    mine.append((sa, sb, na))
+            mine = paired_units(ca, cb, metric)
             units += mine
             n = sum(u[2] for u in mine)
             per_row.append(f"{100 * sum(u[0] for u in mine) / n:.0f}->{100 * sum(u[1] for u in mine) / n:.0f}"

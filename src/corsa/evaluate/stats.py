@@ -43,12 +43,10 @@ def case_totals(case: dict[str, Any], metric: str) -> tuple[float, int]:
     return float(sum(values)), len(values)
 
 
-def paired_difference(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], metric: str, *,
-                      resamples: int = 2000, seed: int = 0) -> Difference | None:
-    """b minus a on `metric`, with a 95 % paired bootstrap interval; None when the metric has no values.
-
-    a and b are the `cases` of two results of the same run; they are matched by id.
-    """
+def paired_units(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], metric: str
+                 ) -> list[tuple[float, float, int]]:
+    """(sum in a, sum in b, count) of `metric` per case that both `cases` lists hold (matched by id) with as many
+    values: the units a paired bootstrap resamples."""
     by_id = {c["id"]: c for c in b}
     pairs = []
     for case in a:
@@ -58,7 +56,16 @@ def paired_difference(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], 
         (sa, na), (sb, nb) = case_totals(case, metric), case_totals(other, metric)
         if na and na == nb:
             pairs.append((sa, sb, na))
-    return bootstrap(pairs, metric, resamples=resamples, seed=seed)
+    return pairs
+
+
+def paired_difference(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], metric: str, *,
+                      resamples: int = 2000, seed: int = 0) -> Difference | None:
+    """b minus a on `metric`, with a 95 % paired bootstrap interval; None when the metric has no values.
+
+    a and b are the `cases` of two results of the same run; they are matched by id.
+    """
+    return bootstrap(paired_units(a, b, metric), metric, resamples=resamples, seed=seed)
 
 
 def bootstrap(pairs: Sequence[tuple[float, float, int]], metric: str, *, resamples: int = 2000,
