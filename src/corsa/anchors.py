@@ -53,10 +53,20 @@ def pool() -> dict[str, Any]:
     return json.loads(resources.files("corsa").joinpath("data", "anchor_pool.json").read_text())
 
 
+@cache
+def kinds() -> dict[str, str]:
+    """The pool's subjects, normalized, with their kinds (a name listed under two kinds keeps the first): built
+    once, since routing's relation gate asks for a kind with every query it reads."""
+    out: dict[str, str] = {}
+    for kind, names in pool()["subjects"].items():
+        for n in names:
+            out.setdefault(normalize(n), kind)
+    return out
+
+
 def kind_of(name: str) -> str | None:
     """The pool's kind of a subject (country, city, person, organisation), None when the pool does not list it."""
-    return next((kind for kind, names in pool()["subjects"].items()
-                 if any(normalize(n) == normalize(name) for n in names)), None)
+    return kinds().get(normalize(name))
 
 
 def guess_kind(subject: str, prompt: str) -> str | None:
@@ -73,20 +83,24 @@ def named_relations(subject: str, prompt: str, text: str) -> frozenset[int] | No
     names by their words, as indices into the kind's list; None when the kind is unknown. The relation anchors
     (below) and routing's relation gate (corsa.routing.asks_other_relation) read relations this one way."""
     kind = guess_kind(subject, prompt)
-    if kind is None:
-        return None
+    return None if kind is None else named_in(pool()["relations"][kind], text)
+
+
+def named_in(relations: list[dict[str, Any]], text: str) -> frozenset[int]:
+    """The indices of `relations` (one kind's, from the pool) whose words `text` has."""
     text = text.lower()
-    return frozenset(i for i, r in enumerate(pool()["relations"][kind]) if any(w in text for w in r["words"]))
+    return frozenset(i for i, r in enumerate(relations) if any(w in text for w in r["words"]))
 
 
 def other_relations(subject: str, prompt: str) -> list[str]:
     """Questions about `subject` that ask a relation other than the one `prompt` edits (see the module's
     docstring, 4), in the pool's order; none when the subject's kind is unknown."""
-    edited = named_relations(subject, prompt, prompt)
-    if edited is None:
-        return []
     kind = guess_kind(subject, prompt)
-    return [r["question"].format(subject) for i, r in enumerate(pool()["relations"][kind]) if i not in edited]
+    if kind is None:
+        return []
+    relations = pool()["relations"][kind]
+    edited = named_in(relations, prompt)
+    return [r["question"].format(subject) for i, r in enumerate(relations) if i not in edited]
 
 
 def swap_subjects(subject: str, others: list[str], rng: random.Random) -> list[str]:
