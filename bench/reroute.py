@@ -26,10 +26,12 @@ def main() -> None:
     p.add_argument("--route-depth", type=float, default=RouterConfig.depth)
     p.add_argument("--route-relations", action=argparse.BooleanOptionalAction, default=RouterConfig.relations,
                    help="refuse a subject match that asks another relation (corsa.routing.asks_other_relation)")
+    p.add_argument("--route-bare", action=argparse.BooleanOptionalAction, default=RouterConfig.bare,
+                   help="key each subject also as it reads alone (corsa.routing.key_texts)")
     p.add_argument("--methods", help="comma-separated rows of the run to reroute (default: every adapter)")
     args = p.parse_args()
     config = RouterConfig(depth=args.route_depth, threshold=args.route_threshold, hint=not args.no_route_hint,
-                          relations=args.route_relations)
+                          relations=args.route_relations, bare=args.route_bare)
     reroute(args.run, args.out, config, command="python bench/reroute.py " + shlex.join(sys.argv[1:]),
             methods=args.methods.split(",") if args.methods else None)
 

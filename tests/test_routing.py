@@ -48,7 +48,7 @@ def test_a_key_cache_shared_by_routers_computes_each_key_once(tokenizer):
     routing.Router(model, tokenizer, {"a": edits[:1]}, EXACT, cache)
     calls.clear()
     again = routing.Router(model, tokenizer, {"a": edits}, EXACT, cache)  # only Messi's keys are new
-    assert len(calls) == 1 and len(cache.keys) == 4  # two edits, each in both cases of its first letter
+    assert len(calls) == 1 and len(cache.keys) == 8  # two edits, in the prompt and alone, in both cases
     calls.clear()
     routing.Router(model, tokenizer, {"b": edits}, EXACT, cache)
     assert not calls
@@ -74,6 +74,22 @@ def test_queries_about_an_edits_subject_go_to_its_adapter_and_others_to_none(tok
     scores = router.scores(["Paris is where"])
     assert scores.shape == (1, 2) and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
     assert not router.unscoped
+
+
+def test_bare_keys_match_a_query_that_opens_with_the_subject(tokenizer):
+    model = make_model(len(tokenizer))
+    edits = {"a": [routing.Edit("What is the symbol for gold?", "gold")]}
+    queries = ["Gold has which symbol?", "gold is written as", "What is the symbol for gold in Latin?", "Silver has"]
+    # read inside the edit's prompt, "gold" has context before it that a question opening with it lacks
+    assert routing.Router(model, tokenizer, edits, dataclasses.replace(EXACT, bare=False)).routes(queries) == [
+        None, None, "a", None]
+    bare = routing.Router(model, tokenizer, edits, EXACT)  # on by default
+    assert bare.routes(queries) == ["a", "a", "a", None]
+    assert routing.key_texts("Is gold heavy?", (3, 7), bare=True) == [
+        ("Is gold heavy?", (3, 7)), ("Is Gold heavy?", (3, 7)), ("gold", (0, 4)), ("Gold", (0, 4))]
+    assert routing.from_record(routing.record(bare.config)) == bare.config
+    assert routing.from_record({"depth": 0.5, "threshold": 0.9}) == routing.RouterConfig(
+        depth=0.5, threshold=0.9, hint=False, relations=False, bare=False)  # a record older than the switches
 
 
 def test_an_edit_without_a_subject_keeps_its_adapter_answering_what_no_scope_claims(tokenizer):
@@ -135,7 +151,7 @@ def test_edit_records_routing_and_ask_routes_unless_told_not_to(tmp_path, tiny_d
     assert "1 edit(s) name no subject found in their prompt (first: 'sky?')" in closing
     scope = json.loads((out / "edit_manifest.json").read_text())["routing"]
     assert scope == {"kind": "subject-key", "depth": routing.DEFAULT.depth, "threshold": 0.99, "hint": True,
-                     "relations": True, "layer": 1, "unscoped": ["sky?"]}
+                     "relations": True, "bare": True, "layer": 1, "unscoped": ["sky?"]}
     model, _ = load_edited(out)
     assert isinstance(model, routing.RoutedModel) and model.router.config.threshold == 0.99
     assert model.router.config.relations
@@ -144,6 +160,9 @@ def test_edit_records_routing_and_ask_routes_unless_told_not_to(tmp_path, tiny_d
                  "--no-route-relations"]) == 0
     assert json.loads((ungated / "edit_manifest.json").read_text())["routing"]["relations"] is False
     assert load_edited(ungated)[0].router.config.relations is False
+    assert main(["edit", str(path), "--out", str(tmp_path / "unbare"), "--model", tiny_dir, "--epochs", "1", "--quiet",
+                 "--no-route-bare"]) == 0
+    assert load_edited(tmp_path / "unbare")[0].router.config == dataclasses.replace(routing.DEFAULT, bare=False)
     assert not isinstance(load_edited(out, route=False)[0], routing.RoutedModel)
     plain = tmp_path / "plain"  # the portable export: a PEFT folder alone answers every query
     plain.mkdir()
@@ -166,7 +185,7 @@ def test_a_store_routes_by_the_subjects_of_its_current_facts(tmp_path, tiny_dir)
         assert s.scope(2) == [routing.Edit("Paris is in", "paris", "Spain"), routing.Edit("Messi plays", "Messi", "chess")]
         assert s.scope(1) == [routing.Edit("Paris is in", "Paris", "Italy")]
     model, _ = load_edited(root)
-    assert isinstance(model, routing.RoutedModel) and len(model.router.keys) == 4  # 2 subjects, 2 cases each
+    assert isinstance(model, routing.RoutedModel) and len(model.router.keys) == 8  # 2 subjects, 2 cases, 2 texts
 
 
 def test_a_query_asking_another_relation_of_an_edits_subject_is_refused_by_that_edit():

@@ -175,6 +175,8 @@ def _add_routing_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-route-relations", action="store_true", help="send a question about an edit's subject to "
                    "the adapter even when it asks another relation of it (default: \"What language is spoken in "
                    "France?\" is left to the unedited model after an edit of France's capital)")
+    p.add_argument("--no-route-bare", action="store_true", help="key each edit's subject only as its prompt reads "
+                   "it (default: also alone, so that a question opening with the subject is matched)")
 
 
 def _add_source_and_to(p: argparse.ArgumentParser, done: str) -> None:
@@ -196,6 +198,8 @@ def _router(args: argparse.Namespace) -> Any:
         given["hint"] = False
     if args.no_route_relations:
         given["relations"] = False
+    if args.no_route_bare:
+        given["bare"] = False
     try:
         return RouterConfig(**given)
     except ValueError as exc:

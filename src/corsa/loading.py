@@ -47,10 +47,7 @@ def load_edited(run_dir: str | Path, model: str | None = None, *, route: bool = 
         model = model or manifest["model"]["name"]
         style, method = manifest.get("prompt_style", "auto"), manifest.get("method")
         if route and manifest.get("routing"):
-            recorded = manifest["routing"]
-            scope = routing.RouterConfig(depth=recorded["depth"], threshold=recorded["threshold"],
-                                         hint=recorded.get("hint", False),
-                                         relations=recorded.get("relations", False))
+            scope = routing.from_record(manifest["routing"])
     elif (run_dir / "adapter_config.json").exists():
         model = model or json.loads((run_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     elif not (run_dir / CONTEXT_FILE).exists():

@@ -18,9 +18,10 @@ with the edit's fact in front and answered with the new capital (docs/log/2026-1
 Every text is read after a fixed prefix, because the first token of any sequence carries the same large
 activation in every sequence (an attention sink): a subject at position 0 would look like every other one.
 
-A subject is keyed as written and with its first letter's case flipped (see `cased`). An edit whose subject is
-not given, or not found in its prompt, cannot be scoped: an adapter holding one answers
-every query (routing would otherwise silently drop that edit); `unscoped` says which.
+A subject is keyed as written and with its first letter's case flipped (see `cased`), in the edit's prompt and alone
+(`key_texts`), since a question may open with it. An edit whose subject is not given, or not found in its prompt,
+cannot be scoped: an adapter holding one answers every query (routing would otherwise silently drop that edit);
+`unscoped` says which.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class RouterConfig:
     # (asks_other_relation). On: on CounterFact `val` (2 subsets x 3 seeds) routed CoRSA's generality moved by
     # -0.7 points (-1.7 to +0.0), edit success and neighbours unchanged (docs/log/2026-12-06-relation-gate.md).
     relations: bool = True
+    # Key each subject also as it reads alone, at the start of a text (`key_texts`): a question that opens with
+    # its subject ("Iron is written with the symbol") reads it with no context before it, unlike the key read
+    # inside the edit's prompt. On: 3 more of 192 hand-written dev and demo paraphrases routed, 1 more of 200 on
+    # CounterFact `val`, no neighbour more (docs/log/2026-12-06-handwritten-routing.md).
+    bare: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.depth <= 1.0:
@@ -92,6 +98,16 @@ def cased(prompt: str, span: tuple[int, int]) -> list[str]:
     texts = [prompt]
     if other != first:
         texts.append(prompt[:a] + other + prompt[a + 1 : b] + prompt[b:])
+    return texts
+
+
+def key_texts(prompt: str, span: tuple[int, int], bare: bool) -> list[tuple[str, tuple[int, int]]]:
+    """The texts an edit is keyed by, each with its subject's span: the prompt in both cases of the subject's first
+    letter (`cased`) and, when `bare`, the subject alone in both."""
+    texts = [(text, span) for text in cased(prompt, span)]
+    if bare:
+        subject = prompt[span[0] : span[1]]
+        texts += [(text, (0, len(subject))) for text in cased(subject, (0, len(subject)))]
     return texts
 
 
@@ -223,8 +239,9 @@ class Router:
         self.edits = [e for es in scopes.values() for e in es]
         self.edit_owner = torch.tensor([self.names.index(n) for n, es in scopes.items() for _ in es], dtype=torch.long)
         self.unscoped = {name: missing for name, es in scopes.items() if (missing := unscoped(es))}
-        found = [(i, text, span) for i, e in enumerate(self.edits)
-                 if (span := subject_span(e.prompt, e.subject)) is not None for text in cased(e.prompt, span)]
+        found = [(i, text, key_span) for i, e in enumerate(self.edits)
+                 if (span := subject_span(e.prompt, e.subject)) is not None
+                 for text, key_span in key_texts(e.prompt, span, config.bare)]
         keys = (cache or KeyCache()).get(model, tokenizer, self.layer, [(text, span) for _, text, span in found])
         self.keys = torch.stack(keys) if keys else torch.zeros((0, 1))
         self.key_edit = torch.tensor([i for i, _, _ in found], dtype=torch.long)
@@ -355,8 +372,15 @@ def record(config: RouterConfig, model: torch.nn.Module | None = None, edits: Se
     """What a manifest says about routing: the setting, and with the model and its edits the key layer and the
     edits it cannot scope (found without computing any key)."""
     out: dict[str, Any] = {"kind": "subject-key", "depth": config.depth, "threshold": config.threshold,
-                           "hint": config.hint, "relations": config.relations}
+                           "hint": config.hint, "relations": config.relations, "bare": config.bare}
     if model is not None:
         out["layer"] = key_layer(config, model)
         out["unscoped"] = unscoped(edits)
     return out
+
+
+def from_record(recorded: Mapping[str, Any]) -> RouterConfig:
+    """The setting a manifest's routing record (`record`) was made with. A record older than a switch has not got
+    its key, and was made without what the switch turns on."""
+    return RouterConfig(depth=recorded["depth"], threshold=recorded["threshold"], hint=recorded.get("hint", False),
+                        relations=recorded.get("relations", False), bare=recorded.get("bare", False))
