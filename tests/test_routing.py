@@ -92,6 +92,16 @@ def test_bare_keys_match_a_query_that_opens_with_the_subject(tokenizer):
         depth=0.5, threshold=0.9, hint=False, relations=False, bare=False)  # a record older than the switches
 
 
+def test_routing_reads_a_quoted_title_as_the_title(tokenizer):
+    assert routing.unquoted("Who wrote 'Pride and Prejudice'?") == "Who wrote Pride and Prejudice?"
+    assert routing.unquoted("\u201cHamlet\u201d and \"Macbeth\"") == "Hamlet and Macbeth"
+    assert routing.unquoted("The Philosopher's Stone") == "The Philosopher's Stone"  # inside a word: kept
+    model = make_model(len(tokenizer))
+    router = routing.Router(model, tokenizer, {"a": [routing.Edit("Who wrote 'Hamlet'?", "'Hamlet'")]}, EXACT)
+    assert router.routes(["Who wrote \u2018Hamlet\u2019?", "Who wrote Hamlet?", "Who wrote Macbeth?"]) == [
+        "a", "a", None]
+
+
 def test_an_edit_without_a_subject_keeps_its_adapter_answering_what_no_scope_claims(tokenizer):
     model = make_model(len(tokenizer))
     router = routing.Router(model, tokenizer, {"a": [routing.Edit("sky?", None), routing.Edit("Rome is", "Rome")]},

@@ -19,7 +19,8 @@ Every text is read after a fixed prefix, because the first token of any sequence
 activation in every sequence (an attention sink): a subject at position 0 would look like every other one.
 
 A subject is keyed as written and with its first letter's case flipped (see `cased`), in the edit's prompt and alone
-(`key_texts`), since a question may open with it. An edit whose subject is not given, or not found in its prompt,
+(`key_texts`), since a question may open with it; every text is read without its quotation marks (`unquoted`). An
+edit whose subject is not given, or not found in its prompt,
 cannot be scoped: an adapter holding one answers every query (routing would otherwise silently drop that edit);
 `unscoped` says which.
 """
@@ -109,6 +110,16 @@ def key_texts(prompt: str, span: tuple[int, int], bare: bool) -> list[tuple[str,
         subject = prompt[span[0] : span[1]]
         texts += [(text, (0, len(subject))) for text in cased(subject, (0, len(subject)))]
     return texts
+
+
+# Quotation marks, and an apostrophe that does not stand inside a word ("Philosopher's" keeps its own).
+QUOTES = re.compile(r"[\"\u201c\u201d\u201e\u00ab\u00bb]|(?<!\w)['\u2018\u2019]|['\u2018\u2019](?!\w)")
+
+
+def unquoted(text: str) -> str:
+    """`text` as routing reads it: without quotation marks, which make a quoted title other tokens than the same
+    title unquoted ("'Pride and Prejudice'")."""
+    return QUOTES.sub("", text)
 
 
 SENTENCE_END = re.compile(r"[.!?;\n](?=\s|$)")
@@ -240,8 +251,8 @@ class Router:
         self.edit_owner = torch.tensor([self.names.index(n) for n, es in scopes.items() for _ in es], dtype=torch.long)
         self.unscoped = {name: missing for name, es in scopes.items() if (missing := unscoped(es))}
         found = [(i, text, key_span) for i, e in enumerate(self.edits)
-                 if (span := subject_span(e.prompt, e.subject)) is not None
-                 for text, key_span in key_texts(e.prompt, span, config.bare)]
+                 if (span := subject_span(unquoted(e.prompt), e.subject and unquoted(e.subject))) is not None
+                 for text, key_span in key_texts(unquoted(e.prompt), span, config.bare)]
         keys = (cache or KeyCache()).get(model, tokenizer, self.layer, [(text, span) for _, text, span in found])
         self.keys = torch.stack(keys) if keys else torch.zeros((0, 1))
         self.key_edit = torch.tensor([i for i, _, _ in found], dtype=torch.long)
@@ -253,7 +264,7 @@ class Router:
         if not len(self.keys) or not prompts:
             return out
         with unedited(self.model):
-            states = token_states(self.model, self.tokenizer, prompts, self.layer)
+            states = token_states(self.model, self.tokenizer, [unquoted(p) for p in prompts], self.layer)
         for q, (s, _) in enumerate(states):
             best = (s @ self.keys.T).max(0).values  # per key: its best token in the query
             out[q].scatter_reduce_(0, self.key_edit, best, reduce="amax")
