@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--threshold", type=float, default=routing.DEFAULT.threshold)
     p.add_argument("--no-relations", action="store_true")
     p.add_argument("--bare", action=argparse.BooleanOptionalAction, default=routing.DEFAULT.bare)
+    p.add_argument("--names", action=argparse.BooleanOptionalAction, default=routing.DEFAULT.names)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bench", help="read n cases of this benchmark instead of files")
     p.add_argument("--data", help="the benchmarks folder (with --bench)")
@@ -39,7 +40,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    config = routing.RouterConfig(threshold=args.threshold, relations=not args.no_relations, bare=args.bare)
+    config = routing.RouterConfig(threshold=args.threshold, relations=not args.no_relations, bare=args.bare, names=args.names)
     model, tok, _ = models.load_model(None)
     sources = ([(f"{args.bench} {args.split} n={args.n} seed={args.seed}",
                  random.Random(args.seed).sample(load_benchmark(args.bench, args.data, args.split), args.n))]

@@ -89,7 +89,21 @@ def test_bare_keys_match_a_query_that_opens_with_the_subject(tokenizer):
         ("Is gold heavy?", (3, 7)), ("Is Gold heavy?", (3, 7)), ("gold", (0, 4)), ("Gold", (0, 4))]
     assert routing.from_record(routing.record(bare.config)) == bare.config
     assert routing.from_record({"depth": 0.5, "threshold": 0.9}) == routing.RouterConfig(
-        depth=0.5, threshold=0.9, hint=False, relations=False, bare=False)  # a record older than the switches
+        depth=0.5, threshold=0.9, hint=False, relations=False, bare=False, names=False)  # older than the switches
+
+
+def test_an_edit_of_a_country_is_keyed_by_its_other_names_too(tokenizer):
+    assert routing.other_names("Canada") == ["Canadian", "Canadians"]
+    assert "USA" in routing.other_names("the United States") and routing.other_names("Qwzx") == []
+    assert routing.key_texts("Is Canada big?", (3, 9), bare=False, names=["Canadian"]) == [
+        ("Is Canada big?", (3, 9)), ("Is canada big?", (3, 9)), ("Is Canadian big?", (3, 11)),
+        ("Is canadian big?", (3, 11))]
+    model = make_model(len(tokenizer))
+    edits = {"a": [routing.Edit("What is the capital of Canada?", "Canada")]}
+    queries = ["What is the capital of Canadian?", "Canadians are", "What is the capital of Mexican?"]
+    assert routing.Router(model, tokenizer, edits, EXACT).routes(queries) == ["a", "a", None]
+    unnamed = routing.Router(model, tokenizer, edits, dataclasses.replace(EXACT, names=False))
+    assert unnamed.routes(queries) == [None, None, None]
 
 
 def test_routing_reads_a_quoted_title_as_the_title(tokenizer):
@@ -161,7 +175,8 @@ def test_edit_records_routing_and_ask_routes_unless_told_not_to(tmp_path, tiny_d
     assert "1 edit(s) name no subject found in their prompt (first: 'sky?')" in closing
     scope = json.loads((out / "edit_manifest.json").read_text())["routing"]
     assert scope == {"kind": "subject-key", "depth": routing.DEFAULT.depth, "threshold": 0.99, "hint": True,
-                     "relations": True, "bare": True, "layer": 1, "unscoped": ["sky?"]}
+                     "relations": True, "bare": True, "names": True, "layer": 1,
+                     "unscoped": ["sky?"]}
     model, _ = load_edited(out)
     assert isinstance(model, routing.RoutedModel) and model.router.config.threshold == 0.99
     assert model.router.config.relations
@@ -171,8 +186,9 @@ def test_edit_records_routing_and_ask_routes_unless_told_not_to(tmp_path, tiny_d
     assert json.loads((ungated / "edit_manifest.json").read_text())["routing"]["relations"] is False
     assert load_edited(ungated)[0].router.config.relations is False
     assert main(["edit", str(path), "--out", str(tmp_path / "unbare"), "--model", tiny_dir, "--epochs", "1", "--quiet",
-                 "--no-route-bare"]) == 0
-    assert load_edited(tmp_path / "unbare")[0].router.config == dataclasses.replace(routing.DEFAULT, bare=False)
+                 "--no-route-bare", "--no-route-names"]) == 0
+    assert load_edited(tmp_path / "unbare")[0].router.config == dataclasses.replace(routing.DEFAULT, bare=False,
+                                                                                    names=False)
     assert not isinstance(load_edited(out, route=False)[0], routing.RoutedModel)
     plain = tmp_path / "plain"  # the portable export: a PEFT folder alone answers every query
     plain.mkdir()

@@ -177,6 +177,8 @@ def _add_routing_flags(p: argparse.ArgumentParser) -> None:
                    "France?\" is left to the unedited model after an edit of France's capital)")
     p.add_argument("--no-route-bare", action="store_true", help="key each edit's subject only as its prompt reads "
                    "it (default: also alone, so that a question opening with the subject is matched)")
+    p.add_argument("--no-route-names", action="store_true", help="key an edit of a country only by the name its "
+                   "prompt gives (default: also by its other names, adjective and people: \"Canadian\", \"USA\")")
 
 
 def _add_source_and_to(p: argparse.ArgumentParser, done: str) -> None:
@@ -200,6 +202,8 @@ def _router(args: argparse.Namespace) -> Any:
         given["relations"] = False
     if args.no_route_bare:
         given["bare"] = False
+    if args.no_route_names:
+        given["names"] = False
     try:
         return RouterConfig(**given)
     except ValueError as exc:

@@ -28,9 +28,12 @@ cannot be scoped: an adapter holding one answers every query (routing would othe
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from typing import Any, Protocol
 
 import torch
@@ -61,6 +64,10 @@ class RouterConfig:
     # inside the edit's prompt. On: 3 more of 192 hand-written dev and demo paraphrases routed, 1 more of 200 on
     # CounterFact `val`, no neighbour more (docs/log/2026-12-06-handwritten-routing.md).
     bare: bool = True
+    # Key an edit of a country also by the country's other names, adjective and people ("Canadian", "Mexicans",
+    # "USA"; `other_names`), each in the subject's place: "What is the Canadian capital?" names no "Canada"
+    # (docs/log/2026-12-06-handwritten-routing.md).
+    names: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.depth <= 1.0:
@@ -102,14 +109,36 @@ def cased(prompt: str, span: tuple[int, int]) -> list[str]:
     return texts
 
 
-def key_texts(prompt: str, span: tuple[int, int], bare: bool) -> list[tuple[str, tuple[int, int]]]:
+def key_texts(prompt: str, span: tuple[int, int], bare: bool, names: Sequence[str] = ()
+              ) -> list[tuple[str, tuple[int, int]]]:
     """The texts an edit is keyed by, each with its subject's span: the prompt in both cases of the subject's first
-    letter (`cased`) and, when `bare`, the subject alone in both."""
-    texts = [(text, span) for text in cased(prompt, span)]
-    if bare:
-        subject = prompt[span[0] : span[1]]
-        texts += [(text, (0, len(subject))) for text in cased(subject, (0, len(subject)))]
+    letter (`cased`) and, when `bare`, the subject alone in both; then the same for each of the subject's other
+    `names`, put in its place in the prompt."""
+    a, b = span
+    texts = []
+    for name in (prompt[a:b], *names):
+        named = (a, a + len(name))
+        texts += [(text, named) for text in cased(prompt[:a] + name + prompt[b:], named)]
+        if bare:
+            texts += [(text, (0, len(name))) for text in cased(name, (0, len(name)))]
     return texts
+
+
+@cache
+def country_names() -> dict[str, list[str]]:
+    """Each country of the table shipped with the package (data/country_names.json, written for corsa), by its
+    name in lower case, with the other names, adjective and people's names a question may call it by."""
+    table = json.loads(resources.files("corsa").joinpath("data", "country_names.json").read_text())
+    return {name.lower(): forms for name, forms in table["countries"].items()}
+
+
+def other_names(subject: str | None) -> list[str]:
+    """What else a question may call `subject` ("Canadian", "Canadians" for Canada): the country table's forms,
+    none for a subject it does not list."""
+    if not subject:
+        return []
+    name = subject.strip().lower()
+    return country_names().get(name.removeprefix("the "), [])
 
 
 # Quotation marks, and an apostrophe that does not stand inside a word ("Philosopher's" keeps its own).
@@ -252,7 +281,8 @@ class Router:
         self.unscoped = {name: missing for name, es in scopes.items() if (missing := unscoped(es))}
         found = [(i, text, key_span) for i, e in enumerate(self.edits)
                  if (span := subject_span(unquoted(e.prompt), e.subject and unquoted(e.subject))) is not None
-                 for text, key_span in key_texts(unquoted(e.prompt), span, config.bare)]
+                 for text, key_span in key_texts(unquoted(e.prompt), span, config.bare,
+                                                 other_names(e.subject) if config.names else ())]
         keys = (cache or KeyCache()).get(model, tokenizer, self.layer, [(text, span) for _, text, span in found])
         self.keys = torch.stack(keys) if keys else torch.zeros((0, 1))
         self.key_edit = torch.tensor([i for i, _, _ in found], dtype=torch.long)
@@ -383,7 +413,8 @@ def record(config: RouterConfig, model: torch.nn.Module | None = None, edits: Se
     """What a manifest says about routing: the setting, and with the model and its edits the key layer and the
     edits it cannot scope (found without computing any key)."""
     out: dict[str, Any] = {"kind": "subject-key", "depth": config.depth, "threshold": config.threshold,
-                           "hint": config.hint, "relations": config.relations, "bare": config.bare}
+                           "hint": config.hint, "relations": config.relations, "bare": config.bare,
+                           "names": config.names}
     if model is not None:
         out["layer"] = key_layer(config, model)
         out["unscoped"] = unscoped(edits)
@@ -394,4 +425,5 @@ def from_record(recorded: Mapping[str, Any]) -> RouterConfig:
     """The setting a manifest's routing record (`record`) was made with. A record older than a switch has not got
     its key, and was made without what the switch turns on."""
     return RouterConfig(depth=recorded["depth"], threshold=recorded["threshold"], hint=recorded.get("hint", False),
-                        relations=recorded.get("relations", False), bare=recorded.get("bare", False))
+                        relations=recorded.get("relations", False), bare=recorded.get("bare", False),
+                        names=recorded.get("names", False))
