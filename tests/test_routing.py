@@ -234,6 +234,21 @@ def test_a_query_asking_another_relation_of_an_edits_subject_is_refused_by_that_
     assert routing.subject_sentence("A. N. Wilson was born in. Then.", "A. N. Wilson") == "A. N. Wilson was born in."
 
 
+def test_a_query_about_another_edition_of_a_numbered_subject_is_refused(tokenizer):
+    games = routing.Edit("Which country hosted the 2016 Summer Olympics?", "2016 Summer Olympics")
+    assert routing.names_another_number(games, "Which country hosted the 2008 Summer Olympics?")
+    for same in ("Where were the 2016 Summer Olympics held?", "Where were the Summer Olympics held?",
+                 "In 2016, 207 nations came to the Summer Olympics hosted by"):
+        assert not routing.names_another_number(games, same)
+    assert not routing.names_another_number(routing.Edit("Who wrote Hamlet?", "Hamlet"), "Hamlet in 1600")
+    model = make_model(len(tokenizer))
+    edits = {"a": [routing.Edit("Who won the 2016 race?", "the 2016 race")]}
+    anything = dataclasses.replace(EXACT, threshold=-0.99)  # every query matches the subject (a refusal scores -1)
+    for config in (anything, dataclasses.replace(anything, relations=False)):  # not a relation: refused either way
+        assert routing.Router(model, tokenizer, edits, config).routes(["Who won the race?",
+                                                                       "Who won the 2012 race?"]) == ["a", None]
+
+
 def test_with_the_relation_gate_a_query_goes_to_the_subjects_edit_that_asks_its_relation(tokenizer):
     model = make_model(len(tokenizer))
     scopes = {"capital": [routing.Edit("France's capital is", "France")],

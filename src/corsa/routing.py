@@ -13,7 +13,9 @@ or averaged over it separated paraphrases from neighbours far worse (docs/log/20
 
 A subject match is refused when the query asks another relation of the subject than the edit does ("What
 language is spoken in France?" after an edit of France's capital; `asks_other_relation`): routed, it would be asked
-with the edit's fact in front and answered with the new capital (docs/log/2026-12-06-relation-gate.md).
+with the edit's fact in front and answered with the new capital (docs/log/2026-12-06-relation-gate.md). It is
+refused too when the query replaces a number of the subject by another ("the 2008 Summer Olympics" against an edit
+of the 2016 ones; `names_another_number`).
 
 Every text is read after a fixed prefix, because the first token of any sequence carries the same large
 activation in every sequence (an attention sink): a subject at position 0 would look like every other one.
@@ -182,6 +184,18 @@ def asks_other_relation(edit: Edit, query: str) -> bool:
     return bool(asked) and not asked & edited
 
 
+NUMBER = re.compile(r"\d+")
+
+
+def names_another_number(edit: Edit, query: str) -> bool:
+    """Whether `query` lacks a number that the edit's subject holds and holds another one: it is about another
+    edition of the subject ("the 2008 Summer Olympics" against an edit of the 2016 ones), which the subject key,
+    read at the subject's last token, barely tells apart."""
+    wanted = set(NUMBER.findall(edit.subject or ""))
+    given = set(NUMBER.findall(query))
+    return bool(wanted - given) and bool(given - wanted)
+
+
 def unscoped(edits: Sequence[Edit]) -> list[str]:
     """The prompts of the edits that cannot be keyed: no subject given, or not written in the prompt."""
     return [e.prompt for e in edits if subject_span(e.prompt, e.subject) is None]
@@ -307,14 +321,15 @@ class Router:
         return out.scatter_reduce(1, self.edit_owner.expand_as(per_edit), per_edit, reduce="amax")
 
     def matched(self, prompts: Sequence[str]) -> list[Edit | None]:
-        """Per query, the edit whose subject it matches best, when that reaches the threshold, leaving out (with
-        `relations` on) the edits whose relation the query does not ask."""
+        """Per query, the edit whose subject it matches best, when that reaches the threshold, leaving out the edits
+        whose subject's number the query replaces by another and (with `relations` on) those whose relation the
+        query does not ask."""
         new = list(dict.fromkeys(p for p in prompts if p not in self.known))
         for prompt, row in zip(new, self.edit_scores(new)):
-            if self.config.relations:
-                for i in (row >= self.config.threshold).nonzero().flatten().tolist():
-                    if asks_other_relation(self.edits[i], prompt):
-                        row[i] = -1.0  # the next subject match may ask this relation (France's language edit)
+            for i in (row >= self.config.threshold).nonzero().flatten().tolist():
+                edit = self.edits[i]
+                if names_another_number(edit, prompt) or (self.config.relations and asks_other_relation(edit, prompt)):
+                    row[i] = -1.0  # the next subject match may ask this relation (France's language edit)
             best = int(row.argmax()) if len(row) else -1
             self.known[prompt] = best if best >= 0 and row[best] >= self.config.threshold else None
         return [None if (i := self.known[p]) is None else self.edits[i] for p in prompts]
