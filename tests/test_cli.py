@@ -176,3 +176,18 @@ def test_a_packaged_model_whose_package_is_missing_is_one_line_exit_2(tmp_path, 
     assert code == 2 and err.count("\n") == 1
     assert "needs the package corsa-test-absent-model: pip install corsa-test-absent-model" in err
     assert not out.exists()
+
+
+def test_the_demo_runs_on_a_users_own_edits(tmp_path, capsys, tiny_dir):
+    path = edits_file(tmp_path, {"id": "a", "prompt": "Paris is in", "target_new": "Italy", "target_old": "France",
+                                 "subject": "Paris", "paraphrases": ["Paris lies in"],
+                                 "neighborhood": [{"prompt": "Rome is in", "answer": "Italy"}]},
+                      {"id": "b", "prompt": "2+2?", "target_new": "five"})
+    out = tmp_path / "d"
+    code, printed, err = run_cli(capsys, "demo", "--edits", path, "--out", out, "--model", tiny_dir, "--epochs", "1",
+                                 "--quiet")
+    assert code == 0, err
+    assert f"2 counterfactual edits from {path}" in printed
+    report = json.loads((out / "demo_results.json").read_text())
+    assert report["edits"] == str(path) and [c["id"] for c in report["results"]["corsa"]["cases"]] == ["a", "b"]
+    assert "paraphrase success" in report["table"] and set(report["runs"]) == {"lora", "corsa"}

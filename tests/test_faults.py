@@ -155,6 +155,9 @@ CASES: dict[str, tuple[list[str], dict[str, str | bytes]]] = {
     "bench: speed steps zero": (["bench", "speed", "--data", "data", "--out", "b", "--steps", "0"], {}),
     "demo: out is a file": (["demo", "--out", "demo"], {"demo": "x"}),
     "demo: a user's folder where a run goes": (["demo", "--out", "d"], {"d/lora/notes.txt": "x"}),
+    "demo: edits file missing": (["demo", "--out", "d", "--edits", "none.jsonl"], {}),
+    "demo: edits file with a bad line": (["demo", "--out", "d", "--edits", "mine.jsonl"],
+                                         {"mine.jsonl": lines(GOOD, {"prompt": "x"})}),
 }
 
 

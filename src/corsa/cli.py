@@ -303,8 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=whole(1, 65535), default=8000)
     p.add_argument("--threads", type=THREADS)
 
-    p = sub.add_parser("demo", help="edit the embedded fact set with LoRA and CoRSA and compare")
+    p = sub.add_parser("demo", help="edit the embedded fact set (or your own) with LoRA and CoRSA and compare")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--edits", help="a JSONL file of your own edits, each with the paraphrases and neighborhood "
+                   "questions to measure it on (default: the 24 embedded facts, src/corsa/data/demo_edits.jsonl)")
     _add_training_flags(p)
     from corsa.demo import METHODS as DEMO_METHODS
 
@@ -578,9 +580,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     if args.command == "demo":
         from corsa.demo import run_demo
+        from corsa.requests import read_edits
 
+        edits = read_edits(args.edits) if args.edits else None
         run_demo(args.out, model=args.model, progress=not args.quiet, prompt_style=args.prompt_style,
-                 preset=args.preset, route=_router(args), **_method_overrides(args))
+                 preset=args.preset, route=_router(args), edits=edits, source=args.edits, **_method_overrides(args))
         return 0
     if args.command == "bench":
         from corsa.evaluate.metrics import EvalConfig

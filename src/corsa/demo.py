@@ -58,7 +58,10 @@ METHODS: tuple[str, ...] = ("lora", "corsa")  # the demo's comparison; `corsa de
 
 def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = METHODS, model: str | None = None,
              progress: bool = True, prompt_style: PromptStyle = "auto", preset: str = "auto",
-             route: routing.RouterConfig | None = routing.DEFAULT, **overrides: Any) -> dict[str, Any]:
+             route: routing.RouterConfig | None = routing.DEFAULT, edits: list[EditRequest] | None = None,
+             source: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Train each of `methods` on `edits` (default: the embedded facts) without their paraphrases and neighbourhood
+    questions, and measure on those the table `corsa demo` prints; `source` names where the edits came from."""
     out = Path(out)
     # Checked before any work: a rerun replaces the demo's own runs and report, and nothing else.
     for method in methods:
@@ -67,8 +70,11 @@ def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = METHOD
     if report_file.exists() and not is_demo_report(report_file):
         raise InputError(f"{report_file} exists and was not written by `corsa demo`; choose another --out",
                          field="--out")
-    requests = demo_edits()
-    print(f"corsa demo: {len(requests)} counterfactual edits, model {model or models.DEFAULT_MODEL}")
+    requests = demo_edits() if edits is None else edits
+    source = source or "the embedded facts"
+    print(f"corsa demo: {len(requests)} counterfactual edits from {source}, model {model or models.DEFAULT_MODEL}")
+    if not any(r.paraphrases or r.neighborhood for r in requests):
+        print(f"{source} gives no paraphrases and no neighborhood: only the edit prompts are measured")
     base, tok, _ = models.load_model(model)
     formatter = Formatter(tok, prompt_style)
     columns = {"base": evaluate(base, formatter, requests)}
@@ -88,7 +94,7 @@ def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = METHOD
         print(f"{method}: {result.info['steps']} steps in {runs[method]['wall_time_s']:.0f} s -> {run_dir}")
     table = format_table(columns)
     print("\n" + table)
-    report = {"model": model or models.DEFAULT_MODEL, "runs": runs, "results": columns, "table": table,
+    report = {"model": model or models.DEFAULT_MODEL, "edits": source, "runs": runs, "results": columns, "table": table,
               "routing": routing.record(route) if route is not None else None}
     artifacts.write_json(out / "demo_results.json", report)
     if route is not None:
