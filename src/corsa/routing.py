@@ -34,7 +34,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any, Protocol
 
@@ -168,6 +168,13 @@ def subject_sentence(query: str, subject: str | None) -> str:
     return query[starts[-1] if starts else 0 : end.end() if end else len(query)]
 
 
+@lru_cache(maxsize=1 << 16)
+def edited_relations(edit: Edit) -> frozenset[int] | None:
+    """The pool's relations the edit's prompt names (corsa.anchors.named_relations), read once per edit rather than
+    once per query the relation gate checks against it."""
+    return anchors.named_relations(edit.subject or "", edit.prompt, edit.prompt)
+
+
 def asks_other_relation(edit: Edit, query: str) -> bool:
     """Whether `query`, though about the edit's subject, asks another relation of it: the edit's prompt names
     some of the pool's relations for the subject's kind (corsa.anchors.named_relations), the query's sentence
@@ -177,7 +184,7 @@ def asks_other_relation(edit: Edit, query: str) -> bool:
     refused."""
     if not edit.subject:
         return False
-    edited = anchors.named_relations(edit.subject, edit.prompt, edit.prompt)
+    edited = edited_relations(edit)
     if not edited:
         return False
     asked = anchors.named_relations(edit.subject, edit.prompt, subject_sentence(query, edit.subject))
