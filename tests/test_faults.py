@@ -143,6 +143,8 @@ CASES: dict[str, tuple[list[str], dict[str, str | bytes]]] = {
                                                {"facts.jsonl": lines({"prompt": "why " * 40, "target_new": "a"})}),
     "update: bad model": (["update", "store", "facts.jsonl", "--model", "./none"], {}),
     "update: lr nan": (["update", "store", "facts.jsonl", "--model", "{model}", "--lr", "nan"], {}),
+    "update: routing threshold out of range": (["update", "store", "facts.jsonl", "--model", "{model}",
+                                                "--route-threshold", "2"], {}),
     "bench: n zero": (["bench", "single", "--bench", "counterfact", "--data", "data", "--out", "b", "--n", "0"], {}),
     "bench: no data": (["bench", "single", "--bench", "counterfact", "--data", "data", "--out", "b"], {}),
     "bench: unknown method": (["bench", "single", "--bench", "zsre", "--data", "z.json", "--out", "b", "--methods",

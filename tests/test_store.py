@@ -253,3 +253,30 @@ def test_ask_reads_a_store(tmp_path, tiny_dir, capsys):
     capsys.readouterr()
     assert main(["ask", "sky?", "--adapter", str(root), "--max-new-tokens", "32"]) == 0
     assert capsys.readouterr().out.strip() == store.Store(root).answers(1)["sky?"].strip()
+
+
+def test_a_store_keeps_the_routing_it_was_created_with(tmp_path, tiny_dir, capsys):
+    from corsa import routing
+    from corsa.loading import load_version
+
+    root = tmp_path / "kb"
+    ungated = routing.RouterConfig(relations=False)
+    store.update(root, FIRST, model=tiny_dir, progress=False, route=ungated, **FAST)
+    with store.Store(root) as s:
+        assert s.routing() == ungated
+    assert json.loads((root / "store.json").read_text())["routing"]["relations"] is False
+    assert load_version(root)[0].router.config == ungated  # what `corsa ask` answers with
+    store.update(root, [EditRequest("sea?", "red", "blue")], model=tiny_dir, progress=False, **FAST)  # kept as is
+    facts = tmp_path / "more.jsonl"
+    facts.write_text(json.dumps({"prompt": "grass?", "target_new": "blue"}) + "\n")
+    capsys.readouterr()
+    assert main(["update", str(root), str(facts), "--model", tiny_dir, "--no-route-names", "--quiet"]) == 2
+    assert "routing it was created with" in capsys.readouterr().err
+    with store.Store(root) as s:
+        assert s.head == 2
+    # a store made before routing was recorded answers with today's default
+    with sqlite3.connect(root / "store.db") as db:
+        db.execute("DELETE FROM store WHERE key = 'routing'")
+    db.close()
+    with store.Store(root) as s:
+        assert s.routing() == routing.DEFAULT

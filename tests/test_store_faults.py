@@ -53,7 +53,7 @@ def snapshot(root):
         return {"versions": s.versions(), "head": s.head,
                 "edits": {v.version: s.edits(v.version) for v in s.versions()},
                 "answers": {v.version: s.answers(v.version) for v in s.versions()},
-                "meta": {k: s.meta(k) for k in ("format", "id", "model", "prompt_style", "created")}}
+                "meta": {k: s.meta(k) for k in ("format", "id", "model", "prompt_style", "created", "routing")}}
 
 
 def files(root):

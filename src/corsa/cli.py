@@ -162,10 +162,13 @@ def _add_method_flags(p: argparse.ArgumentParser, shared_by: tuple[str, ...] | N
             p.add_argument(flag, dest=option.dest, type=kind, choices=option.choices, help=option.help)
 
 
-def _add_routing_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-route", action="store_true",
-                   help="answer every query with the adapter (default: only queries about an edit's subject; the "
-                        "rest with the unedited model)")
+def _add_routing_flags(p: argparse.ArgumentParser, *, off: bool = True) -> None:
+    """The routing flags; without `off`, no --no-route (a store is always routed; `corsa ask --no-route` asks
+    one of its versions unrouted)."""
+    if off:
+        p.add_argument("--no-route", action="store_true",
+                       help="answer every query with the adapter (default: only queries about an edit's subject; "
+                            "the rest with the unedited model)")
     p.add_argument("--route-threshold", type=finite, help="similarity a query needs to an edit's subject key to be "
                    "answered with the adapter (default 0.95; docs/log/2026-12-05-routing.md)")
     p.add_argument("--route-depth", type=finite, help="layer of the routing keys, as a share of the model's depth "
@@ -189,11 +192,12 @@ def _add_source_and_to(p: argparse.ArgumentParser, done: str) -> None:
                    f"{done} into it)")
 
 
-def _router(args: argparse.Namespace) -> Any:
-    """The routing setting the flags ask for; None with --no-route."""
+def _router(args: argparse.Namespace, *, only_given: bool = False) -> Any:
+    """The routing setting the flags ask for; None with --no-route, and with `only_given` when no routing flag
+    is given (a store then keeps, or a new one takes, its own)."""
     from corsa.routing import RouterConfig
 
-    if args.no_route:
+    if getattr(args, "no_route", False):
         return None
     given = {k: v for k, v in (("threshold", args.route_threshold), ("depth", args.route_depth)) if v is not None}
     if args.no_route_hint:
@@ -204,6 +208,8 @@ def _router(args: argparse.Namespace) -> Any:
         given["bare"] = False
     if args.no_route_names:
         given["names"] = False
+    if only_given and not given:
+        return None
     try:
         return RouterConfig(**given)
     except ValueError as exc:
@@ -234,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=POSITIVE, help="use only the first N edit requests")
     _add_method_flags(p)
     _add_training_flags(p)
+    _add_routing_flags(p, off=False)  # recorded when the update creates the store; a store keeps its own
 
     p = sub.add_parser("log", help="a store's versions: edits, metrics, checksums")
     p.add_argument("store")
@@ -747,8 +754,8 @@ def _store_command(args: argparse.Namespace, command: str) -> int:
         overrides = _method_overrides(args)
         requests = _requests(args)
         v = store.update(args.store, requests, method=args.method, model=args.model, prompt_style=args.prompt_style,
-                         preset=args.preset,
-                         progress=not args.quiet, command=command, **overrides)
+                         preset=args.preset, progress=not args.quiet, command=command,
+                         route=_router(args, only_given=True), **overrides)
         m = v.metrics
         forgetting = "n/a" if m["forgetting"] is None else f"{m['forgetting']:.0%}"
         print(f"{args.store}: version {v.version} ({_count(m['n_edits'], 'edit')}, "

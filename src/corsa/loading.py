@@ -40,7 +40,7 @@ def load_edited(run_dir: str | Path, model: str | None = None, *, route: bool = 
             if v is None:
                 raise InputError(f"{run_dir} lies in the store {owner} but is not one of its committed versions; "
                                  "not loaded", field="--adapter")
-            return routing.answering(*store.load(v), store.scope(v), routing.DEFAULT if route else None)
+            return routing.answering(*store.load(v), store.scope(v), store.routing() if route else None)
     style, method, scope = "auto", None, None
     if (run_dir / artifacts.MANIFEST).exists():
         manifest = artifacts.read_manifest(run_dir)
@@ -68,7 +68,7 @@ def load_version(root: str | Path, v: int | None = None, model: str | None = Non
     with Store(root) as store:
         check_store_model(store, model)
         v = store.head if v is None else v
-        return routing.answering(*store.load(v), store.scope(v), routing.DEFAULT if route else None)
+        return routing.answering(*store.load(v), store.scope(v), store.routing() if route else None)
 
 
 def check_store_model(store: Store, model: str | None) -> None:

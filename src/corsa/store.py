@@ -260,6 +260,12 @@ def read_store_file(root: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != FORMAT or not all(
             isinstance(data.get(k), str) for k in ("id", "model", "prompt_style", "created")):
         raise InputError(f"not a {FORMAT} record (format, id, model, prompt_style, created)", path=str(path))
+    if "routing" in data:  # absent from stores made before routing was recorded
+        try:
+            routing.from_record(data["routing"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise InputError(f"its routing record is not one corsa wrote ({exc})", path=str(path),
+                             field="routing") from None
     return data
 
 
@@ -297,6 +303,12 @@ class Store:
     @property
     def head(self) -> int:
         return int(self.meta("head", "0"))  # type: ignore[arg-type]
+
+    def routing(self) -> routing.RouterConfig:
+        """How the store's versions are asked (`corsa ask`, `history`, the answers an update records): the setting
+        recorded when the store was created, or today's default for a store made before one was recorded."""
+        recorded = self.meta("routing")
+        return routing.DEFAULT if recorded is None else routing.from_record(json.loads(recorded))
 
     @property
     def last(self) -> int:
@@ -441,23 +453,34 @@ class Store:
                   "move it aside and the next update writes it again from store.db", file=sys.stderr)
 
     def write_store_file(self) -> None:
+        recorded = self.meta("routing")
         artifacts.write_json(self.root / STORE_FILE, {
             "format": FORMAT, "id": self.id, "model": self.meta("model"),
-            "prompt_style": self.meta("prompt_style", "auto"), "created": self.meta("created")})
+            "prompt_style": self.meta("prompt_style", "auto"), "created": self.meta("created"),
+            **({} if recorded is None else {"routing": json.loads(recorded)})})
 
-    def adopt(self, model: str, prompt_style: str) -> None:
-        """Make sure the store is one of `model` asked in `prompt_style`. Once an update is committed they are
-        fixed; before that (a new store, or one whose first update failed) they are simply set, and the answers
-        recorded with the old model are dropped, as they no longer describe the store."""
+    def adopt(self, model: str, prompt_style: str, route: routing.RouterConfig | None = None) -> None:
+        """Make sure the store is one of `model` asked in `prompt_style`, routed as `route` says (None: as it
+        records). Once an update is committed they are fixed; before that (a new store, or one whose first update
+        failed) they are simply set, and the answers recorded with the old setting are dropped, as they no longer
+        describe the store."""
         recorded = (self.meta("model") or "", self.meta("prompt_style", "auto") or "auto")
-        if recorded == (model, prompt_style):
+        same_route = route is None or route == self.routing()
+        if recorded == (model, prompt_style) and same_route:
             return
         if self.has_updates:
             check_same_model(self, model, prompt_style)
+            if not same_route:
+                raise InputError(f"{self.root} answers with the routing it was created with "
+                                 f"({routing.record(self.routing())}); leave out the routing flags, or start "
+                                 "another store", field="routing")
             return
         with self.transaction():
             self.db.execute("UPDATE store SET value = ? WHERE key = 'model'", (model,))
             self.db.execute("UPDATE store SET value = ? WHERE key = 'prompt_style'", (prompt_style,))
+            if route is not None:
+                self.db.execute("INSERT OR REPLACE INTO store VALUES ('routing', ?)",
+                                (json.dumps(routing.record(route)),))
             self.db.execute("DELETE FROM answers")
         self.write_store_file()
 
@@ -586,7 +609,8 @@ def build_database(root: Path, identity: dict[str, Any], records: list[dict[str,
             db.executemany("INSERT INTO store VALUES (?, ?)",
                            [("format", FORMAT), ("id", identity["id"]), ("model", identity["model"]),
                             ("prompt_style", identity["prompt_style"]), ("created", identity["created"]),
-                            ("head", "0")])
+                            ("head", "0")]
+                           + ([("routing", json.dumps(identity["routing"]))] if "routing" in identity else []))
             db.execute("INSERT INTO versions (version, kind, created) VALUES (0, 'base', ?)", (identity["created"],))
             for record in records:
                 insert_version(db, record)
@@ -599,10 +623,11 @@ def build_database(root: Path, identity: dict[str, Any], records: list[dict[str,
     return tmp
 
 
-def create_store(root: Path, model: str, prompt_style: str) -> None:
+def create_store(root: Path, model: str, prompt_style: str, route: routing.RouterConfig = routing.DEFAULT) -> None:
     """A new store in an empty folder: store.db renamed into place complete, then store.json (which a writer
     would write again from the database, should a crash come between)."""
-    identity = {"id": str(uuid.uuid4()), "model": model, "prompt_style": prompt_style, "created": artifacts.now()}
+    identity = {"id": str(uuid.uuid4()), "model": model, "prompt_style": prompt_style, "created": artifacts.now(),
+                "routing": routing.record(route)}
     os.replace(build_database(root, identity, []), root / DB)
     artifacts.write_json(root / STORE_FILE, {"format": FORMAT, **identity})
 
@@ -633,7 +658,7 @@ def hold_lock(root: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def locked(root: str | Path, *, create: bool = False, model: str | None = None,
-           prompt_style: str = "auto") -> Iterator[Store]:
+           prompt_style: str = "auto", route: routing.RouterConfig | None = None) -> Iterator[Store]:
     """The store, held exclusively and opened for writing. With `create`, a missing or empty folder becomes a new
     store of `model` (a canonical name) asked in `prompt_style`; any other folder that is not a store is refused."""
     root = Path(root)
@@ -649,7 +674,7 @@ def locked(root: str | Path, *, create: bool = False, model: str | None = None,
             if not create:
                 raise InputError(f"{root} is not a corsa store (no {DB})", field="STORE")
             assert model is not None, "a new store needs its model"
-            create_store(root, model, prompt_style)
+            create_store(root, model, prompt_style, route or routing.DEFAULT)
         store = Store(root, write=True)
         try:
             store.upgrade()
@@ -723,9 +748,11 @@ def settle_model(root: Path, model: str | None, prompt_style: str) -> StoreModel
 
 def update(root: str | Path, requests: list[EditRequest], *, method: str = "corsa", model: str | None = None,
            prompt_style: PromptStyle = "auto", progress: bool = True, command: str | None = None,
-           preset: str = "auto", on_stage: Callable[[str], None] | None = None, **overrides: Any) -> Version:
+           preset: str = "auto", on_stage: Callable[[str], None] | None = None,
+           route: routing.RouterConfig | None = None, **overrides: Any) -> Version:
     """Continue the store's head adapter on `requests` (creating the store on first use) and record the result
-    as a new version. The DPO reference is the model as it was before this update (base + head adapter).
+    as a new version. A new store records `route` (default: routing's default) as how its versions are asked;
+    a store holding updates keeps its own, and refuses another. The DPO reference is the model as it was before this update (base + head adapter).
 
     Everything that can be checked is checked before the store folder or its database is created or changed:
     the method and its config, the prompts (distinct, within the model's context), the model (resolved and
@@ -752,9 +779,10 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
                   count_answer=formatter.answer_length)
     style = settled.prompt_style if settled.fixed else formatter.style  # a new store records the resolved style
 
-    with locked(root, create=True, model=settled.model, prompt_style=style) as store:
+    with locked(root, create=True, model=settled.model, prompt_style=style, route=route) as store:
         stage("locked")
-        store.adopt(settled.model, style)
+        store.adopt(settled.model, style, route)
+        asks = store.routing()
         parent = store.head
         requests, sources = plan_update(store, requests)
         held_before = store.facts(parent)
@@ -766,7 +794,7 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
         # What the store answers is what `corsa ask` answers: each version's adapter routed to its facts' scope.
         scope = {e.prompt: e for e in store.scope(parent)}
         keys = routing.KeyCache()  # the stored facts' keys, computed once for the answers before and after
-        asked, asked_formatter = routing.answering(edited, formatter, list(scope.values()), cache=keys)
+        asked, asked_formatter = routing.answering(edited, formatter, list(scope.values()), asks, cache=keys)
         requests = mine_old_answers(asked, asked_formatter, requests, autocast=bf16)
         # What the store answered before: recorded at the parent version, or asked now for prompts never asked.
         # The requests' neighbourhood prompts too, so the update's locality can be measured (update_metrics).
@@ -780,7 +808,7 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
         checks = check_result(spec, result, start)  # a diverged or unchanged adapter is refused; nothing written
         held_after = {**held_before, **{r.prompt: r.target_new for r in requests}}
         scope.update({e.prompt: e for e in routing.edits_of(requests)})
-        after = _answer_all(*routing.answering(result.model, formatter, list(scope.values()), cache=keys),
+        after = _answer_all(*routing.answering(result.model, formatter, list(scope.values()), asks, cache=keys),
                             [*held_after, *neighbors])
         metrics = update_metrics(requests, held_before, before, after)
         metrics["timings"] = {**result.info.get("timings", {}), "wall_s": time.perf_counter() - t_start}
@@ -905,8 +933,8 @@ def history(root: str | Path, prompt: str) -> list[tuple[Version, str]]:
                     folder = store.adapter_dir(ver.version)
                     asked = model if folder is None else attach_adapter(model, folder)
                     # As `corsa ask` answers at that version: its adapter routed to its facts' scope.
-                    answer = generate(*routing.answering(asked, formatter, store.scope(ver.version), cache=keys),
-                                      [prompt])[0]
+                    answer = generate(*routing.answering(asked, formatter, store.scope(ver.version),
+                                                         store.routing(), cache=keys), [prompt])[0]
                     if folder is not None:
                         model = asked.unload()  # back to the plain base model for the next version
                     if recorder is not None:
