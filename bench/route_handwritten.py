@@ -13,12 +13,13 @@ drawn (seeded) from a benchmark split are read instead, and the misses are not p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 from pathlib import Path
 
 import torch
 
-from corsa import models, routing
+from corsa import models, routing, subjects
 from corsa.requests import load_benchmark, read_jsonl
 
 DEV = Path(__file__).parent / "data" / "handwritten-dev.jsonl"
@@ -32,6 +33,8 @@ def main() -> None:
     p.add_argument("--no-relations", action="store_true")
     p.add_argument("--bare", action=argparse.BooleanOptionalAction, default=routing.DEFAULT.bare)
     p.add_argument("--names", action=argparse.BooleanOptionalAction, default=routing.DEFAULT.names)
+    p.add_argument("--find-subjects", action="store_true",
+                   help="hide each edit's subject and key the one corsa.subjects.find reads from its prompt")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bench", help="read n cases of this benchmark instead of files")
     p.add_argument("--data", help="the benchmarks folder (with --bench)")
@@ -46,6 +49,8 @@ def main() -> None:
                  random.Random(args.seed).sample(load_benchmark(args.bench, args.data, args.split), args.n))]
                if args.bench else [(Path(file).name, read_jsonl(file)) for file in args.files])
     for name, requests in sources:
+        if args.find_subjects:
+            requests = [dataclasses.replace(r, subject=subjects.find(r.prompt)) for r in requests]
         router = routing.Router(model, tok, {"adapter": routing.edits_of(requests)}, config)
         paraphrases = [(r, q) for r in requests for q in r.paraphrases]
         neighbours = [(r, n.prompt) for r in requests for n in r.neighborhood]

@@ -167,16 +167,16 @@ def test_several_adapters_each_answer_their_own_scope(tokenizer):
 def test_edit_records_routing_and_ask_routes_unless_told_not_to(tmp_path, tiny_dir, capsys):
     path = tmp_path / "facts.jsonl"
     path.write_text(json.dumps({"prompt": "Paris is the capital of", "target_new": "Italy", "subject": "Paris"}) + "\n"
-                    + json.dumps({"prompt": "sky?", "target_new": "green"}) + "\n")
+                    + json.dumps({"prompt": "why is it?", "target_new": "green"}) + "\n")  # no subject to find
     out = tmp_path / "run"
     assert main(["edit", str(path), "--out", str(out), "--model", tiny_dir, "--epochs", "1", "--quiet",
                  "--route-threshold", "0.99"]) == 0
     closing = capsys.readouterr().out
-    assert "1 edit(s) name no subject found in their prompt (first: 'sky?')" in closing
+    assert "1 edit(s) name no subject found in their prompt (first: 'why is it?')" in closing
     scope = json.loads((out / "edit_manifest.json").read_text())["routing"]
     assert scope == {"kind": "subject-key", "depth": routing.DEFAULT.depth, "threshold": 0.99, "hint": True,
                      "relations": True, "bare": True, "names": True, "layer": 1,
-                     "unscoped": ["sky?"]}
+                     "unscoped": ["why is it?"]}
     model, _ = load_edited(out)
     assert isinstance(model, routing.RoutedModel) and model.router.config.threshold == 0.99
     assert model.router.config.relations

@@ -537,7 +537,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"wrote {out} ({len(requests)} edits, {result.info['steps']} steps, "
               f"final loss {last.get('loss', float('nan')):.4f}, learned {last.get('learned', 0):.0%})"
               + (f"; it replaced {replaced}" if replaced else "") + _collapse_note(result.info.get("collapse"))
-              + _routing_note(result.info.get("routing")))
+              + _routing_note(result.info.get("routing")) + _found_note(result.requests))
         return 0
     if args.command in ("update", "log", "revert", "history", "rebuild"):
         return _store_command(args, command)
@@ -698,6 +698,14 @@ def _routing_note(scope: dict[str, Any] | None) -> str:
         return "; it answers only queries about its edits' subjects (--no-route: every query)"
     return (f"; {len(scope['unscoped'])} edit(s) name no subject found in their prompt (first: "
             f"'{scope['unscoped'][0]}'), so the adapter answers every query that no other adapter claims")
+
+
+def _found_note(requests: list[Any]) -> str:
+    found = [r for r in requests if r.subject_found]
+    if not found:
+        return ""
+    return (f"; {len(found)} edit(s) gave no subject, so it was read from the prompt (first: '{found[0].subject}' "
+            f"in '{found[0].prompt}'; the manifest marks them subject_found; give `subject` to set it)")
 
 
 def _collapse_note(collapse: dict[str, Any] | None) -> str:

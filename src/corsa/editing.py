@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from corsa import artifacts, distributed, models, presets, routing
+from corsa import artifacts, distributed, models, presets, routing, subjects
 from corsa.answers import contains
 from corsa.errors import InputError
 from corsa.methods import Editor, EditResult, MethodSpec, get
@@ -114,6 +114,7 @@ def edit(requests: list[EditRequest], out: str | Path, *, method: str = "corsa",
     torchrun (several processes) training is split across them; see corsa.distributed."""
     distributed.setup()
     artifacts.check_writable(out, overwrite)
+    requests = subjects.filled(requests)  # routing and the subject-swap anchors need each edit's subject
     chosen = presets.choose(preset, model, scenario)
     spec = get(method)
     editor = presets.editor(chosen, method, overrides)  # a bad config fails here
@@ -166,6 +167,7 @@ def trained_earlier(requests: list[EditRequest], out: str | Path, *, method: str
     folder = Path(out)
     if get(method).output != "adapter" or not (folder / artifacts.MANIFEST).is_file():
         return None
+    requests = subjects.filled(requests)  # as `edit` trains them
     manifest = artifacts.read_manifest(folder)
     editor = presets.editor(presets.choose(preset, model, scenario), method, overrides)
     wanted_routing = None if route is None else routing.record(route)

@@ -58,7 +58,9 @@ def load_edited(run_dir: str | Path, model: str | None = None, *, route: bool = 
         spec = get(method or "prepend")  # runs written before manifests named the method were prepend's
         assert spec.load_context is not None
         return base, spec.load_context(tok, style, json.loads((run_dir / CONTEXT_FILE).read_text()))
-    edits = [routing.Edit(e["prompt"], e.get("subject"), e["target_new"]) for e in manifest["edits"]] if scope else []
+    # A store version's manifest lists every fact the version holds as its `scope`; a run's, its edits.
+    edits = ([routing.Edit(e["prompt"], e.get("subject"), e["target_new"])
+              for e in manifest.get("scope", manifest["edits"])] if scope else [])
     return routing.answering(attach_adapter(base, run_dir), Formatter(tok, style), edits, scope)
 
 

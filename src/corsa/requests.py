@@ -57,6 +57,7 @@ class EditRequest:
     neighborhood: tuple[Neighbor, ...] = ()
     id: str | None = None
     old_mined: bool = False  # target_old came from the model, not from the user
+    subject_found: bool = False  # subject was read from the prompt (corsa.subjects), not given by the user
     # Later answers to the same prompt, in order (old -> target_new -> chain[0] -> ...): a revision chain for
     # `corsa bench revise`. One edit trains one answer, so `corsa edit` and `corsa update` refuse chains.
     chain: tuple[str, ...] = ()
@@ -88,6 +89,8 @@ class EditRequest:
             out["chain"] = list(self.chain)
         if self.old_mined:
             out["old_mined"] = True
+        if self.subject_found:
+            out["subject_found"] = True
         if self.meta:
             out["meta"] = dict(self.meta)
         return out

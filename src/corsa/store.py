@@ -54,7 +54,7 @@ from typing import Any, Self
 
 import torch
 
-from corsa import artifacts, models, presets, routing
+from corsa import artifacts, models, presets, routing, subjects
 from corsa.answers import contains, normalize, same_answer
 from corsa.artifacts import ADAPTER_FILES, adapter_sha256
 from corsa.editing import adapter_state, check_result, mine_old_answers, save_result, write_manifest
@@ -766,6 +766,7 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
                          f"one (use {' or '.join(continuing)})", field="--method")
     stage = on_stage or (lambda name: None)
     check_distinct(requests)
+    requests = subjects.filled(requests)  # routing and the subject-swap anchors need each fact's subject
     settled = settle_model(root, model, prompt_style)
     chosen = presets.choose(preset, settled.model, "update")
     editor = presets.editor(chosen, method, overrides)  # a bad config fails here
@@ -833,7 +834,10 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
                            model={"name": settled.model}, style=formatter.style,
                            timings=metrics["timings"], wall_time_s=time.perf_counter() - t_start,
                            store_version=v, parent_version=parent, metrics=metrics, checks=checks,
-                           adapter_sha256=sha)
+                           adapter_sha256=sha, routing=routing.record(asks, result.model, list(scope.values())),
+                           # every fact the version holds, so that its folder taken out of the store is
+                           # routed as the store routes it (corsa.loading.load_edited)
+                           scope=[dataclasses.asdict(e) for e in scope.values()])
             return {"sha256": sha}
 
         record = store.write_version(record, fill)
