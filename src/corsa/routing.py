@@ -22,9 +22,8 @@ activation in every sequence (an attention sink): a subject at position 0 would 
 
 A subject is keyed as written and with its first letter's case flipped (see `cased`), in the edit's prompt and alone
 (`key_texts`), since a question may open with it; every text is read without its quotation marks (`unquoted`). An
-edit whose subject is not given, or not found in its prompt,
-cannot be scoped: an adapter holding one answers every query (routing would otherwise silently drop that edit);
-`unscoped` says which.
+edit whose subject is not given, or not found in its prompt, cannot be scoped: an adapter holding one answers every
+query (routing would otherwise silently drop that edit); `unscoped` says which.
 """
 
 from __future__ import annotations
@@ -203,9 +202,14 @@ def names_another_number(edit: Edit, query: str) -> bool:
     return bool(wanted - given) and bool(given - wanted)
 
 
+def keyed_span(edit: Edit) -> tuple[int, int] | None:
+    """Where the edit's subject is in its prompt as routing reads both (`unquoted`); None when it cannot be keyed."""
+    return subject_span(unquoted(edit.prompt), edit.subject and unquoted(edit.subject))
+
+
 def unscoped(edits: Sequence[Edit]) -> list[str]:
     """The prompts of the edits that cannot be keyed: no subject given, or not written in the prompt."""
-    return [e.prompt for e in edits if subject_span(e.prompt, e.subject) is None]
+    return [e.prompt for e in edits if keyed_span(e) is None]
 
 
 def key_layer(config: RouterConfig, model: torch.nn.Module) -> int:
@@ -301,7 +305,7 @@ class Router:
         self.edit_owner = torch.tensor([self.names.index(n) for n, es in scopes.items() for _ in es], dtype=torch.long)
         self.unscoped = {name: missing for name, es in scopes.items() if (missing := unscoped(es))}
         found = [(i, text, key_span) for i, e in enumerate(self.edits)
-                 if (span := subject_span(unquoted(e.prompt), e.subject and unquoted(e.subject))) is not None
+                 if (span := keyed_span(e)) is not None
                  for text, key_span in key_texts(unquoted(e.prompt), span, config.bare,
                                                  other_names(e.subject) if config.names else ())]
         keys = (cache or KeyCache()).get(model, tokenizer, self.layer, [(text, span) for _, text, span in found])
