@@ -470,10 +470,7 @@ class Store:
             return
         if self.has_updates:
             check_same_model(self, model, prompt_style)
-            if not same_route:
-                raise InputError(f"{self.root} answers with the routing it was created with "
-                                 f"({routing.record(self.routing())}); leave out the routing flags, or start "
-                                 "another store", field="routing")
+            check_same_routing(self, route)
             return
         with self.transaction():
             self.db.execute("UPDATE store SET value = ? WHERE key = 'model'", (model,))
@@ -537,6 +534,14 @@ class Store:
             artifacts.write_json(tmp / VERSION_FILE, record)
         sync_folder(out)
         return record
+
+
+def check_same_routing(store: Store, route: routing.RouterConfig | None) -> None:
+    """A store holding updates answers with the routing it was created with; another one asked for is refused."""
+    if route is not None and route != store.routing():
+        raise InputError(f"{store.root} answers with the routing it was created with "
+                         f"({routing.record(store.routing())}); leave out the routing flags, or start another store",
+                         field="routing")
 
 
 def check_same_model(store: Store, model: str, prompt_style: str) -> None:
@@ -728,9 +733,11 @@ class StoreModel:
     fixed: bool  # the store holds updates, so these are its own and cannot change
 
 
-def settle_model(root: Path, model: str | None, prompt_style: str) -> StoreModel:
+def settle_model(root: Path, model: str | None, prompt_style: str,
+                 route: routing.RouterConfig | None = None) -> StoreModel:
     """The model and prompt style an update of `root` uses. Once the store holds an update they are its own
-    (another model is refused now; another prompt style later, when the tokenizer can tell whether it differs).
+    (another model is refused now; another prompt style later, when the tokenizer can tell whether it differs), as
+    is its routing (another `route` is refused now).
     Before that (a new store, or one whose first update never committed) the ones asked for, else the ones it
     records; the model is checked now either way."""
     if check_store_folder(root):
@@ -740,6 +747,7 @@ def settle_model(root: Path, model: str | None, prompt_style: str) -> StoreModel
                 if model is not None and not same_model(models.canonical(model), recorded[0]):
                     raise InputError(f"{root} holds updates of model '{recorded[0]}', not '{model}'",
                                      field="--model")
+                check_same_routing(store, route)  # before any work; `adopt` checks again under the lock
                 return StoreModel(*recorded, fixed=True)
         return StoreModel(models.canonical(model or recorded[0]),
                           recorded[1] if prompt_style == "auto" else prompt_style, fixed=False)
@@ -751,8 +759,9 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
            preset: str = "auto", on_stage: Callable[[str], None] | None = None,
            route: routing.RouterConfig | None = None, **overrides: Any) -> Version:
     """Continue the store's head adapter on `requests` (creating the store on first use) and record the result
-    as a new version. A new store records `route` (default: routing's default) as how its versions are asked;
-    a store holding updates keeps its own, and refuses another. The DPO reference is the model as it was before this update (base + head adapter).
+    as a new version. The DPO reference is the model as it was before this update (base + head adapter). A new
+    store records `route` (default: routing's default) as how its versions are asked; a store holding updates
+    keeps its own, and refuses another.
 
     Everything that can be checked is checked before the store folder or its database is created or changed:
     the method and its config, the prompts (distinct, within the model's context), the model (resolved and
@@ -767,7 +776,7 @@ def update(root: str | Path, requests: list[EditRequest], *, method: str = "cors
     stage = on_stage or (lambda name: None)
     check_distinct(requests)
     requests = subjects.filled(requests)  # routing and the subject-swap anchors need each fact's subject
-    settled = settle_model(root, model, prompt_style)
+    settled = settle_model(root, model, prompt_style, route)
     chosen = presets.choose(preset, settled.model, "update")
     editor = presets.editor(chosen, method, overrides)  # a bad config fails here
     t_start = time.perf_counter()
