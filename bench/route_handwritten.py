@@ -1,7 +1,8 @@
 """Where scope routing sends hand-written questions, without training: each paraphrase should reach its own edit,
 each neighbour none (or, for a neighbour about an edited subject that asks another relation, none either).
 
-    python bench/route_handwritten.py [FILE.jsonl ...] [--threshold T] [--no-relations] [--bare]
+    python bench/route_handwritten.py [FILE.jsonl ...] [--threshold T] [--no-relations] [--no-bare] [--no-names]
+        [--find-subjects]
     python bench/route_handwritten.py --bench counterfact --data ../shared/benchmarks [--split val] [--n 100] [--seed 1]
 
 FILE defaults to bench/data/handwritten-dev.jsonl (written for this project as a development set, like `val`:
