@@ -5,14 +5,16 @@
 Each adapter is loaded from its run folder, routed over its manifest's edits with the setting given (corsa.routing's
 defaults otherwise), and asked the demo's questions as `corsa demo` asks them; the table is printed in the demo's
 form and, with --out, written as JSON. The old answers training mined are not on record in a demo folder, so an
-edit's old answer is the one written in the demo's facts (all 24 are given).
+edit's old answer is the one its facts give (all 24 of the embedded facts give one).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,7 @@ from corsa import artifacts, demo, models, routing
 from corsa.evaluate.metrics import evaluate
 from corsa.loading import load_edited
 from corsa.prompts import Formatter
+from corsa.requests import read_jsonl
 
 
 def main() -> None:
@@ -34,8 +37,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     config = routing.RouterConfig(bare=not args.no_route_bare, names=not args.no_route_names,
                                   relations=not args.no_route_relations)
-    requests = demo.demo_edits()
-    base, tok, _ = models.load_model(None)
+    recorded = json.loads(Path(args.demo_dir, "demo_results.json").read_text())
+    # the facts the demo ran on: its own, or the file given to `corsa demo --edits`
+    requests = read_jsonl(recorded["edits"]) if recorded.get("edits") else demo.demo_edits()
+    base, tok, _ = models.load_model(recorded["model"])  # the model the demo ran with
     columns = {"base": evaluate(base, Formatter(tok), requests)}
     del base
     for method in ("lora", "corsa"):

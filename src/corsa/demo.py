@@ -71,10 +71,10 @@ def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = METHOD
         raise InputError(f"{report_file} exists and was not written by `corsa demo`; choose another --out",
                          field="--out")
     requests = demo_edits() if edits is None else edits
-    source = source or "the embedded facts"
-    print(f"corsa demo: {len(requests)} counterfactual edits from {source}, model {model or models.DEFAULT_MODEL}")
+    named = source or "the embedded facts"
+    print(f"corsa demo: {len(requests)} counterfactual edits from {named}, model {model or models.DEFAULT_MODEL}")
     if not any(r.paraphrases or r.neighborhood for r in requests):
-        print(f"{source} gives no paraphrases and no neighborhood: only the edit prompts are measured")
+        print(f"{named} gives no paraphrases and no neighborhood: only the edit prompts are measured")
     base, tok, _ = models.load_model(model)
     formatter = Formatter(tok, prompt_style)
     columns = {"base": evaluate(base, formatter, requests)}
@@ -94,7 +94,7 @@ def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = METHOD
         print(f"{method}: {result.info['steps']} steps in {runs[method]['wall_time_s']:.0f} s -> {run_dir}")
     table = format_table(columns)
     print("\n" + table)
-    report = {"model": model or models.DEFAULT_MODEL, "edits": source, "runs": runs, "results": columns, "table": table,
+    report = {"model": model or models.DEFAULT_MODEL, "edits": source, "runs": runs,  # edits None: embedded "results": columns, "table": table,
               "routing": routing.record(route) if route is not None else None}
     artifacts.write_json(out / "demo_results.json", report)
     if route is not None:
