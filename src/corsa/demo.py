@@ -94,8 +94,9 @@ def run_demo(out: str | Path = "runs/demo", *, methods: tuple[str, ...] = METHOD
         print(f"{method}: {result.info['steps']} steps in {runs[method]['wall_time_s']:.0f} s -> {run_dir}")
     table = format_table(columns)
     print("\n" + table)
-    report = {"model": model or models.DEFAULT_MODEL, "edits": source, "runs": runs,  # edits None: embedded "results": columns, "table": table,
-              "routing": routing.record(route) if route is not None else None}
+    # "edits": the file the facts came from, None for the embedded ones
+    report = {"model": model or models.DEFAULT_MODEL, "edits": source, "runs": runs, "results": columns,
+              "table": table, "routing": routing.record(route) if route is not None else None}
     artifacts.write_json(out / "demo_results.json", report)
     if route is not None:
         print("\nEach adapter answers only questions about its edits' subjects; the rest are answered by the unedited "
