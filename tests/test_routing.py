@@ -190,6 +190,10 @@ def test_edit_records_routing_and_ask_routes_unless_told_not_to(tmp_path, tiny_d
     assert load_edited(tmp_path / "unbare")[0].router.config == dataclasses.replace(routing.DEFAULT, bare=False,
                                                                                     names=False)
     assert not isinstance(load_edited(out, route=False)[0], routing.RoutedModel)
+    capsys.readouterr()
+    assert main(["ask", "Paris is", "--adapter", str(out), "--why", "--max-new-tokens", "2"]) == 0
+    assert "route: edit 'Paris is the capital of' (subject 'Paris'), similarity 1.000: answers it" in \
+        capsys.readouterr().err
     plain = tmp_path / "plain"  # the portable export: a PEFT folder alone answers every query
     plain.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -260,6 +264,21 @@ def test_with_the_relation_gate_a_query_goes_to_the_subjects_edit_that_asks_its_
     gated = routing.Router(model, tokenizer, scopes, EXACT)  # the gate is on by default
     assert gated.routes(queries) == ["language", "capital", None, "capital"]
     assert routing.record(gated.config)["relations"] is True
+
+
+def test_a_router_says_where_a_query_goes_and_why(tokenizer):
+    model = make_model(len(tokenizer))
+    scopes = {"a": [routing.Edit("France's capital is", "France"), routing.Edit("the 2016 race was won by",
+                                                                               "the 2016 race")]}
+    router = routing.Router(model, tokenizer, scopes, dataclasses.replace(EXACT, threshold=-0.99))
+    lines = router.explain("France's capital city is")
+    assert lines[0].startswith("edit \"France's capital is\" (subject 'France'), similarity 1.000: answers it")
+    assert any("a closer match answers it" in line for line in lines[1:])
+    refused = router.explain("France's language in 2012 is")  # another relation; 2012, not 2016: both refused
+    assert "refused: it asks another relation of the subject than the edit" in refused[0]
+    assert "refused: it names another number" in " ".join(router.explain("the 2012 race was won by"))
+    assert refused[-1].startswith("the unedited model answers it (threshold -0.99; closest: ")
+    assert routing.Router(model, tokenizer, scopes, EXACT).explain("xyz")[-1].startswith("the unedited model")
 
 
 def test_routed_rows_are_named_and_compared_with_routed_rows():

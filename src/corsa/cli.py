@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=THREADS)
     p.add_argument("--no-route", action="store_true",
                    help="answer with the adapter even when the prompt is about none of its edits' subjects")
+    p.add_argument("--why", action="store_true", help="also say (on stderr) which edit's scope the prompt falls in, "
+                   "with its similarity, or why the unedited model answers it")
 
     p = sub.add_parser("export", help="write an edited model for other tools: merged weights (transformers "
                                       "folder) or a GGUF LoRA for llama.cpp")
@@ -559,6 +561,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             raise InputError(f"the prompt ({used} tokens) and --max-new-tokens {args.max_new_tokens} do not fit the "
                              f"model's context ({room} tokens)", field="PROMPT")
         print(generate(model, formatter, [args.prompt], max_new_tokens=args.max_new_tokens)[0])
+        if args.why:
+            from corsa.routing import RoutedModel
+
+            lines = (model.router.explain(args.prompt) if isinstance(model, RoutedModel) and
+                     hasattr(model.router, "explain") else ["not routed: the adapter, if any, answers every prompt"])
+            for line in lines:
+                print(f"route: {line}", file=sys.stderr)
         return 0
     if args.command == "export":
         from corsa.export import RECORD, export, size_text

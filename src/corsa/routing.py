@@ -338,12 +338,38 @@ class Router:
         new = list(dict.fromkeys(p for p in prompts if p not in self.known))
         for prompt, row in zip(new, self.edit_scores(new)):
             for i in (row >= self.config.threshold).nonzero().flatten().tolist():
-                edit = self.edits[i]
-                if names_another_number(edit, prompt) or (self.config.relations and asks_other_relation(edit, prompt)):
+                if self.refusal(self.edits[i], prompt):
                     row[i] = -1.0  # the next subject match may ask this relation (France's language edit)
             best = int(row.argmax()) if len(row) else -1
             self.known[prompt] = best if best >= 0 and row[best] >= self.config.threshold else None
         return [None if (i := self.known[p]) is None else self.edits[i] for p in prompts]
+
+    def refusal(self, edit: Edit, prompt: str) -> str | None:
+        """Why a query that matches the edit's subject is still not the edit's business, or None when it is."""
+        if names_another_number(edit, prompt):
+            return "it names another number than the edit's subject"
+        if self.config.relations and asks_other_relation(edit, prompt):
+            return "it asks another relation of the subject than the edit"
+        return None
+
+    def explain(self, prompt: str) -> list[str]:
+        """Where `prompt` goes and why, one line each (`corsa ask --why`): every edit whose subject it matches,
+        with its similarity and whether it was refused, or the closest edit when none matches."""
+        row = self.edit_scores([prompt])[0]
+        chosen = self.matched([prompt])[0]
+        order = row.argsort(descending=True).tolist()
+        lines = []
+        for i in order:
+            if row[i] < self.config.threshold:
+                break
+            edit = self.edits[i]
+            why = self.refusal(edit, prompt)
+            verdict = "answers it" if edit is chosen else f"refused: {why}" if why else "a closer match answers it"
+            lines.append(f"edit {edit.prompt!r} (subject {edit.subject!r}), similarity {float(row[i]):.3f}: {verdict}")
+        if chosen is None:
+            closest = f"; closest: {self.edits[order[0]].prompt!r} at {float(row[order[0]]):.3f}" if order else ""
+            lines.append(f"the unedited model answers it (threshold {self.config.threshold}{closest})")
+        return lines
 
     def routes(self, prompts: Sequence[str]) -> list[str | None]:
         """Per query, the adapter that answers it, or None for the unedited model. An adapter holding an edit
