@@ -253,6 +253,21 @@ def test_a_query_about_another_edition_of_a_numbered_subject_is_refused(tokenize
                                                                        "Who won the 2012 race?"]) == ["a", None]
 
 
+@pytest.mark.parametrize("subject,query,refused", [
+    ("Innes Lloyd", "Geoffrey Lloyd, Baron Geoffrey-Lloyd, who is employed by", True),
+    ("Province of Florence", "The capital of Republic of Florence is", True),
+    ("USS Chicago", "Chicago Marathon, which was called after", True),
+    ("Aleppo International Airport", "Seattle–Tacoma International Airport, which was named after", True),
+    ("Albert Einstein", "Where was Einstein born?", False),  # the subject in part
+    ("Tim Cook", "When did Apple CEO Tim Cook join?", False),  # a name that only adds to the subject
+    ("Tesla", "The CEO of Tesla is", False),
+    ("Innes Lloyd", "Innes Lloyd met Geoffrey Lloyd in", False),  # written once as itself
+    ("Canada", "What is the Canadian capital?", False),  # another name of it: not read here
+])
+def test_a_query_about_another_entity_sharing_the_subjects_last_word_is_refused(subject, query, refused):
+    assert routing.names_another_entity(routing.Edit("x", subject), query) is refused
+
+
 def test_with_the_relation_gate_a_query_goes_to_the_subjects_edit_that_asks_its_relation(tokenizer):
     model = make_model(len(tokenizer))
     scopes = {"capital": [routing.Edit("France's capital is", "France")],

@@ -15,7 +15,8 @@ A subject match is refused when the query asks another relation of the subject t
 language is spoken in France?" after an edit of France's capital; `asks_other_relation`): routed, it would be asked
 with the edit's fact in front and answered with the new capital (docs/log/2026-12-06-relation-gate.md). It is
 refused too when the query replaces a number of the subject by another ("the 2008 Summer Olympics" against an edit
-of the 2016 ones; `names_another_number`).
+of the 2016 ones; `names_another_number`) or a part of its name ("Geoffrey Lloyd" against "Innes Lloyd";
+`names_another_entity`).
 
 Every text is read after a fixed prefix, because the first token of any sequence carries the same large
 activation in every sequence (an attention sink): a subject at position 0 would look like every other one.
@@ -29,18 +30,16 @@ query (routing would otherwise silently drop that edit); `unscoped` says which.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache, lru_cache
-from importlib import resources
+from functools import lru_cache
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from corsa import anchors
+from corsa import anchors, subjects
 from corsa.methods.prepend import PrependConfig, fact_text
 from corsa.prompts import Formatter
 
@@ -125,21 +124,13 @@ def key_texts(prompt: str, span: tuple[int, int], bare: bool, names: Sequence[st
     return texts
 
 
-@cache
-def country_names() -> dict[str, list[str]]:
-    """Each country of the table shipped with the package (data/country_names.json, written for corsa), by its
-    name in lower case, with the other names, adjective and people's names a question may call it by."""
-    table = json.loads(resources.files("corsa").joinpath("data", "country_names.json").read_text())
-    return {name.lower(): forms for name, forms in table["countries"].items()}
-
-
 def other_names(subject: str | None) -> list[str]:
     """What else a question may call `subject` ("Canadian", "Canadians" for Canada): the country table's forms,
     none for a subject it does not list."""
     if not subject:
         return []
     name = subject.strip().lower()
-    return country_names().get(name.removeprefix("the "), [])
+    return subjects.country_names().get(name.removeprefix("the "), [])
 
 
 # Quotation marks, and an apostrophe that does not stand inside a word ("Philosopher's" keeps its own).
@@ -205,6 +196,31 @@ def names_another_number(edit: Edit, query: str) -> bool:
 def keyed_span(edit: Edit) -> tuple[int, int] | None:
     """Where the edit's subject is in its prompt as routing reads both (`unquoted`); None when it cannot be keyed."""
     return subject_span(unquoted(edit.prompt), edit.subject and unquoted(edit.subject))
+
+
+def names_another_entity(edit: Edit, query: str) -> bool:
+    """Whether every place `query` writes the last word of the edit's subject lies in a name that replaces a
+    capitalised word of the subject by another ("Geoffrey Lloyd" against an edit of "Innes Lloyd", "Chicago
+    Marathon" against "USS Chicago"): another entity, which the subject key, read at the subject's last token,
+    barely tells apart. A name that only adds to the subject ("Apple CEO Tim Cook" for "Tim Cook"), one that writes
+    it in part ("Einstein" for "Albert Einstein"), or another name of it is not refused. Names are read as
+    corsa.subjects reads them."""
+    words = subjects.WORD.findall(edit.subject or "")
+    if not words:
+        return False
+    last, known = words[-1].lower(), {w.lower() for w in words}
+    capitals = {w.lower() for w in words if capitalised(w)}
+    runs = [run for piece in subjects.BREAK.split(query) for run in subjects.capitalised_runs(piece)]
+    written = sum(w.lower() == last for w in subjects.WORD.findall(query))
+    in_names = [{w.lower() for w in subjects.WORD.findall(run) if capitalised(w)} for run in runs
+                for w in subjects.WORD.findall(run) if w.lower() == last]
+    # a part of the name replaced: a capitalised word the subject has not, and one of the subject's missing
+    others = [name for name in in_names if name - known and capitals - name]
+    return written > 0 and len(others) == written
+
+
+def capitalised(word: str) -> bool:
+    return word[0].isupper() and word.isalpha()
 
 
 def unscoped(edits: Sequence[Edit]) -> list[str]:
@@ -348,6 +364,8 @@ class Router:
         """Why a query that matches the edit's subject is still not the edit's business, or None when it is."""
         if names_another_number(edit, prompt):
             return "it names another number than the edit's subject"
+        if names_another_entity(edit, prompt):
+            return "it names another entity that shares the subject's last word"
         if self.config.relations and asks_other_relation(edit, prompt):
             return "it asks another relation of the subject than the edit"
         return None

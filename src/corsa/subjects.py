@@ -19,9 +19,12 @@ docs/log/2026-12-06-found-subjects.md.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+from functools import cache
+from importlib import resources
 
-from corsa import anchors, routing
+from corsa import anchors
 from corsa.requests import EditRequest
 
 # Words that open a sentence in capitals without naming anything, and words too common to be a subject.
@@ -50,10 +53,19 @@ def filled(requests: list[EditRequest]) -> list[EditRequest]:
             if not (r.subject or "").strip() and (found := find(r.prompt)) else r for r in requests]
 
 
+@cache
+def country_names() -> dict[str, list[str]]:
+    """Each country of the table shipped with the package (data/country_names.json, written for corsa), by its
+    name in lower case, with the other names, adjective and people's names a question may call it by (scope
+    routing keys an edit of a country by them too: corsa.routing.other_names)."""
+    table = json.loads(resources.files("corsa").joinpath("data", "country_names.json").read_text())
+    return {name.lower(): forms for name, forms in table["countries"].items()}
+
+
 def known_names() -> list[str]:
-    """The names the package's tables list: the anchor pool's subjects and the countries routing knows."""
+    """The names the package's tables list: the anchor pool's subjects and the countries."""
     names = [n for ns in anchors.pool()["subjects"].values() for n in ns]
-    return names + list(routing.country_names())  # in lower case: `find` takes the name as the prompt writes it
+    return names + list(country_names())  # in lower case: `find` takes the name as the prompt writes it
 
 
 def find(prompt: str) -> str | None:
