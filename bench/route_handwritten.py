@@ -8,7 +8,7 @@ each neighbour none (or, for a neighbour about an edited subject that asks anoth
 FILE defaults to bench/data/handwritten-dev.jsonl (written for this project as a development set, like `val`:
 settings may be chosen on it) and the demo's edits. Every edit of a file is keyed in one router, as one adapter of
 `corsa edit` would be; the base model only runs (seconds). Prints the rates and every miss. With --bench, n cases
-drawn (seeded) from a benchmark split are read instead, and the misses are not printed.
+drawn (seeded) from a benchmark split are read instead, and the misses are printed only with --show.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--split", default="val")
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--show", action="store_true", help="with --bench, print the misses too")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     config = routing.RouterConfig(threshold=args.threshold, relations=not args.no_relations, bare=args.bare, names=args.names)
@@ -60,7 +61,7 @@ def main() -> None:
         kept = [m is None for m in got[len(paraphrases):]]
         print(f"{name}: {len(requests)} edits; paraphrases routed to their edit {sum(own)}/{len(own)}; "
               f"neighbours left to the base model {sum(kept)}/{len(kept)}")
-        if args.bench:
+        if args.bench and not args.show:
             continue
         for ((r, q), ok), m in zip(zip(paraphrases, own), got):
             if not ok:

@@ -62,6 +62,8 @@ def test_a_subject_is_found_in_either_case_and_keyed_in_both():
     assert routing.cased("What is the symbol for gold?", (23, 27)) == ["What is the symbol for gold?",
                                                                      "What is the symbol for Gold?"]
     assert routing.cased("1984 was written by whom?", (0, 4)) == ["1984 was written by whom?"]  # no case to flip
+    jenkins = routing.Edit("Brandon Jenkins (football player), who plays", "Brandon Jenkins (football player)")
+    assert routing.keyed_span(jenkins) == (0, 32)  # keyed at "player": a bracket would match every bracket
 
 
 def test_queries_about_an_edits_subject_go_to_its_adapter_and_others_to_none(tokenizer):

@@ -194,8 +194,16 @@ def names_another_number(edit: Edit, query: str) -> bool:
 
 
 def keyed_span(edit: Edit) -> tuple[int, int] | None:
-    """Where the edit's subject is in its prompt as routing reads both (`unquoted`); None when it cannot be keyed."""
-    return subject_span(unquoted(edit.prompt), edit.subject and unquoted(edit.subject))
+    """Where the edit's subject is in its prompt as routing reads both (`unquoted`), up to its last letter or digit
+    (the key of "Brandon Jenkins (football player)" is read at "player", not at a bracket every other bracket
+    matches); None when it cannot be keyed."""
+    span = subject_span(unquoted(edit.prompt), edit.subject and unquoted(edit.subject))
+    if span is None:
+        return None
+    text, (a, b) = unquoted(edit.prompt), span
+    while b > a + 1 and not text[b - 1].isalnum():
+        b -= 1
+    return a, b
 
 
 def names_another_entity(edit: Edit, query: str) -> bool:
