@@ -265,6 +265,8 @@ def test_a_query_about_another_edition_of_a_numbered_subject_is_refused(tokenize
     ("Tesla", "The CEO of Tesla is", False),
     ("Innes Lloyd", "Innes Lloyd met Geoffrey Lloyd in", False),  # written once as itself
     ("Canada", "What is the Canadian capital?", False),  # another name of it: not read here
+    ("Golden Axe", "Golden Axe Warrior, a product developed by", True),  # the name goes on past the subject
+    ("Paris", "Where does Paris Hilton live?", True),
 ])
 def test_a_query_about_another_entity_sharing_the_subjects_last_word_is_refused(subject, query, refused):
     assert routing.names_another_entity(routing.Edit("x", subject), query) is refused

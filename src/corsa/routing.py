@@ -209,8 +209,9 @@ def keyed_span(edit: Edit) -> tuple[int, int] | None:
 def names_another_entity(edit: Edit, query: str) -> bool:
     """Whether every place `query` writes the last word of the edit's subject lies in a name that replaces a
     capitalised word of the subject by another ("Geoffrey Lloyd" against an edit of "Innes Lloyd", "Chicago
-    Marathon" against "USS Chicago"): another entity, which the subject key, read at the subject's last token,
-    barely tells apart. A name that only adds to the subject ("Apple CEO Tim Cook" for "Tim Cook"), one that writes
+    Marathon" against "USS Chicago") or goes on past it ("Golden Axe Warrior" against "Golden Axe", "Paris Hilton"
+    against "Paris"; also "Apple Inc." against "Apple", a cost): another entity, which the subject key, read at
+    the subject's last token, barely tells apart. A name that only adds to the subject ("Apple CEO Tim Cook" for "Tim Cook"), one that writes
     it in part ("Einstein" for "Albert Einstein"), or another name of it is not refused. Names are read as
     corsa.subjects reads them."""
     words = subjects.WORD.findall(edit.subject or "")
@@ -218,13 +219,21 @@ def names_another_entity(edit: Edit, query: str) -> bool:
         return False
     last, known = words[-1].lower(), {w.lower() for w in words}
     capitals = {w.lower() for w in words if capitalised(w)}
-    runs = [run for piece in subjects.BREAK.split(query) for run in subjects.capitalised_runs(piece)]
+    runs = [subjects.WORD.findall(run) for piece in subjects.BREAK.split(query)
+            for run in subjects.capitalised_runs(piece)]
     written = sum(w.lower() == last for w in subjects.WORD.findall(query))
-    in_names = [{w.lower() for w in subjects.WORD.findall(run) if capitalised(w)} for run in runs
-                for w in subjects.WORD.findall(run) if w.lower() == last]
-    # a part of the name replaced: a capitalised word the subject has not, and one of the subject's missing
-    others = [name for name in in_names if name - known and capitals - name]
-    return written > 0 and len(others) == written
+    others = 0
+    for run in runs:
+        name = {w.lower() for w in run if capitalised(w)}
+        for i, w in enumerate(run):
+            if w.lower() != last:
+                continue
+            # a part of the name replaced (a capitalised word the subject has not, and one of its own missing), or
+            # the name going on past the subject's last word ("Golden Axe Warrior" against "Golden Axe")
+            replaced = bool(name - known and capitals - name)
+            goes_on = any(capitalised(v) and v.lower() not in known for v in run[i + 1:])
+            others += replaced or goes_on
+    return written > 0 and others == written
 
 
 def capitalised(word: str) -> bool:
