@@ -20,7 +20,7 @@ import torch
 
 from corsa import artifacts, demo, models, routing
 from corsa.evaluate.metrics import evaluate
-from corsa.loading import load_edited
+from corsa.loading import load_edited, scope_edits
 from corsa.prompts import Formatter
 from corsa.requests import read_jsonl
 
@@ -46,8 +46,7 @@ def main() -> None:
     for method in ("lora", "corsa"):
         run_dir = f"{args.demo_dir}/{method}"
         model, formatter = load_edited(run_dir, route=False)
-        edits = [routing.Edit(e["prompt"], e.get("subject"), e["target_new"])
-                 for e in artifacts.read_manifest(run_dir)["edits"]]
+        edits = scope_edits(artifacts.read_manifest(run_dir))
         asked, asked_formatter = routing.answering(model, formatter, edits, config)
         columns[method] = evaluate(asked, asked_formatter, requests, reference=columns["base"])
     table = demo.format_table(columns)

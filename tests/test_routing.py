@@ -16,7 +16,7 @@ from test_bench import counterfact
 from corsa import routing, store
 from corsa.cli import main
 from corsa.evaluate.stats import reference, routed_name, unrouted_name
-from corsa.loading import load_edited
+from corsa.loading import load_edited, scope_edits
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
 from corsa.scoring import generate, score_answers
@@ -220,6 +220,13 @@ def test_a_store_routes_by_the_subjects_of_its_current_facts(tmp_path, tiny_dir)
     assert isinstance(model, routing.RoutedModel) and len(model.router.keys) == 8  # 2 subjects, 2 cases, 2 texts
 
 
+def test_a_manifest_s_scope_is_every_fact_its_version_holds_and_a_run_s_its_edits():
+    edit = {"prompt": "Paris is in", "subject": "Paris", "target_new": "Italy", "target_true": "France"}
+    earlier = {"prompt": "Messi plays", "target_new": "chess"}
+    assert scope_edits({"edits": [edit]}) == [routing.Edit("Paris is in", "Paris", "Italy")]
+    assert scope_edits({"edits": [edit], "scope": [edit, earlier]})[1] == routing.Edit("Messi plays", None, "chess")
+
+
 def test_a_query_asking_another_relation_of_an_edits_subject_is_refused_by_that_edit():
     capital = routing.Edit("What is the capital of France?", "France", "Lyon")
     assert routing.asks_other_relation(capital, "What language is spoken in France?")
@@ -351,6 +358,7 @@ def test_the_oracle_asks_a_case_s_own_prompts_with_its_own_fact(tokenizer):
     paris = routing.Edit("Paris is the capital of", "Paris", "Italy")
     oracle = KnownRoutes({"Paris is where": "part0", "Rome is": "part0"}, {"Paris is where": paris})
     assert oracle.routes(["Paris is where", "Rome is", "Oslo is"]) == ["part0", "part0", None]
+    assert "(part0)" in oracle.explain("Rome is")[0] and "unedited model" in oracle.explain("Oslo is")[0]
     asked = routing.asking(Formatter(tokenizer, "qa"), oracle, True)
     plain = Formatter(tokenizer, "qa")
     assert asked.prompt_ids("Paris is where") == plain.prompt_ids(

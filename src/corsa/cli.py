@@ -564,8 +564,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         if args.why:
             from corsa.routing import RoutedModel
 
-            lines = (model.router.explain(args.prompt) if isinstance(model, RoutedModel) and
-                     hasattr(model.router, "explain") else ["not routed: the adapter, if any, answers every prompt"])
+            lines = (model.explain(args.prompt) if isinstance(model, RoutedModel)
+                     else ["not routed: the adapter, if any, answers every prompt"])
             for line in lines:
                 print(f"route: {line}", file=sys.stderr)
         return 0

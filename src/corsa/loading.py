@@ -58,10 +58,17 @@ def load_edited(run_dir: str | Path, model: str | None = None, *, route: bool = 
         spec = get(method or "prepend")  # runs written before manifests named the method were prepend's
         assert spec.load_context is not None
         return base, spec.load_context(tok, style, json.loads((run_dir / CONTEXT_FILE).read_text()))
-    # A store version's manifest lists every fact the version holds as its `scope`; a run's, its edits.
-    edits = ([routing.Edit(e["prompt"], e.get("subject"), e["target_new"])
-              for e in manifest.get("scope", manifest["edits"])] if scope else [])
+    edits = scope_edits(manifest) if scope else []
     return routing.answering(attach_adapter(base, run_dir), Formatter(tok, style), edits, scope)
+
+
+def scope_edits(manifest: dict) -> list[routing.Edit]:
+    """The facts a manifest's adapter answers for, as routing keys them.
+
+    A store version's manifest lists every fact the version holds as its `scope` (earlier updates included);
+    a run's manifest, only its own edits."""
+    return [routing.Edit(e["prompt"], e.get("subject"), e["target_new"])
+            for e in manifest.get("scope", manifest["edits"])]
 
 
 def load_version(root: str | Path, v: int | None = None, model: str | None = None, *, route: bool = True

@@ -417,6 +417,8 @@ class Router:
 class Routes(Protocol):
     def routes(self, prompts: Sequence[str]) -> list[str | None]: ...
 
+    def explain(self, prompt: str) -> list[str]: ...
+
 
 class Matches(Protocol):
     def matched(self, prompts: Sequence[str]) -> list[Edit | None]: ...
@@ -441,6 +443,10 @@ class RoutedModel(torch.nn.Module):
 
     def routes(self, prompts: Sequence[str]) -> list[str | None]:
         return self.router.routes(prompts)
+
+    def explain(self, prompt: str) -> list[str]:
+        """Where `prompt` goes and why, one line per reason (`corsa ask --why`)."""
+        return self.router.explain(prompt)
 
     @contextlib.contextmanager
     def using(self, route: str | None) -> Iterator[None]:

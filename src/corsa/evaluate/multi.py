@@ -61,6 +61,11 @@ class KnownRoutes:
     def matched(self, prompts: list[str]) -> list[routing.Edit | None]:
         return [self.edits.get(p) for p in prompts]
 
+    def explain(self, prompt: str) -> list[str]:
+        route = self.table.get(prompt)
+        return [f"the oracle sends it to its own case's adapter ({route})" if route else
+                "the oracle: not one of the benchmark's prompts, so the unedited model answers it"]
+
 
 def split(chosen: list[EditRequest], parts: int) -> list[list[EditRequest]]:
     """Consecutive parts of (nearly) equal size."""
