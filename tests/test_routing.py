@@ -274,6 +274,9 @@ def test_a_query_about_another_edition_of_a_numbered_subject_is_refused(tokenize
     ("Canada", "What is the Canadian capital?", False),  # another name of it: not read here
     ("Golden Axe", "Golden Axe Warrior, a product developed by", True),  # the name goes on past the subject
     ("Paris", "Where does Paris Hilton live?", True),
+    ("Apple", "Who founded Apple Inc.?", False),  # a company's legal form is not another name
+    ("Siemens", "Siemens AG is based in", False),
+    ("Apple", "Who is the CEO of Apple Computer?", True),
 ])
 def test_a_query_about_another_entity_sharing_the_subjects_last_word_is_refused(subject, query, refused):
     assert routing.names_another_entity(routing.Edit("x", subject), query) is refused

@@ -210,8 +210,8 @@ def names_another_entity(edit: Edit, query: str) -> bool:
     """Whether every place `query` writes the last word of the edit's subject lies in a name that replaces a
     capitalised word of the subject by another ("Geoffrey Lloyd" against an edit of "Innes Lloyd", "Chicago
     Marathon" against "USS Chicago") or goes on past it ("Golden Axe Warrior" against "Golden Axe", "Paris Hilton"
-    against "Paris"; also "Apple Inc." against "Apple", a cost): another entity, which the subject key, read at
-    the subject's last token, barely tells apart. A name that only adds to the subject ("Apple CEO Tim Cook" for "Tim Cook"), one that writes
+    against "Paris"; a company's legal form, "Apple Inc." against "Apple", is not another name): another entity,
+    which the subject key, read at the subject's last token, barely tells apart. A name that only adds to the subject ("Apple CEO Tim Cook" for "Tim Cook"), one that writes
     it in part ("Einstein" for "Albert Einstein"), or another name of it is not refused. Names are read as
     corsa.subjects reads them."""
     words = subjects.WORD.findall(edit.subject or "")
@@ -231,9 +231,16 @@ def names_another_entity(edit: Edit, query: str) -> bool:
             # a part of the name replaced (a capitalised word the subject has not, and one of its own missing), or
             # the name going on past the subject's last word ("Golden Axe Warrior" against "Golden Axe")
             replaced = bool(name - known and capitals - name)
-            goes_on = any(capitalised(v) and v.lower() not in known for v in run[i + 1:])
+            goes_on = any(capitalised(v) and v.lower() not in known and v.lower() not in LEGAL_FORMS
+                          for v in run[i + 1:])
             others += replaced or goes_on
     return written > 0 and others == written
+
+
+# A company's legal form written after its name names the same company ("Apple Inc.", "Siemens AG"); read without
+# dots, in lower case (docs/log/2026-12-06-handwritten-routing-rule.md, candidate 9).
+LEGAL_FORMS = frozenset({"inc", "incorporated", "corp", "corporation", "co", "company", "ltd", "limited", "llc",
+                         "llp", "plc", "ag", "sa", "se", "nv", "gmbh"})
 
 
 def capitalised(word: str) -> bool:
