@@ -2,11 +2,12 @@
 
     python bench/anchor_step.py --data ../shared/benchmarks [--reps 3] [--threads 2] [--out FILE.json]
 
-One batch of the first 16 CounterFact val edits, ρ 0.5 and lr 2e-3 (as bench/profile_step.py), for three settings:
-none, 2 anchors per edit on the SFT side (`corsa-anchors2`), and 2 anchors plus 2 relation anchors as a third
-gradient under PCGrad (`corsa-anchors2+anchorsidepcgrad+relanchors2`). FLOPs are counted by torch's
-FlopCounterMode over one step (exact, and the same on a busy machine); seconds are the median of --reps steps, each
-from the same adapter. Run it under another checkout's code (PYTHONPATH=OTHER/src) to compare two versions of the
+One batch of the first 16 CounterFact val edits, ρ 0.5 and lr 2e-3 (as bench/profile_step.py), for five settings:
+none, 2 anchors per edit on the SFT side (`corsa-anchors2`), 2 anchors plus 2 relation anchors as a third gradient
+under PCGrad (`corsa-anchors2+anchorsidepcgrad+relanchors2`), the `edit` preset's anchors (KL, 2 + 2 relation
+anchors, SFT side), and the same with the anchors' gradient at the first SAM point only (`anchor_points="first"`).
+FLOPs are counted by torch's FlopCounterMode over one step (exact, and the same on a busy machine); seconds are the
+median of --reps steps, each from the same adapter. Run it under another checkout's code (PYTHONPATH=OTHER/src) to compare two versions of the
 step on the same edits.
 """
 
@@ -27,6 +28,10 @@ SETTINGS = {
     "anchors2 (SFT side)": {"anchors_per_edit": 2},
     "anchors2 + relanchors2 (third gradient)": {"anchors_per_edit": 2, "relation_anchors": 2,
                                                 "anchor_side": "pcgrad"},
+    # the default model's `edit` preset since edd3173, and the same with the anchors at the first SAM point only
+    "edit preset (kl, anchors2 + relanchors2)": {"anchors_per_edit": 2, "relation_anchors": 2, "anchor_loss": "kl"},
+    "edit preset, anchors at the first point": {"anchors_per_edit": 2, "relation_anchors": 2, "anchor_loss": "kl",
+                                                "anchor_points": "first"},
 }
 
 

@@ -340,3 +340,39 @@ def test_no_benchmark_or_demo_trains_on_its_evaluation_prompts(tmp_path, tiny_di
     assert keyed and set(keyed) <= trained  # the bench's routed rows and the demo key only the edits' own prompts
     record = json.loads((tmp_path / "s" / "lora-anchors2+relanchors2" / "results.json").read_text())
     assert record["counts"]["gen.generality"] == 4 and record["counts"]["gen.locality"] == 4  # still evaluated
+
+
+@pytest.mark.parametrize("side", ["sft", "pcgrad"])
+def test_anchors_at_the_first_sam_point_only_run_one_anchor_pass_and_move_only_what_phi_tilde_changes(
+        tiny_model, tokenizer, monkeypatch, side):
+    """anchor_points="first": a SAM step runs the anchors once (at phi) instead of twice. Where phi~ = phi (rho 0)
+    it is the very step of "both"; with a real ascent the second point's anchor gradient is phi's, so it differs."""
+    import corsa.methods.corsa as corsa_method
+    from corsa.evaluate.runner import parse_method
+
+    fmt = Formatter(tokenizer)
+    idx = list(range(len(EDITS)))
+    base = CorsaConfig(**FAST, anchors_per_edit=2, anchor_loss="kl", anchor_side=side)
+    trainer = build_trainer(tiny_model, fmt, EDITS, base)
+    start = [p.detach().clone() for p in trainer.params]
+    passes = []
+    real = corsa_method.answer_log_softmax
+    monkeypatch.setattr(corsa_method, "answer_log_softmax", lambda m, b: passes.append(b) or real(m, b))
+
+    def after(**change):
+        for p, s in zip(trainer.params, start):
+            p.data.copy_(s)
+        passes.clear()
+        CorsaTrainer(trainer.model, trainer.pairs, dataclasses.replace(base, **change), fmt.pad_id).step(idx)
+        return [p.detach().clone() for p in trainer.params], len(passes)
+
+    both, n_both = after(rho=0.0)
+    first, n_first = after(rho=0.0, anchor_points="first")
+    assert (n_both, n_first) == (4, 3)  # edits and anchors at phi and at phi~; anchors once
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(both, first))
+    both, _ = after(rho=0.5)
+    first, _ = after(rho=0.5, anchor_points="first")
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(both, first))
+    assert parse_method("corsa-anchors2+anchorpointsfirst")[1] == {"anchors_per_edit": 2, "anchor_points": "first"}
+    with pytest.raises(ValueError, match="anchor_points"):
+        CorsaConfig(anchor_points="last")  # type: ignore[arg-type]

@@ -125,6 +125,12 @@ class CorsaConfig:
     # resolves against Algorithm 1's merged SFT/DPO direction at both SAM points (corsa.optim.pcgrad.project_pair),
     # for one more backward pass per step.
     anchor_side: Literal["sft", "pcgrad"] = "sft"
+    # Where in a SAM step L_anchor's gradient is taken (issue 32's cheaper step; not in the paper; opt-in until
+    # measured): "both", at phi and again at the perturbed phi~, as Algorithm 1 takes L's; "first", at phi only,
+    # the same gradient reused at phi~. SAM's flat region is sought for the edits, while the anchors only hold
+    # what the model answered before; "first" runs one anchor pass a step instead of two, and the anchors' answer
+    # tokens are most of a step's FLOPs (docs/PERFORMANCE.md, "What anchors cost").
+    anchor_points: Literal["both", "first"] = "both"
     # Context copies (issue 29; not in the paper; corsa.contexts): each edit's new answer is also trained on its
     # prompt behind `contexts_per_edit` short texts the model wrote itself (ROME/MEMIT's context templates, 10
     # tokens there too), so the fact is bound to its subject wherever it is mentioned. They enter L_SFT as more
@@ -154,6 +160,8 @@ class CorsaConfig:
             raise ValueError(f"anchor_loss must be 'nll' or 'kl', not {self.anchor_loss!r}")
         if self.anchor_side not in ("sft", "pcgrad"):
             raise ValueError(f"anchor_side must be 'sft' or 'pcgrad', not {self.anchor_side!r}")
+        if self.anchor_points not in ("both", "first"):
+            raise ValueError(f"anchor_points must be 'both' or 'first', not {self.anchor_points!r}")
         if self.lr_schedule not in ("constant", "linear"):
             raise ValueError(f"lr_schedule must be 'constant' or 'linear', not {self.lr_schedule!r}")
         if self.warmup_steps < 0:
@@ -237,6 +245,13 @@ class Grads:
     stats: dict[str, float] = field(default_factory=dict)
     exact: dict[int, bool] = field(default_factory=dict)  # pair index -> new answer fully argmax
     anchor: list[torch.Tensor] | None = None  # grad L_anchor on its own (anchor_side="pcgrad")
+
+
+@dataclass
+class HeldAnchor:
+    """anchor_points="first": the anchors' gradient taken at phi, kept for phi~ within one step."""
+
+    grad: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -347,9 +362,10 @@ class PairBatch:
                          None if self.anchors is None else self.anchors.to(device), refs)  # type: ignore[arg-type]
 
 
-def pair_batch(pairs: list[Pair], idx: list[int], use_dpo: bool, pad_id: int) -> PairBatch:
+def pair_batch(pairs: list[Pair], idx: list[int], use_dpo: bool, pad_id: int, anchors: bool = True) -> PairBatch:
     """The pairs `idx` as one batch (one forward pass for every y+, y- and context copy), and their anchors as
-    another. Prompts: the pairs', then their context copies'; rows: y+, y-, context copies' y+."""
+    another (unless `anchors` is False: their gradient is held from phi). Prompts: the pairs', then their context
+    copies'; rows: y+, y-, context copies' y+."""
     dpo = [i for i in idx if use_dpo and pairs[i].old is not None]
     answers = [(k, pairs[i].new) for k, i in enumerate(idx)]
     answers += [(idx.index(i), pairs[i].old) for i in dpo]  # type: ignore[misc]
@@ -357,11 +373,11 @@ def pair_batch(pairs: list[Pair], idx: list[int], use_dpo: bool, pad_id: int) ->
     answers += [(len(idx) + k, new) for k, (_, new) in enumerate(copies)]
     batch = make_shared_batch([pairs[i].prompt for i in idx] + [c for c, _ in copies], answers, pad_id)
     first_copy = len(idx) + len(dpo)
-    kept = [a for i in idx for a in pairs[i].anchors]
+    kept = [a for i in idx for a in pairs[i].anchors] if anchors else []
     anchor_batch = make_shared_batch([prompt for prompt, _ in kept], [(k, answer) for k, (_, answer)
                                                                       in enumerate(kept)], pad_id) if kept else None
     # anchor rows are in order and each row's tokens are in order, so their references concatenate in step
-    refs = [r for i in idx for r in pairs[i].anchor_refs]
+    refs = [r for i in idx for r in pairs[i].anchor_refs] if anchors else []
     anchor_refs = tuple(torch.cat(parts) for parts in zip(*refs)) if refs else None
     return PairBatch(batch, list(idx), torch.arange(len(idx)), dpo, torch.tensor([idx.index(i) for i in dpo],
                      dtype=torch.long), torch.arange(len(idx), first_copy),
@@ -381,11 +397,11 @@ class BatchLosses:
 
 
 def batch_losses(model: torch.nn.Module, pb: PairBatch, pairs: list[Pair], cfg: CorsaConfig, n_tokens: int,
-                 n_pairs: int, n_batch: int, n_anchor_tokens: int = 0) -> BatchLosses:
+                 n_pairs: int, n_batch: int, n_anchor_tokens: int = 0, apart: bool = False) -> BatchLosses:
     """L_SFT and L_DPO (paper eqs. 2-3) of one micro-batch, as its share of the batch means: n_tokens new-answer
     tokens, n_pairs DPO pairs and n_batch edits in the whole batch, so micro-batches add up to the batch; and,
     with anchors, L_anchor over the batch's n_anchor_tokens kept-answer tokens, added to the SFT side or returned
-    on its own (`anchor_side`)."""
+    on its own (`anchor_side`, or `apart`: its gradient is held for the perturbed point)."""
     batch = pb.batch
     with autocast_context(batch.targets.device, cfg.bf16):
         full = answer_log_softmax(model, batch)
@@ -408,7 +424,7 @@ def batch_losses(model: torch.nn.Module, pb: PairBatch, pairs: list[Pair], cfg: 
         else:
             anchor = losses.sft_loss(at_targets(kept, pb.anchors)[0], n_anchor_tokens)
         stats["anchor_loss"] = anchor.item()
-        if cfg.anchor_side == "sft":
+        if cfg.anchor_side == "sft" and not apart:
             sft, anchor = sft + cfg.anchor_weight * anchor, None
     if not pb.dpo_pairs:
         return BatchLosses(sft, None, stats, exact, anchor)
@@ -429,7 +445,8 @@ class CorsaTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         # the anchors' gradient is taken on its own (anchor_side="pcgrad") only when some edit has anchors; every
         # process decides from all the pairs, so all reduce the same gradients
-        self.anchor_apart = cfg.anchor_side == "pcgrad" and any(p.anchors for p in pairs)
+        self.has_anchors = any(p.anchors for p in pairs)
+        self.anchor_apart = cfg.anchor_side == "pcgrad" and self.has_anchors
         self.device = self.params[0].device
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sam_memory = SamMemory()
@@ -442,9 +459,12 @@ class CorsaTrainer:
         self.anchors: list[dict[str, Any]] = []  # set by build_trainer: what each edit's anchors keep
         self.contexts: list[str] = []  # set by build_trainer: the context prefixes every edit is also trained behind
 
-    def gradients(self, idx: list[int]) -> Grads:
+    def gradients(self, idx: list[int], held: HeldAnchor | None = None) -> Grads:
         """grad L_SFT and grad L_DPO over the batch `idx` (Algorithm 1 lines 3 and 10), or their weighted sum
         when PCGrad is off.
+
+        With `held` (anchor_points="first"), the anchors' gradient is taken on the first call and kept in it; a
+        later call runs no anchor pass and uses the kept one, where `anchor_side` says it enters.
 
         The batch is cut into micro-batches (memory only: each adds its share of the batch means, so the result
         does not depend on their size), each gives both gradients from one forward and two backward passes, and
@@ -453,7 +473,9 @@ class CorsaTrainer:
         """
         cfg = self.cfg
         separate = cfg.use_dpo and cfg.pcgrad is not None
-        names = (["sft", "dpo"] if separate else ["total"]) + (["anchor"] if self.anchor_apart else [])
+        reuse = held is not None and held.grad is not None
+        apart = self.anchor_apart or (held is not None and not reuse)
+        names = (["sft", "dpo"] if separate else ["total"]) + (["anchor"] if apart else [])
         n_tokens = sum(self.pairs[i].n_sft_tokens for i in idx)
         n_pairs = sum(1 for i in idx if cfg.use_dpo and self.pairs[i].old is not None)
         n_anchor_tokens = sum(len(answer) for i in idx for _, answer in self.pairs[i].anchors)
@@ -464,8 +486,10 @@ class CorsaTrainer:
         local = distributed.shard(idx)
         size = cfg.micro_batch_size or len(idx)
         for start in range(0, len(local), size):
-            pb = pair_batch(self.pairs, local[start : start + size], cfg.use_dpo, self.pad_id).to(self.device)
-            part = batch_losses(self.model, pb, self.pairs, cfg, n_tokens, n_pairs, len(idx), n_anchor_tokens)
+            pb = pair_batch(self.pairs, local[start : start + size], cfg.use_dpo, self.pad_id,
+                            anchors=not reuse).to(self.device)
+            part = batch_losses(self.model, pb, self.pairs, cfg, n_tokens, n_pairs, len(idx), n_anchor_tokens,
+                                apart=held is not None)
             for k, v in part.stats.items():
                 stats[k] += v
             exact.update(part.exact)
@@ -473,7 +497,7 @@ class CorsaTrainer:
                 wanted = {"sft": part.sft, "dpo": part.dpo}
             else:
                 wanted = {"total": part.sft if part.dpo is None else part.sft + cfg.lam * part.dpo}
-            if self.anchor_apart:
+            if apart:
                 wanted["anchor"] = part.anchor
             present = [k for k, v in wanted.items() if v is not None]
             for n, name in enumerate(present):
@@ -489,6 +513,14 @@ class CorsaTrainer:
         stats = distributed.all_reduce_stats(stats, self.device)
         exact = distributed.merge_dicts(exact)
         anchor = grads.get("anchor")
+        if held is not None:
+            if held.grad is None:
+                held.grad = anchor
+            anchor = held.grad
+            if cfg.anchor_side == "sft":  # g_SFT <- g_SFT + anchor_weight * grad L_anchor, as when it is summed
+                side = "sft" if separate else "total"
+                grads[side] = pcgrad.add(grads[side], anchor, cfg.anchor_weight)
+                anchor = None
         if separate:
             return Grads(grads["sft"], grads["dpo"], None, stats, exact, anchor)
         return Grads(None, None, grads["total"], stats, exact, anchor)
@@ -496,8 +528,9 @@ class CorsaTrainer:
     def step(self, idx: list[int], step: int = 0) -> dict[str, float]:
         """Optimizer step number `step` on the batch `idx`."""
         cfg = self.cfg
-        record, g = algorithm_1_step(lambda: self.gradients(idx), self.params, self.opt, cfg, self.sam_memory,
-                                     sam_now=step >= self.sam_start)
+        held = HeldAnchor() if cfg.anchor_points == "first" and self.has_anchors else None
+        record, g = algorithm_1_step(lambda: self.gradients(idx, held), self.params, self.opt, cfg,
+                                     self.sam_memory, sam_now=step >= self.sam_start)
         record["loss"] = record["sft_loss"] + cfg.anchor_weight * record["anchor_loss"] + cfg.lam * record["dpo_loss"]
         record["margin"] = record["logp_new"] - record["logp_old"] if cfg.use_dpo else 0.0
         self.last_exact = g.exact
@@ -737,6 +770,9 @@ EXTRA_OPTIONS = (
            choices=("nll", "kl")),
     Option("--anchor-side", "anchor_side", "where the anchors' loss enters Algorithm 1: added to the SFT side "
            "(default) or a third gradient under PCGrad", type=str, choices=("sft", "pcgrad")),
+    Option("--anchor-points", "anchor_points", "cheaper step (opt-in, not yet measured): the anchors' gradient at "
+           "both SAM points (default, as Algorithm 1 takes L's) or at the first only, reused at the second",
+           type=str, choices=("both", "first")),
     Option("--contexts", "contexts_per_edit", "also train each edit's prompt behind this many short texts the "
            "model writes (ROME's context templates; default: the --preset's, paper: 0)", type=int),
 )
@@ -746,6 +782,7 @@ EXTRA_SWEEPS = (Sweep("anchors", "anchors_per_edit", parse=int, form="<n>"), Swe
                  Sweep("relanchors", "relation_anchors", parse=int, form="<n>"),
                  Sweep("anchorloss", "anchor_loss", parse=one_of("nll", "kl"), form="<nll|kl>"),
                  Sweep("anchorside", "anchor_side", parse=one_of("sft", "pcgrad"), form="<sft|pcgrad>"),
+                 Sweep("anchorpoints", "anchor_points", parse=one_of("both", "first"), form="<both|first>"),
                  Sweep("contexts", "contexts_per_edit", parse=int, form="<n>"))
 
 register(MethodSpec(
