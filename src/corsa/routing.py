@@ -211,9 +211,9 @@ def names_another_entity(edit: Edit, query: str) -> bool:
     capitalised word of the subject by another ("Geoffrey Lloyd" against an edit of "Innes Lloyd", "Chicago
     Marathon" against "USS Chicago") or goes on past it ("Golden Axe Warrior" against "Golden Axe", "Paris Hilton"
     against "Paris"; a company's legal form, "Apple Inc." against "Apple", is not another name): another entity,
-    which the subject key, read at the subject's last token, barely tells apart. A name that only adds to the subject ("Apple CEO Tim Cook" for "Tim Cook"), one that writes
-    it in part ("Einstein" for "Albert Einstein"), or another name of it is not refused. Names are read as
-    corsa.subjects reads them."""
+    which the subject key, read at the subject's last token, barely tells apart. A name that only adds to the
+    subject ("Apple CEO Tim Cook" for "Tim Cook"), one that writes it in part ("Einstein" for "Albert Einstein"),
+    or another name of it is not refused. Names are read as corsa.subjects reads them."""
     words = subjects.WORD.findall(edit.subject or "")
     if not words:
         return False
@@ -237,8 +237,9 @@ def names_another_entity(edit: Edit, query: str) -> bool:
     return written > 0 and others == written
 
 
-# A company's legal form written after its name names the same company ("Apple Inc.", "Siemens AG"); read without
-# dots, in lower case (docs/log/2026-12-06-handwritten-routing-rule.md, candidate 9).
+# A company's legal form written after its name names the same company ("Apple Inc.", "Siemens AG"), in lower
+# case; a form written with inner dots ("S.A.") is no name word anyway (`capitalised` asks for letters only).
+# docs/log/2026-12-06-handwritten-routing-rule.md, candidate 9.
 LEGAL_FORMS = frozenset({"inc", "incorporated", "corp", "corporation", "co", "company", "ltd", "limited", "llc",
                          "llp", "plc", "ag", "sa", "se", "nv", "gmbh"})
 
