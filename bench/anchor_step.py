@@ -7,8 +7,8 @@ none, 2 anchors per edit on the SFT side (`corsa-anchors2`), 2 anchors plus 2 re
 under PCGrad (`corsa-anchors2+anchorsidepcgrad+relanchors2`), the `edit` preset's anchors (KL, 2 + 2 relation
 anchors, SFT side), and the same with the anchors' gradient at the first SAM point only (`anchor_points="first"`).
 FLOPs are counted by torch's FlopCounterMode over one step (exact, and the same on a busy machine); seconds are the
-median of --reps steps, each from the same adapter. Run it under another checkout's code (PYTHONPATH=OTHER/src) to compare two versions of the
-step on the same edits.
+median of --reps steps, each from the same adapter. Run it under another checkout's code (PYTHONPATH=OTHER/src) to
+compare two versions of the step on the same edits.
 """
 
 from __future__ import annotations

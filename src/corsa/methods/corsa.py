@@ -473,8 +473,9 @@ class CorsaTrainer:
         """
         cfg = self.cfg
         separate = cfg.use_dpo and cfg.pcgrad is not None
+        # with a held gradient at phi~ no anchor pass runs, so no anchor gradient is taken or reduced there
         reuse = held is not None and held.grad is not None
-        apart = self.anchor_apart or (held is not None and not reuse)
+        apart = (self.anchor_apart or held is not None) and not reuse
         names = (["sft", "dpo"] if separate else ["total"]) + (["anchor"] if apart else [])
         n_tokens = sum(self.pairs[i].n_sft_tokens for i in idx)
         n_pairs = sum(1 for i in idx if cfg.use_dpo and self.pairs[i].old is not None)
