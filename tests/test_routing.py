@@ -328,12 +328,14 @@ def test_multi_bench_routes_among_adapters_against_the_oracle(tmp_path, tiny_dir
     out = tmp_path / "m"
     assert main(["bench", "multi", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(out), "--n", "6",
                  "--parts", "3", "--methods", "lora", "--model", tiny_dir, "--epochs", "1", "--quiet",
-                 "--max-new-tokens", "2"]) == 0
+                 "--max-new-tokens", "2", "--train-seeds", "0,1"]) == 0
     from corsa.evaluate.runner import load_results
 
     rows = {r["method"]: r for r in load_results(out)}
-    assert set(rows) == {"base", "lora-oracle", "lora-routed"}
+    # a second seed's rows are named like its routed row, so the table and the oracle line group them by setting
+    assert set(rows) == {"base", "lora-oracle", "lora-routed", "lora-oracle@seed1", "lora-routed@seed1"}
     assert sorted(p.name for p in (out / "lora").iterdir()) == ["part0", "part1", "part2"]
+    assert "- lora-routed@seed1 minus lora-oracle@seed1: gen.generality" in (out / "table.md").read_text()
     gap = rows["lora-routed"]["routing"]["gap"]
     assert gap["paraphrases"] == 6 and 0 <= gap["routed_to_own"] <= 1
     assert rows["lora-oracle"]["n"] == 6 and rows["lora-oracle"]["parts"] == 3

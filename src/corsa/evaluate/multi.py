@@ -39,7 +39,7 @@ from corsa.evaluate.runner import (
     select_cases,
     stamp,
 )
-from corsa.evaluate.stats import base_name, paired_difference, routed_name
+from corsa.evaluate.stats import SEED_MARK, base_name, paired_difference, routed_name
 from corsa.methods import REGISTRY
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest, load_benchmark_with_report
@@ -141,7 +141,7 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
         mined = anchors.with_mined(chosen, trained)
         router = routing.Router(peft, tok, {n: routing.edits_of(p) for n, p in zip(names, pieces)}, cfg.router)
         records = {}
-        for row, routes in ((routed_name(spec), router), (spec + ORACLE, oracle)):
+        for row, routes in ((routed_name(spec), router), (oracle_name(spec), oracle)):
             t_eval = time.perf_counter()
             asked = routing.asking(formatter, routes, cfg.router.hint)
             ev = evaluate(routing.RoutedModel(peft, routes), asked, mined, reference=base, config=cfg.eval)
@@ -150,9 +150,9 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
         paraphrases = [p for r in chosen for p in r.paraphrases]
         records[routed_name(spec)]["routing"] = {
             **routing.record(cfg.router, peft, router.edits),
-            "gap": routing_gap(records[routed_name(spec)]["cases"], records[spec + ORACLE]["cases"],
+            "gap": routing_gap(records[routed_name(spec)]["cases"], records[oracle_name(spec)]["cases"],
                                router.routes(paraphrases), [known[p] for p in paraphrases])}
-        for row in (spec + ORACLE, routed_name(spec)):  # the routed row last: its file marks the method done
+        for row in (oracle_name(spec), routed_name(spec)):  # the routed row last: its file marks the method done
             records[row]["wall_time_s"] = time.perf_counter() - t
             artifacts.write_json(out / row / "results.json", stamp(records[row]))
             print(f"{row}: {brief(records[row]['summary'])}")
@@ -162,13 +162,22 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
     return out
 
 
+def oracle_name(spec: str) -> str:
+    """'lora@seed1' -> 'lora-oracle@seed1', named like its routed row so that tables group a setting's seeds (a
+    seed mark before the suffix would read as seed '1-oracle' of 'lora')."""
+    name, mark, seed = spec.partition(SEED_MARK)
+    return f"{name}{ORACLE}{mark}{seed}"
+
+
 def oracle_line(results: list[dict[str, Any]]) -> str:
     """Table 8's question: how far routing falls short of the oracle, per method, with a paired interval."""
     lines = []
     for r in results:
         if not base_name(r["method"]).endswith(ORACLE):
             continue
-        routed = next((x for x in results if x["method"] == routed_name(r["method"].removesuffix(ORACLE))), None)
+        name, mark, seed = r["method"].partition(SEED_MARK)
+        routed = next((x for x in results if x["method"] == routed_name(name.removesuffix(ORACLE) + mark + seed)),
+                      None)
         if routed is None:
             continue
         found = [d for m in ("gen.generality", "gen.reliability")
