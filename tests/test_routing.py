@@ -336,6 +336,16 @@ def test_multi_bench_routes_among_adapters_against_the_oracle(tmp_path, tiny_dir
     assert set(rows) == {"base", "lora-oracle", "lora-routed", "lora-oracle@seed1", "lora-routed@seed1"}
     assert sorted(p.name for p in (out / "lora").iterdir()) == ["part0", "part1", "part2"]
     assert "- lora-routed@seed1 minus lora-oracle@seed1: gen.generality" in (out / "table.md").read_text()
+    # Its per-case rows survive in a committed summary, each with the seed it was trained with; a row written
+    # before the records carried their config gets it from its adapters' manifests.
+    import json
+
+    from corsa.evaluate.summary import summarize
+
+    old = out / "lora-oracle@seed1" / "results.json"
+    old.write_text(json.dumps({k: v for k, v in json.loads(old.read_text()).items() if k != "config"}))
+    seeds = {r["method"]: r["training_seed"] for r in summarize(out)["rows"]}
+    assert seeds == {"base": None, "lora-oracle": 0, "lora-routed": 0, "lora-oracle@seed1": 1, "lora-routed@seed1": 1}
     gap = rows["lora-routed"]["routing"]["gap"]
     assert gap["paraphrases"] == 6 and 0 <= gap["routed_to_own"] <= 1
     assert rows["lora-oracle"]["n"] == 6 and rows["lora-oracle"]["parts"] == 3

@@ -141,12 +141,13 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
         mined = anchors.with_mined(chosen, trained)
         router = routing.Router(peft, tok, {n: routing.edits_of(p) for n, p in zip(names, pieces)}, cfg.router)
         records = {}
+        config = artifacts.read_manifest(folders[0]).get("config")  # every part is trained with the same settings
         for row, routes in ((routed_name(spec), router), (oracle_name(spec), oracle)):
             t_eval = time.perf_counter()
             asked = routing.asking(formatter, routes, cfg.router.hint)
             ev = evaluate(routing.RoutedModel(peft, routes), asked, mined, reference=base, config=cfg.eval)
             ev["timings"] = {"eval_s": time.perf_counter() - t_eval, "edit_s": edit_s}
-            records[row] = {**header, "method": row, "adapters": [str(f) for f in folders], **ev}
+            records[row] = {**header, "method": row, "adapters": [str(f) for f in folders], "config": config, **ev}
         paraphrases = [p for r in chosen for p in r.paraphrases]
         records[routed_name(spec)]["routing"] = {
             **routing.record(cfg.router, peft, router.edits),
