@@ -348,6 +348,7 @@ def test_multi_bench_routes_among_adapters_against_the_oracle(tmp_path, tiny_dir
     assert seeds == {"base": None, "lora-oracle": 0, "lora-routed": 0, "lora-oracle@seed1": 1, "lora-routed@seed1": 1}
     gap = rows["lora-routed"]["routing"]["gap"]
     assert gap["paraphrases"] == 6 and 0 <= gap["routed_to_own"] <= 1
+    assert sum(gap["misrouted_by_reason"].values()) == gap["lost_and_misrouted"]
     assert rows["lora-oracle"]["n"] == 6 and rows["lora-oracle"]["parts"] == 3
     assert "- lora-routed minus lora-oracle: gen.generality" in (out / "table.md").read_text()
     capsys.readouterr()
@@ -389,6 +390,12 @@ def test_routing_gap_counts_what_routing_loses_against_the_oracle():
     gap = routing_gap(routed, oracle, ["a", None, "b"], ["a", "a", "b"])
     assert gap["lost_against_oracle"] == 2 and gap["lost_and_misrouted"] == 1
     assert gap["share_of_loss_from_routing"] == 0.5 and gap["routed_to_own"] == pytest.approx(2 / 3)
+    assert "misrouted_by_reason" not in gap
+    # the one misrouted loss, told apart by why its own edit turned it away
+    why = routing_gap(routed, oracle, ["a", None, "b"], ["a", "a", "b"], [None, "another relation", None])
+    assert why["misrouted_by_reason"] == {"another relation": 1}
+    keyed = routing_gap(routed, oracle, ["a", None, "b"], ["a", "a", "b"], [None, None, "another relation"])
+    assert keyed["misrouted_by_reason"] == {"the subject key did not send it to its own edit": 1}
     assert [len(p) for p in split(list(range(7)), 3)] == [2, 2, 3]
 
 

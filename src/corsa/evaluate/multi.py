@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,17 +74,23 @@ def split(chosen: list[EditRequest], parts: int) -> list[list[EditRequest]]:
 
 
 def routing_gap(routed: list[dict[str, Any]], oracle: list[dict[str, Any]], routes: list[str | None],
-                own: list[str]) -> dict[str, Any]:
+                own: list[str], refusals: list[str | None] | None = None) -> dict[str, Any]:
     """Paraphrase by paraphrase (cases in the same order): which ones routing loses against the oracle, and how
-    many of those it sent to another adapter or to none."""
+    many of those it sent to another adapter or to none. `refusals` (per paraphrase, why the router turns it away
+    from its own case's edit even when the subject key matches: Router.refusal) splits the misrouted ones by
+    reason, so a loss to the relation gate is told from a subject key's miss without reading the cases."""
     got = [x for c in routed for x in c["gen.generality"]]
     best = [x for c in oracle for x in c["gen.generality"]]
     lost = [i for i, (g, b) in enumerate(zip(got, best)) if b and not g]
     misrouted = [i for i in lost if routes[i] != own[i]]
-    return {"paraphrases": len(got), "routed_to_own": sum(r == o for r, o in zip(routes, own)) / max(len(own), 1),
-            "lost_against_oracle": len(lost), "gained_against_oracle": sum(g and not b for g, b in zip(got, best)),
-            "lost_and_misrouted": len(misrouted),
-            "share_of_loss_from_routing": len(misrouted) / len(lost) if lost else None}
+    gap = {"paraphrases": len(got), "routed_to_own": sum(r == o for r, o in zip(routes, own)) / max(len(own), 1),
+           "lost_against_oracle": len(lost), "gained_against_oracle": sum(g and not b for g, b in zip(got, best)),
+           "lost_and_misrouted": len(misrouted),
+           "share_of_loss_from_routing": len(misrouted) / len(lost) if lost else None}
+    if refusals is not None:
+        reasons = Counter(refusals[i] or "the subject key did not send it to its own edit" for i in misrouted)
+        gap["misrouted_by_reason"] = dict(reasons.most_common())
+    return gap
 
 
 def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool = True,
@@ -149,10 +156,11 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
             ev["timings"] = {"eval_s": time.perf_counter() - t_eval, "edit_s": edit_s}
             records[row] = {**header, "method": row, "adapters": [str(f) for f in folders], "config": config, **ev}
         paraphrases = [p for r in chosen for p in r.paraphrases]
+        refusals = [router.refusal(edit, p) for r, edit in zip(chosen, routing.edits_of(chosen)) for p in r.paraphrases]
         records[routed_name(spec)]["routing"] = {
             **routing.record(cfg.router, peft, router.edits),
             "gap": routing_gap(records[routed_name(spec)]["cases"], records[oracle_name(spec)]["cases"],
-                               router.routes(paraphrases), [known[p] for p in paraphrases])}
+                               router.routes(paraphrases), [known[p] for p in paraphrases], refusals)}
         for row in (oracle_name(spec), routed_name(spec)):  # the routed row last: its file marks the method done
             records[row]["wall_time_s"] = time.perf_counter() - t
             artifacts.write_json(out / row / "results.json", stamp(records[row]))
@@ -186,7 +194,8 @@ def oracle_line(results: list[dict[str, Any]]) -> str:
         lines.append(f"- {routed['method']} minus {r['method']}: " + "; ".join(
             f"{d.metric} {100 * d.estimate:+.1f} ({100 * d.low:+.1f} to {100 * d.high:+.1f})" for d in found)
             + f"; of the paraphrases the oracle gets and routing loses, sent elsewhere by routing: "
-              f"{routed['routing']['gap']['lost_and_misrouted']} of {routed['routing']['gap']['lost_against_oracle']}")
+              f"{routed['routing']['gap']['lost_and_misrouted']} of {routed['routing']['gap']['lost_against_oracle']}"
+            + "".join(f" ({n}: {why})" for why, n in routed["routing"]["gap"].get("misrouted_by_reason", {}).items()))
     return ("Routing against the oracle (the same adapters, each prompt sent to its own case's adapter), 95 % paired "
             "bootstrap intervals:\n" + "\n".join(lines)) if lines else ""
 
