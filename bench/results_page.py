@@ -28,6 +28,7 @@ from statistics import mean
 from typing import Any
 
 from corsa import artifacts
+from corsa.errors import InputError
 from corsa.evaluate.stats import COMPARED, base_name, reference
 from corsa.evaluate.summary import (
     merge,
@@ -275,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         page = args.page.read_text()
         updated = replace_block(page, render(load(args.results), args.page))
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, InputError) as e:  # a run folder's unreadable manifest, too
         print(f"results_page: {e}", file=sys.stderr)
         return 2
     mode = args.page.stat().st_mode

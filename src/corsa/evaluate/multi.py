@@ -40,7 +40,7 @@ from corsa.evaluate.runner import (
     select_cases,
     stamp,
 )
-from corsa.evaluate.stats import SEED_MARK, base_name, paired_difference, routed_name
+from corsa.evaluate.stats import base_name, paired_difference, routed_name, with_suffix, without_suffix
 from corsa.methods import REGISTRY
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest, load_benchmark_with_report
@@ -172,10 +172,9 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
 
 
 def oracle_name(spec: str) -> str:
-    """'lora@seed1' -> 'lora-oracle@seed1', named like its routed row so that tables group a setting's seeds (a
-    seed mark before the suffix would read as seed '1-oracle' of 'lora')."""
-    name, mark, seed = spec.partition(SEED_MARK)
-    return f"{name}{ORACLE}{mark}{seed}"
+    """'lora@seed1' -> 'lora-oracle@seed1', like its routed row (a seed mark before the suffix would read as seed
+    '1-oracle' of 'lora')."""
+    return with_suffix(spec, ORACLE)
 
 
 def oracle_line(results: list[dict[str, Any]]) -> str:
@@ -184,9 +183,7 @@ def oracle_line(results: list[dict[str, Any]]) -> str:
     for r in results:
         if not base_name(r["method"]).endswith(ORACLE):
             continue
-        name, mark, seed = r["method"].partition(SEED_MARK)
-        routed = next((x for x in results if x["method"] == routed_name(name.removesuffix(ORACLE) + mark + seed)),
-                      None)
+        routed = next((x for x in results if x["method"] == routed_name(without_suffix(r["method"], ORACLE))), None)
         if routed is None:
             continue
         found = [d for m in ("gen.generality", "gen.reliability")

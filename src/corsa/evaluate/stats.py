@@ -167,15 +167,26 @@ def base_name(method: str) -> str:
     return method.partition(SEED_MARK)[0]
 
 
-def routed_name(method: str) -> str:
-    """'lora@seed1' -> 'lora-routed@seed1': the routed row of a run, grouped over seeds like any other setting."""
+def with_suffix(method: str, suffix: str) -> str:
+    """'lora@seed1' -> 'lora<suffix>@seed1': another evaluation of a row's adapter (routed, oracle), named so that
+    tables group its seeds like any other setting's."""
     name, mark, seed = method.partition(SEED_MARK)
-    return f"{name}{ROUTED}{mark}{seed}"
+    return f"{name}{suffix}{mark}{seed}"
+
+
+def without_suffix(method: str, suffix: str) -> str:
+    """The inverse of with_suffix: 'lora<suffix>@seed1' -> 'lora@seed1'."""
+    name, mark, seed = method.partition(SEED_MARK)
+    return f"{name.removesuffix(suffix)}{mark}{seed}"
+
+
+def routed_name(method: str) -> str:
+    """'lora@seed1' -> 'lora-routed@seed1': the routed row of a run."""
+    return with_suffix(method, ROUTED)
 
 
 def unrouted_name(method: str) -> str:
-    name, mark, seed = method.partition(SEED_MARK)
-    return f"{name.removesuffix(ROUTED)}{mark}{seed}"
+    return without_suffix(method, ROUTED)
 
 
 def reference(method: str, against: str) -> str:

@@ -1,4 +1,5 @@
-"""Small, committed summaries of `corsa bench single` (and `multi`) run folders, and differences pooled over several of them.
+"""Small, committed summaries of `corsa bench single` (and `multi`) run folders, and differences pooled over
+several of them.
 
 A run folder holds megabytes of answers and 39 MB adapters, so it is not committed; docs/RESULTS.md is generated
 from summaries instead. A summary keeps what the page states and what its intervals need: each row's aggregate
@@ -44,9 +45,9 @@ def _read_records(run_dir: Path) -> list[dict[str, Any]]:
         if record.get("config") is None and record.get("adapters"):
             # a `corsa bench multi` row from before its records carried their settings (2026-12-07): its first part
             # adapter's manifest says how every part was trained, training seed included
-            manifest = Path(record["adapters"][0]) / artifacts.MANIFEST
-            if manifest.exists():
-                record["config"] = json.loads(manifest.read_text()).get("config")
+            part = Path(record["adapters"][0])
+            if (part / artifacts.MANIFEST).exists():
+                record["config"] = artifacts.read_manifest(part).get("config")
         records.append(with_other_targets(record))
     # the order load_results gives: base first, then methods as they were run
     return sorted(records, key=lambda r: (r["method"] != "base", r.get("date") or ""))
