@@ -42,7 +42,13 @@ def test_lifelong_curves_checkpoints_and_a_resumed_run_equal_to_an_unbroken_one(
     assert kept == ["u001", "u002"]  # a folding method needs every update's adapter
     assert (tmp_path / "whole" / "alphaedit-layers0-1" / "updates" / "u001" / "editor_state.safetensors").exists()
     assert curves["alphaedit-layers0-1"][0]["diagnostics"]["null_space_rank"]
-    assert "| alphaedit-layers0-1 | 4 |" in (tmp_path / "whole" / "table.md").read_text()
+    assert all(p["neighbor_edit_target"] is not None for c in curves.values() for p in c)
+    # An adapter is also measured routed, as `corsa ask` answers; a folded edit has no adapter to route.
+    assert all("routed" in p and p["routed"]["per_edit"].keys() == p["per_edit"].keys() for p in curves["lora"])
+    assert not any("routed" in p for p in curves["alphaedit-layers0-1"])
+    table = (tmp_path / "whole" / "table.md").read_text()
+    assert "| alphaedit-layers0-1 | 4 |" in table and "| lora-routed | 4 |" in table
+    assert "- lora-routed minus alphaedit-layers0-1, 4 edits: efficacy " in table  # the bar's comparison, with its interval
 
     # A run killed during AlphaEdit's second update, then run again, continues to the very same curve.
     real = AlphaEditEditor.edit

@@ -27,12 +27,14 @@ from typing import Any
 
 import torch
 
-from corsa import anchors, artifacts, models, presets
+from corsa import anchors, artifacts, models, presets, routing
 from corsa.answers import contains
 from corsa.errors import InputError
+from corsa.evaluate.metrics import neighbor_edit_target
 from corsa.evaluate.mmlu import MMLUConfig, evaluate_mmlu
 from corsa.evaluate.runner import check_before_work, method_overrides, parse_method, select_cases
 from corsa.evaluate.sequence import fold
+from corsa.evaluate.stats import bootstrap, routed_name, unrouted_name
 from corsa.methods import REGISTRY
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark
@@ -72,20 +74,25 @@ def answers(model: torch.nn.Module, formatter: Formatter, prompts: list[str], ma
 
 def measure(model: torch.nn.Module, formatter: Formatter, done: list[EditRequest], before: dict[str, str],
             cfg: LifelongConfig) -> dict[str, Any]:
-    """Efficacy, generality and neighbour agreement over the edits `done` so far (per edit, for intervals)."""
+    """Efficacy, generality, neighbour agreement and neighbours given an edit's target over the edits `done` so far
+    (per edit, for intervals; the metrics' definitions are corsa.evaluate.metrics')."""
     asked = answers(model, formatter, [p for r in done for p in (r.prompt, *r.paraphrases)]
                     + [n.prompt for r in done for n in r.neighborhood], cfg.max_new_tokens)
+    targets = sorted({r.target_new for r in done})
     per_edit = {r.id or r.prompt: {
         "efficacy": int(contains(asked[r.prompt], r.target_new)),
         "generality": [int(contains(asked[p], r.target_new)) for p in r.paraphrases],
-        "agreement": [int(asked[n.prompt] == before[n.prompt]) for n in r.neighborhood]} for r in done}
+        "agreement": [int(asked[n.prompt] == before[n.prompt]) for n in r.neighborhood],
+        "neighbour_target": [int(neighbor_edit_target(asked[n.prompt], before[n.prompt], n.answer, targets))
+                             for n in r.neighborhood]} for r in done}
 
     def share(key: str) -> float | None:
         values = [v for e in per_edit.values() for v in (e[key] if isinstance(e[key], list) else [e[key]])]
         return sum(values) / len(values) if values else None
 
     return {"edits": len(done), "efficacy": share("efficacy"), "generality": share("generality"),
-            "locality_agreement": share("agreement"), "per_edit": per_edit}
+            "locality_agreement": share("agreement"), "neighbor_edit_target": share("neighbour_target"),
+            "per_edit": per_edit}
 
 
 def checkpoint(model: torch.nn.Module, folder: Path, editor: Any) -> None:
@@ -170,7 +177,10 @@ def run_lifelong(cfg: LifelongConfig, out: str | Path, *, progress: bool = True,
             result = editor.edit(model, asks, anchors.withheld(stages[t], cases), progress=progress)
             model, asks = result.model, result.formatter or asks
             edit_s = time.perf_counter() - t0
-            point = measure(model, asks, [r for s in stages[: t + 1] for r in s], before, cfg)
+            done = [r for s in stages[: t + 1] for r in s]
+            point = measure(model, asks, done, before, cfg)
+            if REGISTRY[method].continues:  # an adapter: measured also as `corsa ask` and a store answer, routed
+                point["routed"] = measure(*routing.answering(model, asks, routing.edits_of(done)), done, before, cfg)
             if (t + 1) % cfg.mmlu_every == 0 or t + 1 == cfg.updates:
                 m = evaluate_mmlu(model, asks.tokenizer, cfg.data, MMLUConfig(n_per_subject=cfg.mmlu_n))
                 point["mmlu"] = {k: m[k] for k in ("accuracy", "gold_logprob", "n", "ids", "gold_logprobs")}
@@ -194,39 +204,88 @@ def run_lifelong(cfg: LifelongConfig, out: str | Path, *, progress: bool = True,
     return out
 
 
+# What the curves and differences report, as per_edit keys and curve point keys (per_edit key, point key, title).
+MEASURES = (("efficacy", "efficacy", "efficacy"), ("generality", "generality", "generality"),
+            ("agreement", "locality_agreement", "neighbours as before"),
+            ("neighbour_target", "neighbor_edit_target", "neighbours given an edit's target"))
+
+
+def curves(rows: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each method's curve, and beside an adapter method's its routed curve as `<method>-routed`."""
+    out = {}
+    for name, r in rows.items():
+        out[name] = r["curve"]
+        if all("routed" in p for p in r["curve"]):
+            out[routed_name(name)] = [p["routed"] for p in r["curve"]]
+    return out
+
+
+def differences(last: dict[str, dict[str, Any]], against: str) -> list[str]:
+    """Each row's last point minus `against`'s, per measure, with a 95 % paired bootstrap over the edits."""
+    if against not in last:
+        return []
+    lines = []
+    for name, point in last.items():
+        if name == against:
+            continue
+        cells = []
+        for key, _, title in MEASURES:
+            units = []
+            for edit, b in point["per_edit"].items():
+                a = last[against]["per_edit"].get(edit)
+                if a is None or key not in a or key not in b:
+                    continue
+                va, vb = (x[key] if isinstance(x[key], list) else [x[key]] for x in (a, b))
+                if va and len(va) == len(vb):
+                    units.append((float(sum(va)), float(sum(vb)), len(va)))
+            d = bootstrap(units, key)
+            if d is not None:
+                cells.append(f"{title} {100 * d.estimate:+.1f} ({100 * d.low:+.1f} to {100 * d.high:+.1f})")
+        if cells:
+            lines.append(f"- {name} minus {against}, {len(point['per_edit'])} edits: " + "; ".join(cells))
+    return lines
+
+
 def write_report(out: Path) -> None:
     rows = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/results.json"))}
     if not rows:
         return
-    head = ["method", "edits", "efficacy", "generality", "neighbours as before", "mmlu", "mmlu gold log-prob",
+    every = curves(rows)
+    head = ["method", "edits", *(title for *_, title in MEASURES), "mmlu", "mmlu gold log-prob",
             "edit time per update (s)"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for name, r in rows.items():
-        last = r["curve"][-1]
-        m = last.get("mmlu")
-        mean_s = sum(p["edit_s"] for p in r["curve"]) / len(r["curve"])
-        cells = [name, str(last["edits"]), f"{100 * last['efficacy']:.1f}",
-                 "-" if last["generality"] is None else f"{100 * last['generality']:.1f}",
-                 "-" if last["locality_agreement"] is None else f"{100 * last['locality_agreement']:.1f}",
+    for name, curve in every.items():
+        last = curve[-1]
+        own = rows[name]["curve"] if name in rows else rows[unrouted_name(name)]["curve"]
+        m = own[-1].get("mmlu") if name in rows else None  # a routed model's MMLU is its unrouted row's
+        mean_s = sum(p["edit_s"] for p in own) / len(own)
+        cells = [name, str(last["edits"]),
+                 *("-" if last.get(key) is None else f"{100 * last[key]:.1f}" for _, key, _ in MEASURES),
                  f"{100 * m['accuracy']:.1f}" if m else "-", f"{m['gold_logprob']:.3f}" if m else "-", f"{mean_s:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    last = {name: curve[-1] for name, curve in every.items()}
+    # Compared with LoRA as a user gets it (routed), the project's baseline, and with AlphaEdit, issue 32's.
+    against = [n for n in every if n in rows and parse_method(n)[0] == "alphaedit"]
+    against = [routed_name(n) for n in rows if parse_method(n)[0] == "lora" and routed_name(n) in every] + against
+    diffs = [line for a in against for line in differences(last, a)]
     commands = sorted({r["command"] for r in rows.values() if r.get("command")})
-    table = "\n".join(lines + ["", "After the last update, over every edit so far; values in %. Command: "
-                               + "; ".join(f"`{c}`" for c in commands)])
-    artifacts.write_report(out, table, lambda path: plot(rows, path))
+    table = "\n".join(lines + ["", ("After the last update, over every edit so far; values in %. `-routed`: the same "
+                                    "adapter asked as `corsa ask` asks it (scope routing, corsa.routing).")]
+                      + (["", "95 % paired intervals over the edits, after the last update:", *diffs] if diffs else [])
+                      + ["", "Command: " + "; ".join(f"`{c}`" for c in commands)])
+    artifacts.write_report(out, table, lambda path: plot(every, path))
 
 
-def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(every: dict[str, list[dict[str, Any]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, key, title in zip(axes, ("efficacy", "generality", "locality_agreement"),
-                              ("efficacy", "generality", "neighbours as before")):
-        for name, r in rows.items():
-            points = [(p["edits"], 100 * p[key]) for p in r["curve"] if p[key] is not None]
+    fig, axes = plt.subplots(1, len(MEASURES), figsize=(18, 4))
+    for ax, (_, key, title) in zip(axes, MEASURES):
+        for name, curve in every.items():
+            points = [(p["edits"], 100 * p[key]) for p in curve if p.get(key) is not None]
             ax.plot([x for x, _ in points], [y for _, y in points], marker=".", label=name)
         ax.set(xlabel="edits so far", ylabel="%", title=title)
     axes[0].legend()
