@@ -30,11 +30,11 @@ import torch
 from corsa import anchors, artifacts, models, presets, routing
 from corsa.answers import contains
 from corsa.errors import InputError
-from corsa.evaluate.metrics import neighbor_edit_target
+from corsa.evaluate.metrics import case_values, neighbor_edit_target
 from corsa.evaluate.mmlu import MMLUConfig, evaluate_mmlu
 from corsa.evaluate.runner import check_before_work, method_overrides, parse_method, select_cases
 from corsa.evaluate.sequence import fold
-from corsa.evaluate.stats import bootstrap, routed_name, unrouted_name
+from corsa.evaluate.stats import paired_difference, routed_name, unrouted_name
 from corsa.methods import REGISTRY
 from corsa.prompts import Formatter, PromptStyle
 from corsa.requests import EditRequest, load_benchmark
@@ -87,7 +87,7 @@ def measure(model: torch.nn.Module, formatter: Formatter, done: list[EditRequest
                              for n in r.neighborhood]} for r in done}
 
     def share(key: str) -> float | None:
-        values = [v for e in per_edit.values() for v in (e[key] if isinstance(e[key], list) else [e[key]])]
+        values = [v for e in per_edit.values() for v in case_values(e, key)]
         return sum(values) / len(values) if values else None
 
     return {"edits": len(done), "efficacy": share("efficacy"), "generality": share("generality"),
@@ -220,6 +220,11 @@ def curves(rows: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def as_cases(point: dict[str, Any]) -> list[dict[str, Any]]:
+    """A point's per-edit outcomes as the cases corsa.evaluate.stats pairs by id."""
+    return [{"id": edit, **values} for edit, values in point["per_edit"].items()]
+
+
 def differences(last: dict[str, dict[str, Any]], against: str) -> list[str]:
     """Each row's last point minus `against`'s, per measure, with a 95 % paired bootstrap over the edits."""
     if against not in last:
@@ -230,15 +235,7 @@ def differences(last: dict[str, dict[str, Any]], against: str) -> list[str]:
             continue
         cells = []
         for key, _, title in MEASURES:
-            units = []
-            for edit, b in point["per_edit"].items():
-                a = last[against]["per_edit"].get(edit)
-                if a is None or key not in a or key not in b:
-                    continue
-                va, vb = (x[key] if isinstance(x[key], list) else [x[key]] for x in (a, b))
-                if va and len(va) == len(vb):
-                    units.append((float(sum(va)), float(sum(vb)), len(va)))
-            d = bootstrap(units, key)
+            d = paired_difference(as_cases(last[against]), as_cases(point), key)
             if d is not None:
                 cells.append(f"{title} {100 * d.estimate:+.1f} ({100 * d.low:+.1f} to {100 * d.high:+.1f})")
         if cells:
