@@ -28,10 +28,13 @@ def main() -> None:
                    help="refuse a subject match that asks another relation (corsa.routing.asks_other_relation)")
     p.add_argument("--route-bare", action=argparse.BooleanOptionalAction, default=RouterConfig.bare,
                    help="key each subject also as it reads alone (corsa.routing.key_texts)")
+    p.add_argument("--route-clauses", action=argparse.BooleanOptionalAction, default=RouterConfig.clauses,
+                   help="read a question also from each later clause's start (corsa.routing.readings)")
     p.add_argument("--methods", help="comma-separated rows of the run to reroute (default: every adapter)")
     args = p.parse_args()
     config = RouterConfig(depth=args.route_depth, threshold=args.route_threshold, hint=not args.no_route_hint,
-                          relations=args.route_relations, bare=args.route_bare)
+                          relations=args.route_relations, bare=args.route_bare,
+                          clauses=args.route_clauses)
     reroute(args.run, args.out, config, command="python bench/reroute.py " + shlex.join(sys.argv[1:]),
             methods=args.methods.split(",") if args.methods else None)
 

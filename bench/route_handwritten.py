@@ -1,7 +1,7 @@
 """Where scope routing sends hand-written questions, without training: each paraphrase should reach its own edit,
 each neighbour none (or, for a neighbour about an edited subject that asks another relation, none either).
 
-    python bench/route_handwritten.py [FILE.jsonl ...] [--threshold T] [--no-relations] [--no-bare] [--no-names]
+    python bench/route_handwritten.py [FILE.jsonl ...] [--threshold T] [--no-relations] [--no-bare] [--no-names] [--clauses]
         [--find-subjects]
     python bench/route_handwritten.py --bench counterfact --data ../shared/benchmarks [--split val] [--n 100] [--seed 1]
 
@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--no-relations", action="store_true")
     p.add_argument("--bare", action=argparse.BooleanOptionalAction, default=routing.DEFAULT.bare)
     p.add_argument("--names", action=argparse.BooleanOptionalAction, default=routing.DEFAULT.names)
+    p.add_argument("--clauses", action=argparse.BooleanOptionalAction, default=routing.DEFAULT.clauses)
     p.add_argument("--find-subjects", action="store_true",
                    help="hide each edit's subject and key the one corsa.subjects.find reads from its prompt")
     p.add_argument("--threads", type=int, default=2)
@@ -45,7 +46,8 @@ def main() -> None:
     p.add_argument("--show", action="store_true", help="with --bench, print the misses too")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    config = routing.RouterConfig(threshold=args.threshold, relations=not args.no_relations, bare=args.bare, names=args.names)
+    config = routing.RouterConfig(threshold=args.threshold, relations=not args.no_relations, bare=args.bare, names=args.names,
+                                   clauses=args.clauses)
     model, tok, _ = models.load_model(None)
     sources = ([(f"{args.bench} {args.split} n={args.n} seed={args.seed}",
                  random.Random(args.seed).sample(load_benchmark(args.bench, args.data, args.split), args.n))]

@@ -91,7 +91,23 @@ def test_bare_keys_match_a_query_that_opens_with_the_subject(tokenizer):
         ("Is gold heavy?", (3, 7)), ("Is Gold heavy?", (3, 7)), ("gold", (0, 4)), ("Gold", (0, 4))]
     assert routing.from_record(routing.record(bare.config)) == bare.config
     assert routing.from_record({"depth": 0.5, "threshold": 0.9}) == routing.RouterConfig(
-        depth=0.5, threshold=0.9, hint=False, relations=False, bare=False, names=False)  # older than the switches
+        depth=0.5, threshold=0.9, hint=False, relations=False, bare=False, names=False,
+        clauses=False)  # older than the switches
+
+
+def test_a_question_is_also_read_from_the_start_of_each_later_clause(tokenizer):
+    assert routing.readings("To get to work every day, Rosa has to", clauses=True) == [
+        "To get to work every day, Rosa has to", "Rosa has to"]
+    assert routing.readings("It is 40 minutes. Gold is; 3,000 km:\n  so", clauses=True) == [
+        "It is 40 minutes. Gold is; 3,000 km:\n  so", "Gold is; 3,000 km:\n  so", "3,000 km:\n  so", "so"]
+    assert routing.readings("A, B", clauses=False) == ["A, B"]
+    model = make_model(len(tokenizer))
+    edits = {"a": [routing.Edit("What is the symbol for gold?", "gold")]}
+    queries = ["To get to work every day, gold is written as", "Usually it takes 40 minutes. gold is", "So, silver is"]
+    # after an unrelated clause "gold" has context before it; read from the clause's start it is the bare key
+    assert routing.Router(model, tokenizer, edits, dataclasses.replace(EXACT, clauses=False)).routes(queries) == [
+        None, None, None]
+    assert routing.Router(model, tokenizer, edits, EXACT).routes(queries) == ["a", "a", None]  # on by default
 
 
 def test_an_edit_of_a_country_is_keyed_by_its_other_names_too(tokenizer):
@@ -177,7 +193,7 @@ def test_edit_records_routing_and_ask_routes_unless_told_not_to(tmp_path, tiny_d
     assert "1 edit(s) name no subject found in their prompt (first: 'why is it?')" in closing
     scope = json.loads((out / "edit_manifest.json").read_text())["routing"]
     assert scope == {"kind": "subject-key", "depth": routing.DEFAULT.depth, "threshold": 0.99, "hint": True,
-                     "relations": True, "bare": True, "names": True, "layer": 1,
+                     "relations": True, "bare": True, "names": True, "clauses": True, "layer": 1,
                      "unscoped": ["why is it?"]}
     model, _ = load_edited(out)
     assert isinstance(model, routing.RoutedModel) and model.router.config.threshold == 0.99
@@ -188,9 +204,9 @@ def test_edit_records_routing_and_ask_routes_unless_told_not_to(tmp_path, tiny_d
     assert json.loads((ungated / "edit_manifest.json").read_text())["routing"]["relations"] is False
     assert load_edited(ungated)[0].router.config.relations is False
     assert main(["edit", str(path), "--out", str(tmp_path / "unbare"), "--model", tiny_dir, "--epochs", "1", "--quiet",
-                 "--no-route-bare", "--no-route-names"]) == 0
+                 "--no-route-bare", "--no-route-names", "--no-route-clauses"]) == 0
     assert load_edited(tmp_path / "unbare")[0].router.config == dataclasses.replace(routing.DEFAULT, bare=False,
-                                                                                    names=False)
+                                                                                    names=False, clauses=False)
     assert not isinstance(load_edited(out, route=False)[0], routing.RoutedModel)
     capsys.readouterr()
     assert main(["ask", "Paris is", "--adapter", str(out), "--why", "--max-new-tokens", "2"]) == 0

@@ -182,6 +182,8 @@ def _add_routing_flags(p: argparse.ArgumentParser, *, off: bool = True) -> None:
                    "it (default: also alone, so that a question opening with the subject is matched)")
     p.add_argument("--no-route-names", action="store_true", help="key an edit of a country only by the name its "
                    "prompt gives (default: also by its other names, adjective and people: \"Canadian\", \"USA\")")
+    p.add_argument("--no-route-clauses", action="store_true", help="read a question only as written (default: also "
+                   "from the start of each later clause, so a subject after an unrelated clause is matched)")
 
 
 def _add_source_and_to(p: argparse.ArgumentParser, done: str) -> None:
@@ -208,6 +210,8 @@ def _router(args: argparse.Namespace, *, only_given: bool = False) -> Any:
         given["bare"] = False
     if args.no_route_names:
         given["names"] = False
+    if args.no_route_clauses:
+        given["clauses"] = False
     if only_given and not given:
         return None
     try:
