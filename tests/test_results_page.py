@@ -266,11 +266,13 @@ def test_summaries_of_other_seeds_merge_into_the_study_they_continue(runs, tmp_p
             (folder / r["method"]).mkdir(parents=True)
             (folder / r["method"] / "results.json").write_text(json.dumps(r))
     saved = tmp_path / "study.json"
-    write_summary(first, saved, log="docs/log/first.md")
-    assert main(["summarize", str(saved), str(rest), "--out", str(saved), "--log", "docs/log/later.md"]) == 0
+    write_summary(first, saved, log="docs/log/first.md", commit="aaa1111, bbb2222")  # itself merged before
+    assert main(["summarize", str(saved), str(rest), "--out", str(saved), "--log", "docs/log/later.md",
+                 "--commit", "bbb2222"]) == 0
     merged = read_summary(saved)
     whole = summarize(run0)
     assert merged["log"] == "docs/log/later.md"
+    assert merged["commit"] == "aaa1111, bbb2222"  # each commit once, however often merged
     assert sorted(r["method"] for r in merged["rows"]) == sorted(r["method"] for r in whole["rows"])
     for metric in ("gen.generality", "gen.reliability"):
         assert pooled_difference([merged], "lora", "corsa-rho0.5", metric) == \

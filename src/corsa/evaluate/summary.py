@@ -148,7 +148,8 @@ def merge(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 raise ValueError(f"{key[0]} with training seed {key[1]} is in summary {i} and an earlier one")
             held.add(key)
             rows.append(r)
-    commits = list(dict.fromkeys(str(s["commit"]) for s in summaries if s.get("commit")))
+    # A merged summary's commit already lists several; each is named once however often summaries are merged.
+    commits = list(dict.fromkeys(c for s in summaries if s.get("commit") for c in str(s["commit"]).split(", ")))
     dates = [s["date"] for s in summaries if s.get("date")]
     logs = list(dict.fromkeys(s["log"] for s in summaries if s.get("log")))
     return {**first, "commands": list(dict.fromkeys(c for s in summaries for c in s.get("commands") or [])),
