@@ -1,10 +1,13 @@
-"""A `corsa bench single` run's adapters evaluated again with another routing setting, without training.
+"""A `corsa bench single` or `corsa bench multi` run's adapters evaluated again with another routing setting,
+without training.
 
-    python bench/reroute.py RUN_DIR --out NEW_DIR [--methods lora,corsa] [--no-route-hint] [--route-threshold T]
-        [--route-relations | --no-route-relations]
+    python bench/reroute.py RUN_DIR --out NEW_DIR [--methods lora,corsa@seed1] [--no-route-hint]
+        [--route-threshold T] [--route-relations | --no-route-relations] [--route-clauses | --no-route-clauses]
 
-NEW_DIR gets the run's unedited and unrouted records as they are and a `<method>-routed` row per adapter, routed
-with the setting given (corsa.routing's defaults otherwise), so one training run answers for several settings.
+NEW_DIR gets the run's records that routing does not change as they are (unedited and unrouted rows; a multi run's
+oracle rows) and a `<method>-routed` row per method, routed with the setting given (corsa.routing's defaults
+otherwise), so one training run answers for several settings. A multi run's routed row is measured over all its
+part adapters, loaded into one model as the run loaded them.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import argparse
 import shlex
 import sys
 
-from corsa.evaluate.runner import reroute
+from corsa.evaluate import multi, runner
 from corsa.routing import RouterConfig
 
 
@@ -35,6 +38,7 @@ def main() -> None:
     config = RouterConfig(depth=args.route_depth, threshold=args.route_threshold, hint=not args.no_route_hint,
                           relations=args.route_relations, bare=args.route_bare,
                           clauses=args.route_clauses)
+    reroute = multi.reroute if multi.is_multi_run(args.run) else runner.reroute
     reroute(args.run, args.out, config, command="python bench/reroute.py " + shlex.join(sys.argv[1:]),
             methods=args.methods.split(",") if args.methods else None)
 

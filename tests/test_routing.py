@@ -376,6 +376,29 @@ def test_multi_bench_routes_among_adapters_against_the_oracle(tmp_path, tiny_dir
                  "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.count("loaded instead of trained again") == 3
     assert {r["method"]: r for r in load_results(out)}["lora-routed"]["routing"]["gap"] == gap
+    # Asked again without training (bench/reroute.py): at the run's own routing the routed rows come out as they
+    # were; at another, only the routed row is measured again, over all three part adapters.
+    from corsa import editing
+    from corsa.evaluate import multi
+
+    assert multi.is_multi_run(out) and not multi.is_multi_run(tmp_path)
+    rows = {r["method"]: r for r in load_results(out)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(editing, "edit", None)  # no training on the way
+        same = {r["method"]: r for r in load_results(multi.reroute(out, tmp_path / "same", routing.DEFAULT))}
+        strict = multi.reroute(out, tmp_path / "strict", dataclasses.replace(routing.DEFAULT, threshold=1.0),
+                               command="test", methods=["lora@seed1"])
+    assert set(same) == set(rows)
+    for name in ("lora-routed", "lora-routed@seed1"):
+        assert same[name]["cases"] == rows[name]["cases"] and same[name]["routing"]["gap"] == rows[name]["routing"]["gap"]
+    assert same["lora-oracle"] == rows["lora-oracle"] and same["base"] == rows["base"]
+    strict_rows = {r["method"]: r for r in load_results(strict)}
+    assert set(strict_rows) == {"base", "lora-oracle@seed1", "lora-routed@seed1"}
+    routed = strict_rows["lora-routed@seed1"]
+    assert routed["routing"]["threshold"] == 1.0 and routed["command"] == "test"
+    assert routed["adapters"] == [str(out / "lora@seed1" / f"part{k}") for k in range(3)]
+    assert routed["routing"]["gap"]["routed_to_own"] <= rows["lora-routed@seed1"]["routing"]["gap"]["routed_to_own"]
+    assert "- lora-routed@seed1 minus lora-oracle@seed1: gen.generality" in (strict / "table.md").read_text()
     assert main(["bench", "multi", "--bench", "counterfact", "--data", str(tmp_path), "--out", str(out), "--n", "6",
                  "--parts", "7", "--methods", "lora", "--model", tiny_dir]) == 2
     assert "--parts" in capsys.readouterr().err

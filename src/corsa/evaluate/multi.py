@@ -16,8 +16,10 @@ keys are the edits' own prompts and subjects.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +38,20 @@ from corsa.evaluate.runner import (
     method_overrides,
     parse_method,
     plot,
+    rerun_setting,
     run_header,
     select_cases,
     stamp,
+    trained_edits,
 )
-from corsa.evaluate.stats import base_name, paired_difference, routed_name, with_suffix, without_suffix
+from corsa.evaluate.stats import (
+    base_name,
+    paired_difference,
+    routed_name,
+    unrouted_name,
+    with_suffix,
+    without_suffix,
+)
 from corsa.methods import REGISTRY
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest, load_benchmark_with_report
@@ -95,8 +106,6 @@ def routing_gap(routed: list[dict[str, Any]], oracle: list[dict[str, Any]], rout
 
 def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool = True,
               command: str | None = None) -> Path:
-    from peft import PeftModel
-
     out = Path(out)
     cfg = dataclasses.replace(cfg, mmlu_n=0)  # rows differ only in routing; MMLU is `corsa bench single`'s
     methods = [(spec, *parse_method(spec)) for spec in cfg.methods]
@@ -116,22 +125,13 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
     print(f"{cfg.bench}/{cfg.split}: {len(chosen)} edits in {parts} parts (seed {cfg.seed}); methods: "
           f"{', '.join(cfg.methods)}")
     base = base_record(out, header, chosen, cfg)
-    pieces = split(chosen, parts)
-    names = [f"part{k}" for k in range(parts)]
-    own = {q: (name, r) for name, piece in zip(names, pieces) for r in piece
-           for q in [r.prompt, *r.paraphrases, *(n.prompt for n in r.neighborhood)]}
-    known = {q: name for q, (name, _) in own.items()}
-    # Only a case's own prompt and paraphrases are about its subject: a neighbour is matched to no edit.
-    oracle = KnownRoutes(known, {q: routing.edits_of([r])[0] for q, (_, r) in own.items()
-                                 if q == r.prompt or q in r.paraphrases})
-
     for spec, method, overrides in methods:
         if (out / routed_name(spec) / "results.json").exists():
             print(f"{spec}: done earlier, skipped")
             continue
         t = time.perf_counter()
         folders, trained, edit_s = [], [], 0.0
-        for name, piece in zip(names, pieces):
+        for name, piece in zip(part_names(parts), split(chosen, parts)):
             folder, result, seconds = edit_once(anchors.withheld(piece, chosen), out / spec / name, method=method,
                                                 model=cfg.model, progress=progress, command=command,
                                                 prompt_style=cfg.prompt_style, preset=cfg.preset,
@@ -140,33 +140,99 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
             trained += result.requests
             edit_s += seconds
             del result
-        model, tok, _ = models.load_model(cfg.model)
-        peft = PeftModel.from_pretrained(model, str(folders[0]), adapter_name=names[0])
-        for name, folder in zip(names[1:], folders[1:]):
-            peft.load_adapter(str(folder), adapter_name=name)
-        formatter = Formatter(tok, cfg.prompt_style)
-        mined = anchors.with_mined(chosen, trained)
-        router = routing.Router(peft, tok, {n: routing.edits_of(p) for n, p in zip(names, pieces)}, cfg.router)
-        records = {}
-        config = artifacts.read_manifest(folders[0]).get("config")  # every part is trained with the same settings
-        for row, routes in ((routed_name(spec), router), (oracle_name(spec), oracle)):
-            t_eval = time.perf_counter()
-            asked = routing.asking(formatter, routes, cfg.router.hint)
-            ev = evaluate(routing.RoutedModel(peft, routes), asked, mined, reference=base, config=cfg.eval)
-            ev["timings"] = {"eval_s": time.perf_counter() - t_eval, "edit_s": edit_s}
-            records[row] = {**header, "method": row, "adapters": [str(f) for f in folders], "config": config, **ev}
-        paraphrases = [p for r in chosen for p in r.paraphrases]
-        refusals = [router.refusal(edit, p) for r, edit in zip(chosen, routing.edits_of(chosen)) for p in r.paraphrases]
-        records[routed_name(spec)]["routing"] = {
-            **routing.record(cfg.router, peft, router.edits),
-            "gap": routing_gap(records[routed_name(spec)]["cases"], records[oracle_name(spec)]["cases"],
-                               router.routes(paraphrases), [known[p] for p in paraphrases], refusals)}
-        for row in (oracle_name(spec), routed_name(spec)):  # the routed row last: its file marks the method done
-            records[row]["wall_time_s"] = time.perf_counter() - t
-            artifacts.write_json(out / row / "results.json", stamp(records[row]))
-            print(f"{row}: {brief(records[row]['summary'])}")
-        print(f"routing gap: {records[routed_name(spec)]['routing']['gap']}")
-        del peft, model
+        records = measure(cfg, header, base, chosen, spec, folders, trained, edit_s)
+        write_rows(out, records, started=t)
+    write_multi_report(out)
+    return out
+
+
+def part_names(parts: int) -> list[str]:
+    return [f"part{k}" for k in range(parts)]
+
+
+def measure(cfg: BenchConfig, header: dict[str, Any], base: dict[str, Any], chosen: list[EditRequest], spec: str,
+            folders: list[Path], trained: list[EditRequest], edit_s: float,
+            oracle: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The records of one method's part adapters (`folders`, one per part of `chosen`), loaded into one model: the
+    routed row and the oracle row. A given `oracle` record (the same adapters' oracle, measured before) is kept
+    instead of measured again, since routing's setting does not change it; the routed row's gap is read against
+    whichever oracle the records hold."""
+    from peft import PeftModel
+
+    names = part_names(len(folders))
+    pieces = split(chosen, len(folders))
+    own = {q: (name, r) for name, piece in zip(names, pieces) for r in piece
+           for q in [r.prompt, *r.paraphrases, *(n.prompt for n in r.neighborhood)]}
+    known = {q: name for q, (name, _) in own.items()}
+    # Only a case's own prompt and paraphrases are about its subject: a neighbour is matched to no edit.
+    oracle_routes = KnownRoutes(known, {q: routing.edits_of([r])[0] for q, (_, r) in own.items()
+                                        if q == r.prompt or q in r.paraphrases})
+    model, tok, _ = models.load_model(cfg.model)
+    peft = PeftModel.from_pretrained(model, str(folders[0]), adapter_name=names[0])
+    for name, folder in zip(names[1:], folders[1:]):
+        peft.load_adapter(str(folder), adapter_name=name)
+    formatter = Formatter(tok, cfg.prompt_style)
+    mined = anchors.with_mined(chosen, trained)
+    router = routing.Router(peft, tok, {n: routing.edits_of(p) for n, p in zip(names, pieces)}, cfg.router)
+    records = {} if oracle is None else {oracle_name(spec): oracle}
+    config = artifacts.read_manifest(folders[0]).get("config")  # every part is trained with the same settings
+    rows = [(routed_name(spec), router)] + ([(oracle_name(spec), oracle_routes)] if oracle is None else [])
+    for row, routes in rows:
+        t_eval = time.perf_counter()
+        asked = routing.asking(formatter, routes, cfg.router.hint)
+        ev = evaluate(routing.RoutedModel(peft, routes), asked, mined, reference=base, config=cfg.eval)
+        ev["timings"] = {"eval_s": time.perf_counter() - t_eval, "edit_s": edit_s}
+        records[row] = {**header, "method": row, "adapters": [str(f) for f in folders], "config": config, **ev}
+    paraphrases = [p for r in chosen for p in r.paraphrases]
+    refusals = [router.refusal(edit, p) for r, edit in zip(chosen, routing.edits_of(chosen)) for p in r.paraphrases]
+    records[routed_name(spec)]["routing"] = {
+        **routing.record(cfg.router, peft, router.edits),
+        "gap": routing_gap(records[routed_name(spec)]["cases"], records[oracle_name(spec)]["cases"],
+                           router.routes(paraphrases), [known[p] for p in paraphrases], refusals)}
+    return records
+
+
+def write_rows(out: Path, records: dict[str, dict[str, Any]], started: float) -> None:
+    """The oracle row, then the routed row: the routed row's file marks the method done."""
+    routed = next(name for name in records if "routing" in records[name])
+    for row in [*(name for name in records if name != routed), routed]:
+        records[row]["wall_time_s"] = time.perf_counter() - started
+        artifacts.write_json(out / row / "results.json", stamp(records[row]))
+        print(f"{row}: {brief(records[row]['summary'])}")
+    print(f"routing gap: {records[routed]['routing']['gap']}")
+
+
+def is_multi_run(run: str | Path) -> bool:
+    """Whether `run` is a `corsa bench multi` folder (its base record names its parts)."""
+    base = Path(run) / "base" / "results.json"
+    return base.is_file() and "parts" in json.loads(base.read_text())
+
+
+def reroute(run: str | Path, out: str | Path, router: routing.RouterConfig, *, command: str | None = None,
+            methods: Sequence[str] | None = None) -> Path:
+    """A finished `corsa bench multi` run asked again with another routing setting, without training: `out` gets
+    the run's base and oracle rows as they are and, per method (each of `methods`, e.g. `corsa@seed1`, or every
+    one), a routed row measured anew over the run's own part adapters."""
+    run, out = Path(run), Path(out)
+    artifacts.check_writable(out, overwrite=False)
+    results = load_results(run)
+    base = next(r for r in results if r["method"] == "base")
+    cfg, chosen = rerun_setting(base, router)
+    specs = [unrouted_name(r["method"]) for r in results
+             if r["method"] != unrouted_name(r["method"]) and (methods is None or unrouted_name(r["method"]) in methods)]
+    out.mkdir(parents=True)
+    artifacts.write_json(out / "base" / "results.json", base)
+    before = {r["method"]: r for r in results}
+    for spec in specs:
+        t = time.perf_counter()
+        folders = [run / spec / name for name in part_names(base["parts"])]
+        trained = [e for folder, piece in zip(folders, split(chosen, base["parts"]))
+                   for e in trained_edits(piece, folder)]
+        routed = before[routed_name(spec)]  # its run's record: what is measured again is replaced
+        records = measure(cfg, {**routed, "command": command or routed.get("command")}, base, chosen, spec, folders,
+                          trained, routed["timings"]["edit_s"], oracle=before[oracle_name(spec)])
+        artifacts.write_json(out / oracle_name(spec) / "results.json", before[oracle_name(spec)])  # as it was
+        write_rows(out, {routed_name(spec): records[routed_name(spec)]}, started=t)
     write_multi_report(out)
     return out
 

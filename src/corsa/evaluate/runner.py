@@ -328,6 +328,26 @@ def run_header(cfg: BenchConfig, chosen: list[EditRequest], skipped: Any, comman
             "mmlu_n_per_subject": cfg.mmlu_n, "preset": preset.record()}
 
 
+def rerun_setting(base: dict[str, Any], router: routing.RouterConfig) -> tuple[BenchConfig, list[EditRequest]]:
+    """A finished run's setting, read from its base record, with another routing setting; and its cases, in the
+    run's order."""
+    cfg = BenchConfig(bench=base["bench"], data=base["data"], split=base["split"], n=base["n"], seed=base["seed"],
+                      subset=base.get("subset"), model=base["model"], prompt_style=base["prompt_style"], mmlu_n=0,
+                      eval=EvalConfig(**base["eval_config"]), router=router)
+    requests, _ = load_benchmark_with_report(cfg.bench, cfg.data, cfg.split)
+    by_id = {r.id: r for r in requests}
+    return cfg, [by_id[i] for i in base["case_ids"]]
+
+
+def trained_edits(chosen: Sequence[EditRequest], adapter: Path) -> list[EditRequest]:
+    """`chosen` as the adapter was trained on them (the old answers its manifest records, mined or given), which is
+    what the evaluation of the adapter reads."""
+    manifest = artifacts.read_manifest(adapter)
+    mined = manifest.get("mined_old_answers", {})
+    return [dataclasses.replace(r, target_old=e.get("target_old"), old_mined=(r.id or str(i)) in mined)
+            for i, (r, e) in enumerate(zip(chosen, manifest["edits"]))]
+
+
 def reroute(run: str | Path, out: str | Path, router: routing.RouterConfig, *, command: str | None = None,
             methods: Sequence[str] | None = None) -> Path:
     """Every adapter of a `corsa bench single` run (or those of `methods`) evaluated again, scope-routed with
@@ -338,22 +358,14 @@ def reroute(run: str | Path, out: str | Path, router: routing.RouterConfig, *, c
     records = [r for r in load_results(run) if r["method"] == unrouted_name(r["method"])
                and (methods is None or r["method"] in ("base", *methods))]
     base = next(r for r in records if r["method"] == "base")
-    cfg = BenchConfig(bench=base["bench"], data=base["data"], split=base["split"], n=base["n"], seed=base["seed"],
-                      subset=base.get("subset"), model=base["model"], prompt_style=base["prompt_style"], mmlu_n=0,
-                      eval=EvalConfig(**base["eval_config"]), router=router)
-    requests, _ = load_benchmark_with_report(cfg.bench, cfg.data, cfg.split)
-    by_id = {r.id: r for r in requests}
-    chosen = [by_id[i] for i in base["case_ids"]]
+    cfg, chosen = rerun_setting(base, router)
     out.mkdir(parents=True)
     artifacts.write_json(out / "base" / "results.json", base)
     for record in records:
         adapter = run / record["method"] / "adapter"
         if record["method"] == "base" or not (adapter / "adapter_config.json").exists():
             continue
-        manifest = artifacts.read_manifest(adapter)
-        mined = manifest.get("mined_old_answers", {})
-        trained = [dataclasses.replace(r, target_old=e.get("target_old"), old_mined=(r.id or str(i)) in mined)
-                   for i, (r, e) in enumerate(zip(chosen, manifest["edits"]))]
+        trained = trained_edits(chosen, adapter)
         model, formatter = load_edited(adapter, route=False)
         artifacts.write_json(out / record["method"] / "results.json", record)
         routed_record(model, formatter, formatter.tokenizer, chosen, trained, cfg, base,
