@@ -7,6 +7,7 @@
     python bench/results_page.py render
     python bench/results_page.py compare docs/results/val/RUN-sub0.json results/RUN-sub1 --a lora-routed \
         --b corsa-anchors2-routed
+    python bench/results_page.py compare results/RULE-old --a corsa-routed --b corsa-routed --b-from results/RULE-new
 
 `summarize` writes a run folder's summary (corsa.evaluate.summary: rates, per-case totals, commands; no answers,
 no adapters); given several run folders or summaries of the same cases, each with other training seeds, it merges
@@ -15,7 +16,8 @@ any whose schema it does not know, and rewrites only the part of docs/RESULTS.md
 a rerun updates the tables and leaves the hand-written text alone. Summaries of one benchmark, split, model, case count and case seed that differ by --subset form one
 study: one table, its rows pooled over training seeds, and CoRSA minus LoRA pooled over seeds and subsets.
 `compare` prints one setting minus another, pooled over the given summaries or run folders (disjoint subsets) and
-their training seeds, with each seed's rates: how a rule in docs/log/ is read.
+their training seeds, with each seed's rates: how a rule in docs/log/ is read. With `--b-from`, setting b is read from
+other runs of the same cases (one per input), so one setting run by two versions of the code pairs case by case.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from corsa.evaluate.summary import (
     row_seed,
     rows_by_seed,
     save_summary,
+    side_by_side,
     summarize,
 )
 
@@ -255,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--b", required=True, help="the setting compared")
     p.add_argument("--metrics", default=",".join(COMPARED), help="comma-separated (default: every compared metric)")
     p.add_argument("--seeds", help="comma-separated training seeds to pool (default: all; both settings need each)")
+    p.add_argument("--b-from", type=Path, nargs="+", help="read --b from these summaries or run folders instead, one "
+                   "for each input and of its cases: the same setting run by other code, paired case by case")
     p = sub.add_parser("render", help="rewrite the generated part of the results page")
     p.add_argument("--results", type=Path, default=REPO / "docs" / "results")
     p.add_argument("--page", type=Path, default=REPO / "docs" / "RESULTS.md")
@@ -272,7 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compare":
             summaries = [read_summary(p) if p.is_file() else summarize(p) for p in args.inputs]
             seeds = [int(k) for k in args.seeds.split(",")] if args.seeds else None
-            print("\n".join(compare(summaries, args.a, args.b, args.metrics.split(","), seeds)))
+            b = args.b
+            if args.b_from:
+                if len(args.b_from) != len(summaries):
+                    raise ValueError(f"--b-from names {len(args.b_from)} runs for {len(summaries)} inputs")
+                others = [read_summary(p) if p.is_file() else summarize(p) for p in args.b_from]
+                summaries = [side_by_side(s, o, "b-from") for s, o in zip(summaries, others, strict=True)]
+                b = f"b-from:{b}"
+            print("\n".join(compare(summaries, args.a, b, args.metrics.split(","), seeds)))
             return 0
         page = args.page.read_text()
         updated = replace_block(page, render(load(args.results), args.page))

@@ -254,6 +254,38 @@ def test_compare_reads_a_summary_and_a_run_folder_alike(runs, tmp_path, capsys):
     assert "has no rows of nope" in capsys.readouterr().err
 
 
+def test_compare_b_from_pairs_the_same_setting_run_by_other_code_case_by_case(runs, tmp_path, capsys):
+    """`--b-from`: setting b read from another run of the same cases (a rule's new code against its old), paired
+    case by case and pooled over seeds and subsets exactly as two settings of one run are."""
+    main = bench_script("results_page").main
+    # the "new code" runs: corsa's cases written under lora's names, so new-lora minus old-lora is corsa minus lora
+    others = []
+    for run, records in runs:
+        other = tmp_path / f"{run.name}-new"
+        for r in records:
+            name = r["method"].replace("lora", "corsa-rho0.5") if r["method"].startswith("lora") else r["method"]
+            twin = next(x for x in records if x["method"] == name)
+            (other / r["method"]).mkdir(parents=True)
+            (other / r["method"] / "results.json").write_text(json.dumps({**twin, "method": r["method"],
+                                                                          "config": r.get("config")}))
+        others.append(str(other))
+    folders = [str(run) for run, _ in runs]
+    assert main(["compare", *folders, "--a", "lora", "--b", "lora", "--b-from", *others,
+                 "--metrics", "gen.generality"]) == 0
+    got = capsys.readouterr().out.strip()
+    d = pooled_difference([summarize(run) for run, _ in runs], "lora", "corsa-rho0.5", "gen.generality")
+    assert got.startswith(f"gen.generality: {100 * d.estimate:+.1f} ({100 * d.low:+.1f} to {100 * d.high:+.1f}), "
+                          f"{2 * N} cases, seeds 0, 1, 2, subsets 0, 1")
+    # a run against itself moves nothing; one run too few, or another run's cases, is refused in one line
+    assert main(["compare", *folders, "--a", "lora", "--b", "lora", "--b-from", *folders,
+                 "--metrics", "gen.generality"]) == 0
+    assert "+0.0 (+0.0 to +0.0)" in capsys.readouterr().out
+    assert main(["compare", *folders, "--a", "lora", "--b", "lora", "--b-from", folders[0]]) == 2
+    assert "--b-from names 1 runs for 2 inputs" in capsys.readouterr().err
+    assert main(["compare", folders[0], "--a", "lora", "--b", "lora", "--b-from", folders[1]]) == 2
+    assert "differs from summary 0 in subset" in capsys.readouterr().err
+
+
 def test_summaries_of_other_seeds_merge_into_the_study_they_continue(runs, tmp_path, capsys):
     """A study goes on after its first folder is gone: a committed summary of seed 0 and a new folder with seeds 1
     and 2 of the same cases merge into one summary that pools exactly as the whole run does."""

@@ -157,6 +157,15 @@ def merge(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "log": logs[-1] if logs else None, "rows": rows}
 
 
+def side_by_side(a: dict[str, Any], b: dict[str, Any], label: str) -> dict[str, Any]:
+    """One summary holding `a`'s rows and `b`'s, each of `b`'s renamed `<label>:<method>` (its base row dropped):
+    two runs of the same cases by other code (a rule's old and new word lists, say), so that pooled_difference
+    pairs a row of one with the same row of the other case by case. Refused (ValueError) as merge refuses other
+    cases or other run fields."""
+    renamed = [{**r, "method": f"{label}:{r['method']}"} for r in b["rows"] if r["method"] != "base"]
+    return merge([a, {**b, "rows": renamed}])
+
+
 def _case_ids(summary: dict[str, Any]) -> set[str]:
     return {c for r in summary["rows"] for c in r["cases"]}
 
