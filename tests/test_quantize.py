@@ -91,7 +91,7 @@ def test_kept_positions_are_the_top_share():
 
 
 def test_restored_model_has_kept_weights_at_16_bits_and_the_rest_rounded(tiny_model):
-    cfg = QuantConfig(bits=2, keep=5, saliency="magnitude", group_size=16)
+    cfg = QuantConfig(bits=2, keep=5, saliency="magnitude", group_size=16, quantizer="rtn")
     tensors, counts = quantize_model(tiny_model, cfg)
     assert 0.045 < counts["kept_share"] < 0.055 and counts["bits_per_quantized_weight"] > 2
     assert counts["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}  # stored once
@@ -137,6 +137,7 @@ def test_cli_quantizes_a_run_that_corsa_ask_then_answers(tmp_path, tiny_dir, cap
     assert "4-bit" in said and "TaCQ" in said
     record = json.loads((out / "corsa_quantized.json").read_text())
     assert record["edits"] == 1 and record["config"]["calibration"] == "edits" and record["bytes"] > 0
+    assert record["config"]["quantizer"] == "gptq" and "GPTQ on the edits" in record["method"]  # the default since the val rule (docs/log/2026-12-05-quantize.md)
     model, formatter = load_quantized(out)
     from corsa.scoring import generate
 
@@ -152,7 +153,7 @@ def test_cli_quantizes_a_run_that_corsa_ask_then_answers(tmp_path, tiny_dir, cap
     error = {}
     for bits in (2, 8):
         assert main(["quantize", str(run), "--to", str(tmp_path / f"q{bits}"), "--bits", str(bits), "--keep", "0",
-                     "--group-size", "16"]) == 0
+                     "--group-size", "16", "--quantizer", "rtn"]) == 0
         quantized, _ = load_quantized(tmp_path / f"q{bits}")
         with torch.no_grad():
             want = merged(ids).logits
@@ -160,9 +161,9 @@ def test_cli_quantizes_a_run_that_corsa_ask_then_answers(tmp_path, tiny_dir, cap
     assert error[8] < 0.1 and error[8] < error[2] / 4
 
     assert main(["quantize", str(run), "--to", str(tmp_path / "g"), "--bits", "3", "--keep", "2", "--group-size",
-                 "16", "--quantizer", "gptq"]) == 0
+                 "16", "--quantizer", "rtn"]) == 0
     record = json.loads((tmp_path / "g" / "corsa_quantized.json").read_text())
-    assert record["config"]["quantizer"] == "gptq" and "GPTQ on the edits" in record["method"]
+    assert record["config"]["quantizer"] == "rtn" and "round-to-nearest" in record["method"]
     load_quantized(tmp_path / "g")
 
     assert main(["quantize", str(run), "--to", str(out), "--keep", "200"]) == 2
@@ -194,7 +195,7 @@ def test_bench_quantize_measures_every_rule_at_every_bits_and_compares_them(tmp_
     out = tmp_path / "qb"
     argv = ["bench", "quantize", "--data", str(tmp_path), "--out", str(out), "--n", "4", "--model", tiny_dir,
             "--bits", "2", "--keep", "5", "--mmlu-n", "1", "--method", "lora", "--epochs", "1", "--max-new-tokens", "3", "--quiet"]
-    assert main(argv) == 0
+    assert main(argv + ["--quantizer", "rtn"]) == 0
     assert calibrated and all(r.withheld and not r.paraphrases for edits in calibrated for r in edits)
     assert len(calibrated[0][0].withheld) == 8  # every case's paraphrase and neighbour, not only its own
     rows = sorted(p.parent.name for p in out.glob("*/results.json"))
@@ -208,9 +209,9 @@ def test_bench_quantize_measures_every_rule_at_every_bits_and_compares_them(tmp_
     table = (out / "table.md").read_text()
     assert "2 bits, tacq-edits minus rtn: gen.reliability" in table and "mmlu gold log-prob" in table
     capsys.readouterr()
-    assert main(argv) == 0  # a rerun measures nothing again
+    assert main(argv + ["--quantizer", "rtn"]) == 0  # a rerun measures nothing again
     assert "tacq-edits-2bit:" not in capsys.readouterr().out
-    assert main(argv + ["--quantizer", "gptq"]) == 0  # GPTQ rows beside the round-to-nearest ones
+    assert main(argv) == 0  # GPTQ (the default) rows beside the round-to-nearest ones
     rows = {p.parent.name for p in out.glob("*/results.json")}
     assert {"gptq-2bit", "magnitude-gptq-2bit", "tacq-general-gptq-2bit", "tacq-edits-gptq-2bit"} <= rows
     gptq = json.loads((out / "tacq-edits-gptq-2bit" / "results.json").read_text())["quantized"]

@@ -62,8 +62,10 @@ class QuantConfig:
     group_size: int = 64  # divides SmolLM2's 576 and 1536 and Gemma-3-270M's 640 and 2048
     saliency: Literal["tacq", "magnitude"] = "tacq"
     calibration: Literal["edits", "general"] = "edits"
-    # round-to-nearest, or GPTQ's error-compensating rounding (module docstring)
-    quantizer: Literal["rtn", "gptq"] = "rtn"
+    # GPTQ's error-compensating rounding (module docstring), or round-to-nearest. GPTQ since 2026-12-07, chosen on
+    # CounterFact `val` by the rule in docs/log/2026-12-05-quantize.md: with TaCQ on the edits at 3 bits it kept
+    # +7.0 points more of edit success and generality (+0.0 to +14.0), MMLU gold log-prob -0.098 (-0.201 to +0.009)
+    quantizer: Literal["rtn", "gptq"] = "gptq"
     gptq_damp: float = 0.01  # added to the Hessian's diagonal, as a share of its mean (GPTQ's percdamp default)
     anchors_per_edit: int = 2  # the anchors whose answers the edits-conditioned loss protects
     general_questions: int = 64  # the package pool's general questions, answered by the model itself
