@@ -302,8 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TaCQ's task: the edits with their anchors and general questions (default), or general "
                         "questions only")
     p.add_argument("--group-size", type=whole(2), default=64, help="inputs sharing one scale and zero (default 64)")
-    p.add_argument("--quantizer", default="gptq",  # QuantConfig.quantizer's default, chosen on val
-                    choices=["rtn", "gptq"],
+    p.add_argument("--quantizer", default="gptq", choices=["rtn", "gptq"],  # QuantConfig.quantizer's, chosen on val
                    help="how the weights that are not kept are rounded: GPTQ on the calibration text (default) or "
                         "round-to-nearest")
     p.add_argument("--overwrite", action="store_true")
@@ -395,8 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the adapter that is quantized (its settings: the model's preset and the flags below)")
     p.add_argument("--bits", default="2,3,4", help="comma-separated bits (2, 3, 4, 8)")
     p.add_argument("--keep", type=finite, default=0.5, help="percent of each matrix kept in 16 bits (default 0.5)")
-    p.add_argument("--quantizer", default="gptq",  # QuantConfig.quantizer's default, chosen on val
-                    choices=["rtn", "gptq"],
+    p.add_argument("--quantizer", default="gptq", choices=["rtn", "gptq"],  # QuantConfig.quantizer's, chosen on val
                    help="rounding for every rule: GPTQ (default, as `corsa quantize`) or round-to-nearest")
     p.add_argument("--mmlu-n", default="5", help="MMLU questions per subject, 'all' or 0 to skip")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
