@@ -243,6 +243,11 @@ def compare(summaries: Sequence[dict[str, Any]], a: str, b: str, metrics: Sequen
     return lines
 
 
+def summary_of(path: Path, commit: str | None = None) -> dict[str, Any]:
+    """A committed summary file as it is, or a run folder summarised now (`commit`: the code it was run with)."""
+    return read_summary(path) if path.is_file() else summarize(path, commit=commit)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,8 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "summarize":
-            summary = merge([read_summary(p) if p.is_file() else summarize(p, commit=args.commit)
-                             for p in args.inputs])
+            summary = merge([summary_of(p, commit=args.commit) for p in args.inputs])
             if args.log:
                 summary["log"] = args.log
             save_summary(summary, args.out)  # after every input is read: --out may be one of them
@@ -275,13 +279,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {args.out}: {len(summary['rows'])} rows, {summary['n']} cases")
             return 0
         if args.command == "compare":
-            summaries = [read_summary(p) if p.is_file() else summarize(p) for p in args.inputs]
+            summaries = [summary_of(p) for p in args.inputs]
             seeds = [int(k) for k in args.seeds.split(",")] if args.seeds else None
             b = args.b
             if args.b_from:
                 if len(args.b_from) != len(summaries):
                     raise ValueError(f"--b-from names {len(args.b_from)} runs for {len(summaries)} inputs")
-                others = [read_summary(p) if p.is_file() else summarize(p) for p in args.b_from]
+                others = [summary_of(p) for p in args.b_from]
                 summaries = [side_by_side(s, o, "b-from") for s, o in zip(summaries, others, strict=True)]
                 b = f"b-from:{b}"
             print("\n".join(compare(summaries, args.a, b, args.metrics.split(","), seeds)))

@@ -137,7 +137,8 @@ def test_cli_quantizes_a_run_that_corsa_ask_then_answers(tmp_path, tiny_dir, cap
     assert "4-bit" in said and "TaCQ" in said
     record = json.loads((out / "corsa_quantized.json").read_text())
     assert record["edits"] == 1 and record["config"]["calibration"] == "edits" and record["bytes"] > 0
-    assert record["config"]["quantizer"] == "gptq" and "GPTQ on the edits" in record["method"]  # the default since the val rule (docs/log/2026-12-05-quantize.md)
+    # GPTQ is the default since its val rule (docs/log/2026-12-05-quantize.md)
+    assert record["config"]["quantizer"] == "gptq" and "GPTQ on the edits" in record["method"]
     model, formatter = load_quantized(out)
     from corsa.scoring import generate
 

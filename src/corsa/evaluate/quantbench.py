@@ -69,7 +69,7 @@ def measure(model: Any, formatter: Formatter, requests: list[Any], reference: di
 
 
 def run_quant_bench(cfg: BenchConfig, out: str | Path, *, bits: tuple[int, ...] = (2, 3, 4), keep: float = 0.5,
-                    quantizer: str = "gptq", method: str = "corsa", progress: bool = True,
+                    quantizer: str = QuantConfig.quantizer, method: str = "corsa", progress: bool = True,
                     command: str | None = None) -> Path:
     out = Path(out)
     for b in bits:  # every setting checked before any work
