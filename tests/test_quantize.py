@@ -12,6 +12,7 @@ from corsa.cli import main
 from corsa.prompts import Formatter
 from corsa.quantize import (
     QuantConfig,
+    calibration_items,
     dequantize,
     group_width,
     input_hessians,
@@ -124,6 +125,34 @@ def test_task_gradient_is_the_plain_autograd_gradient_of_the_answer_loss(tiny_mo
         torch.testing.assert_close(grads[name], m.weight.grad.abs(), atol=1e-6, rtol=1e-4)
 
 
+def test_context_copies_put_each_edit_prompt_behind_model_written_texts(tiny_model, tokenizer):
+    from corsa import contexts
+    from corsa.requests import EditRequest
+
+    formatter = Formatter(tokenizer, "qa")
+    edits = [EditRequest(prompt="sky?", target_new="red", target_old="blue"),
+             EditRequest(prompt="grass?", target_new="blue")]
+    general = QuantConfig(general_questions=0, anchors_per_edit=0)
+    plain_keep, plain_margins = calibration_items(tiny_model, formatter, edits, general)
+    assert [p for p, _ in plain_keep[:2]] == ["sky?", "grass?"] and plain_margins == [("sky?", "red", "blue")]
+
+    cfg = QuantConfig(general_questions=0, anchors_per_edit=0, contexts_per_edit=2, context_tokens=3)
+    keep, margins = calibration_items(tiny_model, formatter, edits, cfg)
+    texts = contexts.prefixes(tiny_model, tokenizer, 2, 3, seed=0)
+    assert len(texts) == 2
+    sky = ["sky?", *(contexts.in_context(t, "sky?") for t in texts)]
+    grass = ["grass?", *(contexts.in_context(t, "grass?") for t in texts)]
+    assert keep[:6] == [(p, "red") for p in sky] + [(p, "blue") for p in grass]
+    assert margins == [(p, "red", "blue") for p in sky]  # no margin without an old answer
+    assert calibration_items(tiny_model, formatter, edits, cfg) == (keep, margins)  # seeded: repeatable
+    # general calibration never sees the edits, copies or not
+    keep_general, _ = calibration_items(tiny_model, formatter, edits, QuantConfig(
+        general_questions=0, anchors_per_edit=0, contexts_per_edit=2, calibration="general"))
+    assert keep_general == []
+    with pytest.raises(ValueError, match="contexts_per_edit"):
+        QuantConfig(contexts_per_edit=9)
+
+
 def test_cli_quantizes_a_run_that_corsa_ask_then_answers(tmp_path, tiny_dir, capsys):
     facts = tmp_path / "facts.jsonl"
     facts.write_text(json.dumps({"prompt": "sky?", "target_new": "red", "target_old": "blue", "subject": "sky"})
@@ -220,6 +249,17 @@ def test_bench_quantize_measures_every_rule_at_every_bits_and_compares_them(tmp_
     table = (out / "table.md").read_text()
     assert "2 bits, gptq, tacq-edits minus gptq: gen.reliability" in table
     assert "2 bits, tacq-edits minus rtn" in table
+    # Context copies in tacq-edits' task: one more row in the same folder, compared with plain tacq-edits too
+    capsys.readouterr()
+    assert main(argv + ["--calibration-contexts", "2"]) == 0
+    said = capsys.readouterr().out
+    assert "tacq-edits-ctx2-gptq-2bit:" in said and "tacq-general-gptq-2bit:" not in said
+    ctx = json.loads((out / "tacq-edits-ctx2-gptq-2bit" / "results.json").read_text())["quantized"]
+    assert ctx["config"]["contexts_per_edit"] == 2 and "2 model-written contexts" in ctx["method"]
+    table = (out / "table.md").read_text()
+    assert "2 bits, gptq, tacq-edits-ctx2 minus tacq-edits-gptq: gen.reliability" in table
+    assert "2 bits, gptq, tacq-edits-ctx2 minus gptq: gen.reliability" in table
+    assert main(argv + ["--calibration-contexts", "9"]) == 2
     # Another adapter setting into the same folder would be measured under these rows' names: refused, unchanged.
     before = sorted(p.name for p in out.iterdir())
     assert main([*argv, "--lr", "0.5"]) == 2

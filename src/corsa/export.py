@@ -365,6 +365,8 @@ def quantize(source: str | Path, to: str | Path, cfg: QuantConfig | None = None,
             hessians = input_hessians(model, formatter, keep_items + [(p, new) for p, new, _ in margins])
     tensors, counts = quantize_model(model, cfg, grads, hessians)
     task = "the edits and general questions" if cfg.calibration == "edits" else "general questions"
+    if cfg.calibration == "edits" and cfg.contexts_per_edit:
+        task = f"the edits (each prompt also behind {cfg.contexts_per_edit} model-written contexts) and general questions"
     rounding = "round-to-nearest" if cfg.quantizer == "rtn" else f"GPTQ on {task}"
     method = (rounding if cfg.keep == 0 else f"largest |W| kept, {rounding}" if cfg.saliency == "magnitude"
               else f"TaCQ, |(Q(W) - W) * dL/dW| on {task}, {rounding}")

@@ -42,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from corsa import anchors, models
+from corsa import anchors, contexts, models
 from corsa.errors import InputError
 from corsa.prompts import Formatter
 from corsa.requests import EditRequest
@@ -68,6 +68,12 @@ class QuantConfig:
     quantizer: Literal["rtn", "gptq"] = "gptq"
     gptq_damp: float = 0.01  # added to the Hessian's diagonal, as a share of its mean (GPTQ's percdamp default)
     anchors_per_edit: int = 2  # the anchors whose answers the edits-conditioned loss protects
+    # Each edit's prompt also behind `contexts_per_edit` short texts the merged model writes itself (corsa.contexts,
+    # ROME's context templates), with its new answer and margin, in the task and GPTQ's calibration text:
+    # CounterFact's paraphrases put other words before the question, and the bare prompt alone does not show the
+    # weights that answer it there. 0 = the bare prompts; 4 is measured on `val` (docs/log/2026-12-05-quantize.md).
+    contexts_per_edit: int = 0
+    context_tokens: int = 10  # each context's length in new tokens, as training's (CorsaConfig.context_tokens)
     general_questions: int = 64  # the package pool's general questions, answered by the model itself
     batch_size: int = 8
 
@@ -89,6 +95,11 @@ class QuantConfig:
         for name in ("anchors_per_edit", "general_questions"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if not 0 <= self.contexts_per_edit <= len(contexts.OPENINGS):
+            raise ValueError(f"contexts_per_edit must be in [0, {len(contexts.OPENINGS)}], "
+                             f"not {self.contexts_per_edit}")
+        if self.context_tokens < 1:
+            raise ValueError(f"context_tokens must be >= 1, not {self.context_tokens}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
 
@@ -213,17 +224,21 @@ def quantized_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 def calibration_items(model: torch.nn.Module, formatter: Formatter, requests: list[EditRequest],
                       cfg: QuantConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
     """(prompt, answer to keep likely) pairs and (prompt, new, old) margin triples. With calibration "edits":
-    the edits' new answers (prompts and given paraphrases), their margins over old answers, the anchors with the
-    edited model's answers, and the general questions; with "general", the general questions only."""
+    the edits' new answers (prompts, given paraphrases, and the prompts behind `cfg.contexts_per_edit` prefixes the
+    model writes), their margins over old answers (prompts and their context copies), the anchors with the edited
+    model's answers, and the general questions; with "general", the general questions only."""
     questions = anchors.pool()["questions"][: cfg.general_questions]
     keep_items: list[tuple[str, str]] = []
     margins: list[tuple[str, str, str]] = []
     asked = list(questions)
     if cfg.calibration == "edits":
+        # seed 0: the prefixes depend on the model alone, so one model's quantization is repeatable
+        texts = contexts.prefixes(model, formatter.tokenizer, cfg.contexts_per_edit, cfg.context_tokens, seed=0)
         for r in requests:
-            keep_items += [(p, r.target_new) for p in (r.prompt, *r.paraphrases)]
+            copies = [contexts.in_context(t, r.prompt) for t in texts]
+            keep_items += [(p, r.target_new) for p in (r.prompt, *r.paraphrases, *copies)]
             if r.target_old:
-                margins.append((r.prompt, r.target_new, r.target_old))
+                margins += [(p, r.target_new, r.target_old) for p in (r.prompt, *copies)]
         asked += [a.prompt for s in anchors.build(requests, cfg.anchors_per_edit) for a in s]
     answers = current_answers(model, formatter, asked) if asked else []
     keep_items += [(q, a) for q, a in zip(asked, answers) if a]

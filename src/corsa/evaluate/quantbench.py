@@ -9,7 +9,8 @@ by round-to-nearest or by GPTQ (--quantizer):
   magnitude      the same, with the largest --keep % of each matrix's weights kept in 16 bits
   tacq-general   TaCQ's saliency |(Q(W) - W) * dL/dW| with general questions as the task
   tacq-edits     the same with the edits as the task (their prompts, new and mined old answers, auto-built anchors;
-                 never the evaluation's paraphrases or neighbours) mixed with the general questions
+                 never the evaluation's paraphrases or neighbours) mixed with the general questions; with
+                 --calibration-contexts n > 0 each prompt also behind n model-written contexts, as the row tacq-edits-ctx<n>
 
 Every row, the unquantized merged model and the base model are measured the same way: edit success, generality,
 locality (agreement with the base model, correctness) by generation, and MMLU accuracy and gold-letter
@@ -21,6 +22,7 @@ each other rule at the same bits, over cases (and over questions for MMLU).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -40,13 +42,21 @@ from corsa.requests import load_benchmark_with_report
 
 # The baselines' calibration is general: it is only used by GPTQ (and TaCQ), and a baseline is never conditioned
 # on the edits.
-RULES: dict[str, dict[str, Any]] = {
+BASELINES: dict[str, dict[str, Any]] = {
     "rtn": {"keep": 0.0, "calibration": "general"},
     "magnitude": {"saliency": "magnitude", "calibration": "general"},
     "tacq-general": {"calibration": "general"},
-    "tacq-edits": {},
 }
 QUANTIZERS = ("rtn", "gptq")
+# tacq-edits' rows, with or without context copies (tacq-edits-ctx4-gptq-3bit), as row_name writes them
+EDITS_ROW = re.compile(r"^(tacq-edits(?:-ctx\d+)?)-(?:gptq-)?\d+bit$")
+
+
+def rules(contexts_per_edit: int = QuantConfig.contexts_per_edit) -> dict[str, dict[str, Any]]:
+    """The baselines and tacq-edits, named tacq-edits-ctx<n> when its prompts also come in n contexts, so that
+    both settings can share one run folder."""
+    edits = f"tacq-edits-ctx{contexts_per_edit}" if contexts_per_edit else "tacq-edits"
+    return {**BASELINES, edits: {"contexts_per_edit": contexts_per_edit}}
 
 
 def row_name(rule: str, quantizer: str, bits: int) -> str:
@@ -69,11 +79,12 @@ def measure(model: Any, formatter: Formatter, requests: list[Any], reference: di
 
 
 def run_quant_bench(cfg: BenchConfig, out: str | Path, *, bits: tuple[int, ...] = (2, 3, 4), keep: float = 0.5,
-                    quantizer: str = QuantConfig.quantizer, method: str = "corsa", progress: bool = True,
-                    command: str | None = None) -> Path:
+                    quantizer: str = QuantConfig.quantizer, contexts_per_edit: int = QuantConfig.contexts_per_edit,
+                    method: str = "corsa", progress: bool = True, command: str | None = None) -> Path:
     out = Path(out)
+    run_rules = rules(contexts_per_edit)
     for b in bits:  # every setting checked before any work
-        for change in RULES.values():
+        for change in run_rules.values():
             QuantConfig(bits=b, quantizer=quantizer, **{"keep": keep, **change})  # type: ignore[arg-type]
     preset = presets.choose(cfg.preset, cfg.model, "edit")
     check_before_work(out, [(method, method, {})], preset, cfg.model, cfg.overrides, str(cfg.data))
@@ -124,7 +135,7 @@ def run_quant_bench(cfg: BenchConfig, out: str | Path, *, bits: tuple[int, ...] 
     row("base", base)
     row("unquantized", lambda: merged_model(run)[:2])
     for b in bits:
-        for rule, change in RULES.items():
+        for rule, change in run_rules.items():
             name = row_name(rule, quantizer, b)
             folder = out / "models" / name
             if (out / name / "results.json").exists():
@@ -141,7 +152,9 @@ def run_quant_bench(cfg: BenchConfig, out: str | Path, *, bits: tuple[int, ...] 
 
 def write_table(out: Path, bits: tuple[int, ...]) -> None:
     rows = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/results.json")}
-    order = ["base", "unquantized"] + [row_name(r, q, b) for q in QUANTIZERS for b in bits for r in RULES]
+    edit_rules = sorted({m.group(1) for name in rows if (m := EDITS_ROW.match(name))})
+    all_rules = [*BASELINES, *edit_rules]
+    order = ["base", "unquantized"] + [row_name(r, q, b) for q in QUANTIZERS for b in bits for r in all_rules]
     head = ["row", "bits per weight", "kept", *SHOWN, "mmlu", "mmlu gold log-prob"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name in (n for n in order if n in rows):
@@ -156,12 +169,14 @@ def write_table(out: Path, bits: tuple[int, ...]) -> None:
     intro = ("Values in %; MMLU gold log-prob in nats. tacq-edits minus each other rule at the same bits, 95 % "
              "paired bootstrap intervals over cases (MMLU: over questions):")
     notes = ["", intro, ""]
-    for q, b in ((q, b) for q in QUANTIZERS for b in bits):
+    for q, b, edits in ((q, b, e) for q in QUANTIZERS for b in bits for e in edit_rules):
         label = f"{b} bits" + ("" if q == "rtn" else f", {q}")
-        mine = rows.get(row_name("tacq-edits", q, b))
+        mine = rows.get(row_name(edits, q, b))
         if mine is None:
             continue
-        for rule in ("rtn", "magnitude", "tacq-general"):
+        # a context-copies row is also compared with plain tacq-edits, the setting it would replace
+        others = [*BASELINES] + (["tacq-edits"] if edits != "tacq-edits" else [])
+        for rule in others:
             other = rows.get(row_name(rule, q, b))
             if other is None:
                 continue
@@ -174,20 +189,20 @@ def write_table(out: Path, bits: tuple[int, ...]) -> None:
                 d = mmlu_logprob_difference(other["mmlu"], mine["mmlu"])
                 if d is not None:
                     parts.append(f"mmlu gold log-prob {d.estimate:+.3f} ({d.low:+.3f} to {d.high:+.3f})")
-            notes.append(f"- {label}, tacq-edits minus {row_name(rule, q, b).removesuffix(f'-{b}bit')}: "
+            notes.append(f"- {label}, {edits} minus {row_name(rule, q, b).removesuffix(f'-{b}bit')}: "
                          + "; ".join(parts))
         unq = rows.get("unquantized")
         if unq:
             kept = {k: mine["summary"][k] / unq["summary"][k] for k in ("gen.reliability", "gen.generality")
                     if unq["summary"][k]}
-            notes.append(f"- {label}, tacq-edits as a share of the unquantized model: "
+            notes.append(f"- {label}, {edits} as a share of the unquantized model: "
                          + ", ".join(f"{k} {100 * v:.0f} %" for k, v in kept.items()))
     commands = sorted({r["command"] for r in rows.values() if r.get("command")})
     table = "\n".join(lines + notes + ["", "Command: " + "; ".join(f"`{c}`" for c in commands)])
-    artifacts.write_report(out, table, lambda path: plot(rows, bits, path))
+    artifacts.write_report(out, table, lambda path: plot(rows, bits, all_rules, path))
 
 
-def plot(rows: dict[str, dict[str, Any]], bits: tuple[int, ...], path: Path) -> None:
+def plot(rows: dict[str, dict[str, Any]], bits: tuple[int, ...], all_rules: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,7 +210,7 @@ def plot(rows: dict[str, dict[str, Any]], bits: tuple[int, ...], path: Path) -> 
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("gen.reliability", "gen.generality")):
-        for q, rule in ((q, r) for q in QUANTIZERS for r in RULES):
+        for q, rule in ((q, r) for q in QUANTIZERS for r in all_rules):
             xs = [b for b in bits if row_name(rule, q, b) in rows]
             if xs:
                 ax.plot(xs, [100 * rows[row_name(rule, q, b)]["summary"][metric] for b in xs], marker="o",
