@@ -71,7 +71,8 @@ class QuantConfig:
     # Each edit's prompt also behind `contexts_per_edit` short texts the merged model writes itself (corsa.contexts,
     # ROME's context templates), with its new answer and margin, in the task and GPTQ's calibration text:
     # CounterFact's paraphrases put other words before the question, and the bare prompt alone does not show the
-    # weights that answer it there. 0 = the bare prompts; 4 is measured on `val` (docs/log/2026-12-05-quantize.md).
+    # weights that answer it there. 0 (the bare prompts) stays the default: 4 on CounterFact `val` gave edit success
+    # and generality +2.0 (-2.0 to +7.0) at twice the time, short of its rule (docs/log/2026-12-05-quantize.md).
     contexts_per_edit: int = 0
     context_tokens: int = 10  # each context's length in new tokens, as training's (CorsaConfig.context_tokens)
     general_questions: int = 64  # the package pool's general questions, answered by the model itself
