@@ -16,6 +16,7 @@ from corsa.quantize import (
     dequantize,
     group_width,
     input_hessians,
+    kept_counts,
     kept_positions,
     load_quantized,
     pack,
@@ -89,6 +90,36 @@ def test_kept_positions_are_the_top_share():
     s = torch.tensor([[0.1, 5.0, 0.2], [3.0, 0.0, 4.0]])
     assert kept_positions(s, 50).tolist() == [1, 3, 5]
     assert kept_positions(s, 0).numel() == 0
+
+
+def test_kept_counts_are_one_ranking_over_every_matrix():
+    gen = torch.Generator().manual_seed(0)
+    scores = {name: torch.rand(shape, generator=gen) * scale
+              for name, shape, scale in (("a", (4, 8), 1.0), ("b", (16,), 3.0), ("c", (2, 2), 0.5))}
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores.values())])
+    for total in (0, 1, 5, 20, 52):
+        want = torch.bincount(owner[torch.topk(flat, total).indices], minlength=3).tolist()
+        assert list(kept_counts(iter(scores.items()), total).values()) == want
+    # a matrix whose rounding moves the loss most takes more than its per-matrix share
+    counts = kept_counts(iter(scores.items()), 10)
+    assert sum(counts.values()) == 10 and counts["b"] > round(16 * 10 / 52)
+
+
+def test_model_scope_keeps_as_many_weights_ranked_over_the_whole_model(tiny_model):
+    per_matrix = QuantConfig(bits=2, keep=5, saliency="magnitude", group_size=16, quantizer="rtn")
+    whole = QuantConfig(bits=2, keep=5, saliency="magnitude", group_size=16, quantizer="rtn", keep_scope="model")
+    tensors, counts = quantize_model(tiny_model, whole)
+    _, matrix_counts = quantize_model(tiny_model, per_matrix)
+    assert abs(counts["kept_weights"] - matrix_counts["kept_weights"]) <= len(quantized_modules(tiny_model))
+    weights = {name: m.weight.detach() for name, m in quantized_modules(tiny_model).items()}
+    flat = torch.cat([w.abs().flatten() for w in weights.values()])
+    threshold = torch.topk(flat, counts["kept_weights"]).values.min()
+    for name, w in weights.items():  # every kept weight is among the model's largest, wherever it is
+        kept = tensors[f"{name}.weight.kept_index"].long()
+        assert bool((w.abs().flatten()[kept] >= threshold).all())
+    with pytest.raises(ValueError, match="keep_scope"):
+        QuantConfig(keep_scope="layer")
 
 
 def test_restored_model_has_kept_weights_at_16_bits_and_the_rest_rounded(tiny_model):
@@ -260,6 +291,16 @@ def test_bench_quantize_measures_every_rule_at_every_bits_and_compares_them(tmp_
     assert "2 bits, gptq, tacq-edits-ctx2 minus tacq-edits-gptq: gen.reliability" in table
     assert "2 bits, gptq, tacq-edits-ctx2 minus gptq: gen.reliability" in table
     assert main(argv + ["--calibration-contexts", "9"]) == 2
+    # One keep budget for the whole model: every rule that keeps weights again, named -global; rtn is unchanged
+    capsys.readouterr()
+    assert main(argv + ["--keep-scope", "model"]) == 0
+    said = capsys.readouterr().out
+    assert "tacq-edits-global-gptq-2bit:" in said and "magnitude-global-gptq-2bit:" in said and "\ngptq-2bit:" not in said
+    glob = json.loads((out / "tacq-edits-global-gptq-2bit" / "results.json").read_text())["quantized"]
+    assert glob["config"]["keep_scope"] == "model" and "whole model" in glob["method"]
+    table = (out / "table.md").read_text()
+    assert "2 bits, gptq, tacq-edits-global minus tacq-general-global-gptq: gen.reliability" in table
+    assert "2 bits, gptq, tacq-edits-global minus tacq-edits-gptq: gen.reliability" in table
     # Another adapter setting into the same folder would be measured under these rows' names: refused, unchanged.
     before = sorted(p.name for p in out.iterdir())
     assert main([*argv, "--lr", "0.5"]) == 2

@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantizer", default="gptq", choices=["rtn", "gptq"],  # QuantConfig.quantizer's, chosen on val
                    help="how the weights that are not kept are rounded: GPTQ on the calibration text (default) or "
                         "round-to-nearest")
+    p.add_argument("--keep-scope", default="matrix", choices=["matrix", "model"],  # QuantConfig.keep_scope's
+                   help="--keep percent of each matrix (default) or of the whole model, ranked together")
     p.add_argument("--calibration-contexts", type=whole(0, 8), default=0,  # QuantConfig.contexts_per_edit
                    help="--calibration edits: each edit's prompt also behind this many short texts the model "
                         "writes (0-8, default 0)")
@@ -399,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=finite, default=0.5, help="percent of each matrix kept in 16 bits (default 0.5)")
     p.add_argument("--quantizer", default="gptq", choices=["rtn", "gptq"],  # QuantConfig.quantizer's, chosen on val
                    help="rounding for every rule: GPTQ (default, as `corsa quantize`) or round-to-nearest")
+    p.add_argument("--keep-scope", default="matrix", choices=["matrix", "model"],  # QuantConfig.keep_scope's
+                   help="--keep percent of each matrix (default) or of the whole model, ranked together (rows "
+                        "<rule>-global)")
     p.add_argument("--calibration-contexts", type=whole(0, 8), default=0,  # QuantConfig.contexts_per_edit
                    help="tacq-edits: each edit's prompt also behind this many model-written texts (0-8, default 0; "
                         "row tacq-edits-ctx<n>)")
@@ -593,7 +598,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from corsa.quantize import QuantConfig
 
         cfg = QuantConfig(bits=args.bits, keep=args.keep, saliency=args.saliency, calibration=args.calibration,
-                          group_size=args.group_size, quantizer=args.quantizer,
+                          group_size=args.group_size, quantizer=args.quantizer, keep_scope=args.keep_scope,
                           contexts_per_edit=args.calibration_contexts)
         out, record = quantize(args.source, args.to, cfg, overwrite=args.overwrite, command=command)
         print(f"wrote {out}: {args.bits}-bit, {record['kept_share']:.2%} of the quantized weights kept in 16 bits "
@@ -657,7 +662,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                                mmlu_n=None if args.mmlu_n == "all" else _parsed(COUNT, args.mmlu_n, "--mmlu-n"),
                                eval=EvalConfig(max_new_tokens=args.max_new_tokens, autocast=args.bf16))
             run_quant_bench(qcfg, args.out, bits=bits, keep=args.keep, quantizer=args.quantizer,
-                            contexts_per_edit=args.calibration_contexts, method=args.adapter_method,
+                            contexts_per_edit=args.calibration_contexts, keep_scope=args.keep_scope,
+                            method=args.adapter_method,
                             progress=not args.quiet, command=command)
             return 0
         if args.bench_command in ("inject", "revise"):

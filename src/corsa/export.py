@@ -370,6 +370,8 @@ def quantize(source: str | Path, to: str | Path, cfg: QuantConfig | None = None,
     rounding = "round-to-nearest" if cfg.quantizer == "rtn" else f"GPTQ on {task}"
     method = (rounding if cfg.keep == 0 else f"largest |W| kept, {rounding}" if cfg.saliency == "magnitude"
               else f"TaCQ, |(Q(W) - W) * dL/dW| on {task}, {rounding}")
+    if cfg.keep > 0 and cfg.keep_scope == "model":
+        method += f"; the {cfg.keep} % kept ranked over the whole model"
     record = {"config": asdict(cfg), **counts, "method": method, "source": source_record, "edits": len(requests),
               "created": artifacts.now(), "command": command, "seconds": time.perf_counter() - t0,
               "routing": "none: the quantized model answers every question with the edits applied",

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +60,11 @@ class QuantConfig:
     # Percent of each matrix's weights kept in 16 bits. At 0.5 % the kept weights (16-bit value + 32-bit position)
     # add 0.24 bits per weight, close to the "3.1 bits" the TaCQ abstract reports at 3 bits.
     keep: float = 0.5
+    # Where the kept share is counted: "matrix" keeps `keep` % of each matrix; "model" ranks every quantized weight of
+    # the model together and keeps the top `keep` % of all of them (as many weights, so the same bits per weight).
+    # TaCQ's score is each weight's first-order change of one loss, so it compares across matrices; a per-matrix
+    # share spends as much on a matrix whose rounding barely moves the loss as on the one that moves it most.
+    keep_scope: Literal["matrix", "model"] = "matrix"
     group_size: int = 64  # divides SmolLM2's 576 and 1536 and Gemma-3-270M's 640 and 2048
     saliency: Literal["tacq", "magnitude"] = "tacq"
     calibration: Literal["edits", "general"] = "edits"
@@ -85,6 +91,8 @@ class QuantConfig:
             raise ValueError(f"keep must be a percentage from 0 to 100, not {self.keep}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be at least 2, not {self.group_size}")
+        if self.keep_scope not in ("matrix", "model"):
+            raise ValueError(f"keep_scope must be 'matrix' or 'model', not {self.keep_scope!r}")
         if self.saliency not in ("tacq", "magnitude"):
             raise ValueError(f"saliency must be 'tacq' or 'magnitude', not {self.saliency!r}")
         if self.quantizer not in ("rtn", "gptq"):
@@ -207,10 +215,33 @@ def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 def kept_positions(saliency: torch.Tensor, keep: float) -> torch.Tensor:
     """Flat indices of the `keep` percent highest-saliency weights (at least none, at most all), sorted."""
-    k = min(saliency.numel(), round(saliency.numel() * keep / 100))
+    return top_positions(saliency, round(saliency.numel() * keep / 100))
+
+
+def top_positions(saliency: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices of the `k` highest-saliency weights (clipped to none or all), sorted."""
+    k = max(0, min(saliency.numel(), k))
     if k == 0:
         return torch.zeros(0, dtype=torch.long)
     return torch.topk(saliency.flatten().float(), k).indices.sort().values
+
+
+def kept_counts(scores: Iterable[tuple[str, torch.Tensor]], total: int) -> dict[str, int]:
+    """How many of the `total` highest scores over all the matrices fall in each one: one ranking for the whole
+    model. A running top-`total` is kept, so at most twice `total` scores are held at once, however big the model."""
+    best = torch.zeros(0)
+    owner = torch.zeros(0, dtype=torch.long)
+    names: list[str] = []
+    for i, (name, score) in enumerate(scores):
+        names.append(name)
+        top = torch.topk(score.flatten().float().cpu(), max(0, min(total, score.numel()))).values
+        best = torch.cat([best, top])
+        owner = torch.cat([owner, torch.full((top.numel(),), i, dtype=torch.long)])
+        if best.numel() > total:
+            best, index = torch.topk(best, total)
+            owner = owner[index]
+    counts = torch.bincount(owner, minlength=len(names))
+    return {name: int(c) for name, c in zip(names, counts)}
 
 
 # --- the task whose gradient decides what is kept ----------------------------------------------------------------
@@ -323,6 +354,20 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, to
     if cfg.quantizer == "gptq" and hessians is None:
         raise ValueError("GPTQ needs the layers' input Hessians (input_hessians)")
     modules = quantized_modules(model)
+
+    def saliency(name: str, w: torch.Tensor) -> torch.Tensor:
+        if cfg.saliency == "magnitude":
+            return w.abs()
+        if grads is None or name not in grads:
+            raise ValueError("TaCQ saliency needs the task gradients (task_gradients)")
+        change = dequantize(*quantize_rtn(w, cfg.bits, cfg.group_size)) - w
+        return (change * grads[name].cpu()).abs()
+
+    counts = None  # "model" scope: each matrix's share of one ranking (its scores computed again below, not held)
+    if cfg.keep > 0 and cfg.keep_scope == "model":
+        total = round(sum(m.weight.numel() for m in modules.values()) * cfg.keep / 100)
+        counts = kept_counts(((name, saliency(name, m.weight.detach().float().cpu())) for name, m in modules.items()),
+                             total)
     tensors: dict[str, torch.Tensor] = {}
     quantized_weights, kept_total, payload_bits = 0, 0, 0
     for name, m in modules.items():
@@ -330,13 +375,10 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, to
         codes, scale, zero = quantize_rtn(w, cfg.bits, cfg.group_size)
         if cfg.keep == 0:
             kept = torch.zeros(0, dtype=torch.long)
-        elif cfg.saliency == "magnitude":
-            kept = kept_positions(w.abs(), cfg.keep)
+        elif counts is not None:
+            kept = top_positions(saliency(name, w), counts[name])
         else:
-            if grads is None or name not in grads:
-                raise ValueError("TaCQ saliency needs the task gradients (task_gradients)")
-            change = dequantize(codes, scale, zero) - w
-            kept = kept_positions((change * grads[name].cpu()).abs(), cfg.keep)
+            kept = kept_positions(saliency(name, w), cfg.keep)
         value = w
         if cfg.quantizer == "gptq":
             assert hessians is not None

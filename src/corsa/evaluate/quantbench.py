@@ -48,15 +48,20 @@ BASELINES: dict[str, dict[str, Any]] = {
     "tacq-general": {"calibration": "general"},
 }
 QUANTIZERS = ("rtn", "gptq")
-# tacq-edits' rows, with or without context copies (tacq-edits-ctx4-gptq-3bit), as row_name writes them
-EDITS_ROW = re.compile(r"^(tacq-edits(?:-ctx\d+)?)-(?:gptq-)?\d+bit$")
+# Every rule's row, as row_name writes it: the rule, with -ctx<n> (tacq-edits' context copies) and -global (one keep
+# budget for the whole model) when set, then the quantizer unless round-to-nearest, then the bits.
+RULE_ROW = re.compile(r"^((?:magnitude|tacq-general|tacq-edits(?:-ctx\d+)?)(?:-global)?)-(?:gptq-)?\d+bit$")
 
 
-def rules(contexts_per_edit: int = QuantConfig.contexts_per_edit) -> dict[str, dict[str, Any]]:
-    """The baselines and tacq-edits, named tacq-edits-ctx<n> when its prompts also come in n contexts, so that
-    both settings can share one run folder."""
+def rules(contexts_per_edit: int = QuantConfig.contexts_per_edit,
+          keep_scope: str = QuantConfig.keep_scope) -> dict[str, dict[str, Any]]:
+    """The baselines and tacq-edits at these settings, each named after the settings that differ from the first
+    runs' (tacq-edits-ctx4, magnitude-global), so that rows of several settings can share one run folder."""
+    scope = "-global" if keep_scope == "model" else ""
     edits = f"tacq-edits-ctx{contexts_per_edit}" if contexts_per_edit else "tacq-edits"
-    return {**BASELINES, edits: {"contexts_per_edit": contexts_per_edit}}
+    named = {**BASELINES, edits: {"contexts_per_edit": contexts_per_edit}}
+    return {rule if rule == "rtn" else rule + scope: {**change, "keep_scope": keep_scope}
+            for rule, change in named.items()}
 
 
 def row_name(rule: str, quantizer: str, bits: int) -> str:
@@ -80,9 +85,10 @@ def measure(model: Any, formatter: Formatter, requests: list[Any], reference: di
 
 def run_quant_bench(cfg: BenchConfig, out: str | Path, *, bits: tuple[int, ...] = (2, 3, 4), keep: float = 0.5,
                     quantizer: str = QuantConfig.quantizer, contexts_per_edit: int = QuantConfig.contexts_per_edit,
-                    method: str = "corsa", progress: bool = True, command: str | None = None) -> Path:
+                    keep_scope: str = QuantConfig.keep_scope, method: str = "corsa", progress: bool = True,
+                    command: str | None = None) -> Path:
     out = Path(out)
-    run_rules = rules(contexts_per_edit)
+    run_rules = rules(contexts_per_edit, keep_scope)
     for b in bits:  # every setting checked before any work
         for change in run_rules.values():
             QuantConfig(bits=b, quantizer=quantizer, **{"keep": keep, **change})  # type: ignore[arg-type]
@@ -152,8 +158,10 @@ def run_quant_bench(cfg: BenchConfig, out: str | Path, *, bits: tuple[int, ...] 
 
 def write_table(out: Path, bits: tuple[int, ...]) -> None:
     rows = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/results.json")}
-    edit_rules = sorted({m.group(1) for name in rows if (m := EDITS_ROW.match(name))})
-    all_rules = [*BASELINES, *edit_rules]
+    present = {m.group(1) for name in rows if (m := RULE_ROW.match(name))}
+    families = ("magnitude", "tacq-general", "tacq-edits")  # the first runs' order, each rule's variants after it
+    all_rules = ["rtn", *sorted(present, key=lambda r: ([r.startswith(f) for f in families].index(True), r))]
+    edit_rules = [r for r in all_rules if r.startswith("tacq-edits")]
     order = ["base", "unquantized"] + [row_name(r, q, b) for q in QUANTIZERS for b in bits for r in all_rules]
     head = ["row", "bits per weight", "kept", *SHOWN, "mmlu", "mmlu gold log-prob"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -174,8 +182,10 @@ def write_table(out: Path, bits: tuple[int, ...]) -> None:
         mine = rows.get(row_name(edits, q, b))
         if mine is None:
             continue
-        # a context-copies row is also compared with plain tacq-edits, the setting it would replace
-        others = [*BASELINES] + (["tacq-edits"] if edits != "tacq-edits" else [])
+        # baselines at the same keep scope; a variant also against plain tacq-edits, the setting it would replace
+        scope = "-global" if edits.endswith("-global") else ""
+        others = ["rtn", "magnitude" + scope, "tacq-general" + scope] + (["tacq-edits"] if edits != "tacq-edits"
+                                                                        else [])
         for rule in others:
             other = rows.get(row_name(rule, q, b))
             if other is None:
