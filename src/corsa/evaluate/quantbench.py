@@ -10,7 +10,11 @@ by round-to-nearest or by GPTQ (--quantizer):
   tacq-general   TaCQ's saliency |(Q(W) - W) * dL/dW| with general questions as the task
   tacq-edits     the same with the edits as the task (their prompts, new and mined old answers, auto-built anchors;
                  never the evaluation's paraphrases or neighbours) mixed with the general questions; with
-                 --calibration-contexts n > 0 each prompt also behind n model-written contexts, as the row tacq-edits-ctx<n>
+                 --calibration-contexts n > 0 each prompt also behind n model-written contexts (row
+                 tacq-edits-ctx<n>)
+
+With --keep-scope model every rule that keeps weights keeps the top --keep % of the whole model's weights, ranked
+together, instead of each matrix's (rows <rule>-global).
 
 Every row, the unquantized merged model and the base model are measured the same way: edit success, generality,
 locality (agreement with the base model, correctness) by generation, and MMLU accuracy and gold-letter
