@@ -357,12 +357,13 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, to
         raise ValueError("GPTQ needs the layers' input Hessians (input_hessians)")
     modules = quantized_modules(model)
 
-    def saliency(name: str, w: torch.Tensor) -> torch.Tensor:
+    def saliency(name: str, w: torch.Tensor, rtn: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """`rtn`: w's round-to-nearest codes, scales and zeros when already computed."""
         if cfg.saliency == "magnitude":
             return w.abs()
         if grads is None or name not in grads:
             raise ValueError("TaCQ saliency needs the task gradients (task_gradients)")
-        change = dequantize(*quantize_rtn(w, cfg.bits, cfg.group_size)) - w
+        change = dequantize(*(rtn or quantize_rtn(w, cfg.bits, cfg.group_size))) - w
         return (change * grads[name].cpu()).abs()
 
     counts = None  # "model" scope: each matrix's share of one ranking (its scores computed again below, not held)
@@ -378,9 +379,9 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, to
         if cfg.keep == 0:
             kept = torch.zeros(0, dtype=torch.long)
         elif counts is not None:
-            kept = top_positions(saliency(name, w), counts[name])
+            kept = top_positions(saliency(name, w, (codes, scale, zero)), counts[name])
         else:
-            kept = kept_positions(saliency(name, w), cfg.keep)
+            kept = kept_positions(saliency(name, w, (codes, scale, zero)), cfg.keep)
         value = w
         if cfg.quantizer == "gptq":
             assert hessians is not None
