@@ -165,6 +165,13 @@ def test_a_sequence_run_is_not_summarised(tmp_path):
         summarize(tmp_path / "run")
 
 
+def test_a_quantize_run_is_refused_in_one_line(tmp_path):
+    (tmp_path / "run" / "unquantized").mkdir(parents=True)
+    (tmp_path / "run" / "unquantized" / "results.json").write_text(json.dumps({"cases": [], "summary": {}}))
+    with pytest.raises(ValueError, match="names no method"):
+        summarize(tmp_path / "run")
+
+
 PAGE = ("# Results\n\nHand-written opening, kept.\n\n<!-- generated: begin -->\nold table\n<!-- generated: end -->\n\n"
         "## Limitations\n\nKept too.\n")
 

@@ -42,6 +42,10 @@ def _read_records(run_dir: Path) -> list[dict[str, Any]]:
         if "cases" not in record or "summary" not in record:
             # inject/revise folders score stages, not cases; their summaries would need another layout
             raise ValueError(f"{path} has no per-case results; only `corsa bench single` folders can be summarised")
+        if "method" not in record:
+            # `corsa bench quantize` rows score cases too, but name a quantized model, not a training method
+            raise ValueError(f"{path} names no method; only `corsa bench single` and `multi` folders can be "
+                             "summarised")
         if record.get("config") is None and record.get("adapters"):
             # a `corsa bench multi` row from before its records carried their settings (2026-12-07): its first part
             # adapter's manifest says how every part was trained, training seed included
