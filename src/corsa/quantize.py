@@ -363,14 +363,14 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, to
             return w.abs()
         if grads is None or name not in grads:
             raise ValueError("TaCQ saliency needs the task gradients (task_gradients)")
-        change = dequantize(*(rtn or quantize_rtn(w, cfg.bits, cfg.group_size))) - w
+        change = dequantize(*(rtn if rtn is not None else quantize_rtn(w, cfg.bits, cfg.group_size))) - w
         return (change * grads[name].cpu()).abs()
 
-    counts = None  # "model" scope: each matrix's share of one ranking (its scores computed again below, not held)
+    kept_per_matrix = None  # "model" scope: each matrix's share of one ranking (scores computed again below, not held)
     if cfg.keep > 0 and cfg.keep_scope == "model":
         total = round(sum(m.weight.numel() for m in modules.values()) * cfg.keep / 100)
-        counts = kept_counts(((name, saliency(name, m.weight.detach().float().cpu())) for name, m in modules.items()),
-                             total)
+        kept_per_matrix = kept_counts(
+            ((name, saliency(name, m.weight.detach().float().cpu())) for name, m in modules.items()), total)
     tensors: dict[str, torch.Tensor] = {}
     quantized_weights, kept_total, payload_bits = 0, 0, 0
     for name, m in modules.items():
@@ -378,8 +378,8 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, to
         codes, scale, zero = quantize_rtn(w, cfg.bits, cfg.group_size)
         if cfg.keep == 0:
             kept = torch.zeros(0, dtype=torch.long)
-        elif counts is not None:
-            kept = top_positions(saliency(name, w, (codes, scale, zero)), counts[name])
+        elif kept_per_matrix is not None:
+            kept = top_positions(saliency(name, w, (codes, scale, zero)), kept_per_matrix[name])
         else:
             kept = kept_positions(saliency(name, w, (codes, scale, zero)), cfg.keep)
         value = w
