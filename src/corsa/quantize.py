@@ -124,17 +124,26 @@ def group_width(columns: int, group_size: int) -> int:
     return group_size if columns % group_size == 0 else columns
 
 
+def group_grid(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's (scale, zero) for asymmetric `bits`-bit codes covering [low, high] stretched to include 0, as
+    GPTQ's reference quantizer does: the zero point is then an integer code in range, so no weight is more than
+    half a step from the grid (without the stretch, a group of one sign would get its zero clamped and its weights
+    shifted by whole steps). Scales are rounded to float16 first, so that what is stored is what was used."""
+    top = 2**bits - 1
+    low, high = low.clamp_max(0.0), high.clamp_min(0.0)
+    scale = ((high - low) / top).clamp_min(1e-8).half().float()
+    return scale, torch.round(-low / scale).clamp(0, top)
+
+
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest, asymmetric, per group of inputs: (codes [out, in] in 0..2^bits-1, scales [out, groups],
-    zeros [out, groups]). Scales are rounded to float16 first, so that what is stored is what was used."""
+    zeros [out, groups]), on group_grid's grid."""
     out, columns = weight.shape
     g = group_width(columns, group_size)
     w = weight.detach().float().reshape(out, columns // g, g)
-    low, high = w.amin(-1), w.amax(-1)
+    scale, zero = group_grid(w.amin(-1), w.amax(-1), bits)
     top = 2**bits - 1
-    scale = ((high - low) / top).clamp_min(1e-8).half().float()
-    zero = torch.round(-low / scale).clamp(0, top)
     codes = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, top)
     return codes.reshape(out, columns).to(torch.uint8), scale.half(), zero.to(torch.uint8)
 
@@ -175,11 +184,9 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
             j = b0 + i
             if j % g == 0:
                 group, free = wb[:, i : i + g], ~keep[:, j : j + g]
-                low = torch.where(free, group, torch.inf).amin(-1)
-                high = torch.where(free, group, -torch.inf).amax(-1)
-                low, high = torch.where(free.any(-1), low, 0.0), torch.where(free.any(-1), high, 0.0)
-                scale = ((high - low) / top).clamp_min(1e-8).half().float()
-                zero = torch.round(-low / scale).clamp(0, top)
+                # a group whose weights are all kept has low = +inf, high = -inf: group_grid makes it (0, 0)
+                scale, zero = group_grid(torch.where(free, group, torch.inf).amin(-1),
+                                         torch.where(free, group, -torch.inf).amax(-1), bits)
                 scales[:, j // g], zeros[:, j // g] = scale, zero
             col = wb[:, i]
             scale, zero = scales[:, j // g], zeros[:, j // g]
@@ -375,18 +382,22 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, to
     quantized_weights, kept_total, payload_bits = 0, 0, 0
     for name, m in modules.items():
         w = m.weight.detach().float().cpu()
-        codes, scale, zero = quantize_rtn(w, cfg.bits, cfg.group_size)
+        # round-to-nearest's codes: the stored ones with "rtn", TaCQ's estimate of the change with "gptq"
+        needs_rtn = cfg.quantizer == "rtn" or (cfg.keep > 0 and cfg.saliency != "magnitude")
+        rtn = quantize_rtn(w, cfg.bits, cfg.group_size) if needs_rtn else None
         if cfg.keep == 0:
             kept = torch.zeros(0, dtype=torch.long)
         elif kept_per_matrix is not None:
-            kept = top_positions(saliency(name, w, (codes, scale, zero)), kept_per_matrix[name])
+            kept = top_positions(saliency(name, w, rtn), kept_per_matrix[name])
         else:
-            kept = kept_positions(saliency(name, w, (codes, scale, zero)), cfg.keep)
-        value = w
+            kept = kept_positions(saliency(name, w, rtn), cfg.keep)
         if cfg.quantizer == "gptq":
             assert hessians is not None
             codes, scale, zero, value = quantize_gptq(w, hessians[name], cfg.bits, cfg.group_size, kept,
                                                       cfg.gptq_damp)
+        else:
+            assert rtn is not None
+            (codes, scale, zero), value = rtn, w
         packed = torch.from_numpy(pack(codes, cfg.bits))
         tensors[f"{name}.weight.codes"] = packed
         tensors[f"{name}.weight.scales"] = scale.contiguous()
