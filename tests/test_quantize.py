@@ -16,9 +16,11 @@ from corsa.quantize import (
     dequantize,
     group_width,
     input_hessians,
+    keep_beside_delta,
     kept_counts,
     kept_positions,
     load_quantized,
+    low_rank,
     pack,
     quantize_gptq,
     quantize_model,
@@ -147,6 +149,56 @@ def test_restored_model_has_kept_weights_at_16_bits_and_the_rest_rounded(tiny_mo
                                dict(tiny_model.named_parameters())[embed].half().float())
 
 
+def test_low_rank_is_the_truncated_singular_value_decomposition():
+    torch.manual_seed(0)
+    delta = torch.randn(20, 3) @ torch.randn(3, 12)
+    up, down = low_rank(delta, 3)
+    assert up.shape == (20, 3) and down.shape == (3, 12)
+    torch.testing.assert_close(up @ down, delta, atol=1e-5, rtol=1e-5)  # a rank-3 change is carried whole
+    s = torch.linalg.svdvals(delta)
+    up, down = low_rank(delta, 1)  # Eckart-Young: what is left is the other singular values
+    assert abs(float(torch.linalg.norm(delta - up @ down)) - float(s[1:].norm())) < 1e-4
+    assert low_rank(delta, 50)[0].shape == (20, 12)  # never more than the matrix has
+
+
+def test_keep_beside_delta_spends_the_bits_keep_alone_would():
+    # 10 x 10: keeping 10 % is 10 weights x 48 bits = 480; a rank-1 copy is 20 entries x 16 bits = 320
+    assert abs(keep_beside_delta([(10, 10)], 10, 1) - 10 * (480 - 320) / 480) < 1e-9
+    assert keep_beside_delta([(10, 10)], 10, 0) == 10
+    with pytest.raises(ValueError, match="costs more bits"):
+        keep_beside_delta([(10, 10)], 10, 2)
+
+
+def test_the_change_kept_beside_a_matrix_survives_rounding_that_erases_it_when_merged(tiny_model):
+    # A change far under one rounding step, as an edit's is (docs/log/2026-12-05-quantize.md): merged and rounded,
+    # most of it is lost; kept beside the matrix, the restored model is the rounded base plus the change.
+    import copy
+
+    torch.manual_seed(0)
+    cfg = QuantConfig(bits=3, keep=0, group_size=16, quantizer="rtn")
+    base = {name: m.weight.detach().clone() for name, m in quantized_modules(tiny_model).items()}
+    merged = copy.deepcopy(tiny_model)
+    changes = {}
+    for name, m in quantized_modules(merged).items():
+        step = float(quantize_rtn(base[name], 3, 16)[1].float().mean())
+        change = 0.05 * step * torch.outer(torch.randn(m.weight.shape[0]), torch.randn(m.weight.shape[1]))
+        m.weight.data += change
+        changes[name] = change
+    deltas = {name: low_rank(change, 1) for name, change in changes.items()}
+    beside, counts = quantize_model(merged, cfg, deltas=deltas)
+    plain, plain_counts = quantize_model(merged, cfg)
+    extra = 16 * sum(up.numel() + down.numel() for up, down in deltas.values())
+    assert counts["bits_per_quantized_weight"] * counts["quantized_weights"] == pytest.approx(
+        plain_counts["bits_per_quantized_weight"] * plain_counts["quantized_weights"] + extra)
+    restored = {k: dict(restore(type(tiny_model)(tiny_model.config), t, 3, c["tied"]).named_parameters())
+                for k, t, c in (("beside", beside, counts), ("plain", plain, plain_counts))}
+    for name, change in changes.items():
+        rounded_base = dequantize(*quantize_rtn(base[name], 3, 16))
+        kept = {k: r[f"{name}.weight"].detach() - rounded_base for k, r in restored.items()}
+        assert float((kept["beside"] - change).norm()) < 0.01 * float(change.norm())  # float16 factors only
+        assert float((kept["plain"] - change).norm()) > 0.5 * float(change.norm())
+
+
 def test_task_gradient_is_the_plain_autograd_gradient_of_the_answer_loss(tiny_model, tokenizer):
     formatter = Formatter(tokenizer, "qa")
     prompt, answer = "sky?", "red"
@@ -233,6 +285,23 @@ def test_cli_quantizes_a_run_that_corsa_ask_then_answers(tmp_path, tiny_dir, cap
     assert record["config"]["quantizer"] == "rtn" and "round-to-nearest" in record["method"]
     load_quantized(tmp_path / "g")
 
+    # The adapter's change kept beside each matrix: PEFT's own delta, here at the adapter's full rank
+    from corsa.export import merged_with_deltas
+    from corsa.models import load_model
+
+    _, _, _, deltas = merged_with_deltas(run, rank=64)
+    base_weights = dict(load_model(tiny_dir)[0].named_parameters())
+    merged_weights = dict(merged.named_parameters())
+    assert deltas and set(deltas) <= set(quantized_modules(merged))
+    for name, (up, down) in deltas.items():
+        torch.testing.assert_close(up @ down, (merged_weights[f"{name}.weight"] - base_weights[f"{name}.weight"])
+                                   .detach(), atol=1e-5, rtol=1e-4)
+    assert main(["quantize", str(run), "--to", str(tmp_path / "d"), "--bits", "3", "--keep", "1", "--group-size",
+                 "16", "--delta-rank", "2"]) == 0
+    record = json.loads((tmp_path / "d" / "corsa_quantized.json").read_text())
+    assert record["config"]["delta_rank"] == 2 and "at rank 2 in 16 bits" in record["method"]
+    load_quantized(tmp_path / "d")
+
     assert main(["quantize", str(run), "--to", str(out), "--keep", "200"]) == 2
     assert "keep must be a percentage" in capsys.readouterr().err
     mine = tmp_path / "mine"
@@ -307,6 +376,16 @@ def test_bench_quantize_measures_every_rule_at_every_bits_and_compares_them(tmp_
     table = (out / "table.md").read_text()
     assert "2 bits, gptq, tacq-edits-global minus tacq-general-global-gptq: gen.reliability" in table
     assert "2 bits, gptq, tacq-edits-global minus tacq-edits-gptq: gen.reliability" in table
+    # The adapter's change kept beside each matrix at rank 1, at the bits plain tacq-edits spends
+    capsys.readouterr()
+    assert main(argv + ["--delta-rank", "1"]) == 0
+    assert "tacq-edits-rank1-gptq-2bit:" in capsys.readouterr().out
+    rank = json.loads((out / "tacq-edits-rank1-gptq-2bit" / "results.json").read_text())["quantized"]
+    assert rank["config"]["delta_rank"] == 1 and rank["config"]["keep"] < 5 and "at rank 1" in rank["method"]
+    assert rank["bits_per_quantized_weight"] == pytest.approx(gptq["bits_per_quantized_weight"], abs=0.01)
+    assert "2 bits, gptq, tacq-edits-rank1 minus tacq-edits-gptq: gen.reliability" in (out / "table.md").read_text()
+    assert main(argv + ["--delta-rank", "30"]) == 2
+    assert "costs more bits" in capsys.readouterr().err
     # Another adapter setting into the same folder would be measured under these rows' names: refused, unchanged.
     before = sorted(p.name for p in out.iterdir())
     assert main([*argv, "--lr", "0.5"]) == 2

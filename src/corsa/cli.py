@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-contexts", type=whole(0, 8), default=0,  # QuantConfig.contexts_per_edit
                    help="--calibration edits: each edit's prompt also behind this many short texts the model "
                         "writes (0-8, default 0)")
+    p.add_argument("--delta-rank", type=COUNT, default=0,  # QuantConfig.delta_rank
+                   help="keep the adapter's change to each matrix beside it at this rank in 16 bits (its bits count "
+                        "in the size; default 0: merged and quantized with the rest)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--threads", type=THREADS)
 
@@ -407,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-contexts", type=whole(0, 8), default=0,  # QuantConfig.contexts_per_edit
                    help="tacq-edits: each edit's prompt also behind this many model-written texts (0-8, default 0; "
                         "row tacq-edits-ctx<n>)")
+    p.add_argument("--delta-rank", type=COUNT, default=0,  # QuantConfig.delta_rank
+                   help="tacq-edits with the adapter's change kept beside each matrix at this rank, its --keep "
+                        "lowered to spend the same bits (row tacq-edits-rank<k>; default 0)")
     p.add_argument("--mmlu-n", default="5", help="MMLU questions per subject, 'all' or 0 to skip")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
     _add_training_flags(p)
@@ -599,7 +605,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
         cfg = QuantConfig(bits=args.bits, keep=args.keep, saliency=args.saliency, calibration=args.calibration,
                           group_size=args.group_size, quantizer=args.quantizer, keep_scope=args.keep_scope,
-                          contexts_per_edit=args.calibration_contexts)
+                          contexts_per_edit=args.calibration_contexts, delta_rank=args.delta_rank)
         out, record = quantize(args.source, args.to, cfg, overwrite=args.overwrite, command=command)
         print(f"wrote {out}: {args.bits}-bit, {record['kept_share']:.2%} of the quantized weights kept in 16 bits "
               f"({record['method']}), {record['bits_per_quantized_weight']:.2f} bits per quantized weight, "
@@ -663,7 +669,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                                eval=EvalConfig(max_new_tokens=args.max_new_tokens, autocast=args.bf16))
             run_quant_bench(qcfg, args.out, bits=bits, keep=args.keep, quantizer=args.quantizer,
                             contexts_per_edit=args.calibration_contexts, keep_scope=args.keep_scope,
-                            method=args.adapter_method,
+                            delta_rank=args.delta_rank, method=args.adapter_method,
                             progress=not args.quiet, command=command)
             return 0
         if args.bench_command in ("inject", "revise"):

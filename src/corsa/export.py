@@ -39,6 +39,7 @@ from corsa.quantize import (
     calibration_items,
     input_hessians,
     is_quantized,
+    low_rank,
     quantize_model,
     task_gradients,
     write_quantized,
@@ -298,13 +299,33 @@ def merged_model(source: str | Path, model: str | None = None
                  ) -> tuple[torch.nn.Module, Formatter, dict[str, Any]]:
     """The base model with the adapter of `source` folded in (refused if any weight is not finite), its
     formatter, and what identifies the source."""
+    merged, formatter, record, _ = merged_with_deltas(source, model)
+    return merged, formatter, record
+
+
+def merged_with_deltas(source: str | Path, model: str | None = None, rank: int = 0
+                       ) -> tuple[torch.nn.Module, Formatter, dict[str, Any],
+                                  dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """merged_model's three, and the change the adapter makes to each matrix as a rank-`rank` product (up, down),
+    by the matrix's module name in the merged model (none when `rank` is 0). Taken before merging, from PEFT's own
+    delta of each adapted layer, so any LoRA variant's scaling is the one PEFT applies."""
+    from peft.tuners.lora import LoraLayer
+
     folder, model_name = adapter_folder(source, model)
     base, tok, _ = models.load_model(model_name)
-    merged = attach_adapter(base, folder).merge_and_unload()
+    adapted = attach_adapter(base, folder)
+    deltas = {}
+    if rank:
+        for name, layer in adapted.get_base_model().named_modules():
+            if isinstance(layer, LoraLayer):  # its name is the merged model's module name
+                change = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+                if isinstance(change, torch.Tensor):
+                    deltas[name] = low_rank(change, rank)
+    merged = adapted.merge_and_unload()
     check_finite(dict(merged.state_dict()), folder)
     record = {"source": str(source), "adapter": str(folder.resolve()),
               "adapter_sha256": artifacts.adapter_sha256(folder), "model": models.canonical(model_name)}
-    return merged.eval(), Formatter(tok, adapter_prompt_style(folder)), record
+    return merged.eval(), Formatter(tok, adapter_prompt_style(folder)), record, deltas
 
 
 def edits_of_source(source: str | Path) -> list[EditRequest]:
@@ -349,7 +370,9 @@ def quantize(source: str | Path, to: str | Path, cfg: QuantConfig | None = None,
     cfg = cfg or QuantConfig()
     to = artifacts.check_writable(to, overwrite, owned=is_quantized, field="--to")
     t0 = time.perf_counter()
-    model, formatter, source_record = merged_model(source)
+    model, formatter, source_record, deltas = merged_with_deltas(source, rank=cfg.delta_rank)
+    if cfg.delta_rank and not deltas:
+        raise InputError(f"{source}'s adapter has no LoRA layer whose change could be kept", field="--delta-rank")
     if requests is None:
         requests = edits_of_source(source)
     tacq = cfg.saliency == "tacq" and cfg.keep > 0
@@ -363,7 +386,7 @@ def quantize(source: str | Path, to: str | Path, cfg: QuantConfig | None = None,
             grads = task_gradients(model, formatter, keep_items, margins, cfg)
         if cfg.quantizer == "gptq":  # the same text as the task: the new answers, not the old ones
             hessians = input_hessians(model, formatter, keep_items + [(p, new) for p, new, _ in margins])
-    tensors, counts = quantize_model(model, cfg, grads, hessians)
+    tensors, counts = quantize_model(model, cfg, grads, hessians, deltas)
     task = "the edits and general questions" if cfg.calibration == "edits" else "general questions"
     if cfg.calibration == "edits" and cfg.contexts_per_edit:
         task = f"the edits (each prompt also behind {cfg.contexts_per_edit} model-written contexts) and general questions"
@@ -372,6 +395,8 @@ def quantize(source: str | Path, to: str | Path, cfg: QuantConfig | None = None,
               else f"TaCQ, |(Q(W) - W) * dL/dW| on {task}, {rounding}")
     if cfg.keep > 0 and cfg.keep_scope == "model":
         method += f"; the {cfg.keep} % kept ranked over the whole model"
+    if cfg.delta_rank:
+        method += f"; the adapter's change kept beside each matrix at rank {cfg.delta_rank} in 16 bits"
     record = {"config": asdict(cfg), **counts, "method": method, "source": source_record, "edits": len(requests),
               "created": artifacts.now(), "command": command, "seconds": time.perf_counter() - t0,
               "routing": "none: the quantized model answers every question with the edits applied",

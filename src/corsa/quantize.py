@@ -18,6 +18,10 @@ The kept weights take part in that compensation and are stored at their compensa
 every layer's inputs from the unquantized model in one pass (the original quantizes layer by layer, feeding each
 layer the quantized ones before it), and leaves the kept weights out of each group's range.
 
+`delta_rank` > 0 keeps the adapter's change to each matrix beside it, as its best rank-k product in 16 bits, and
+quantizes the matrix minus that product: an edit moves weights by far less than a 3-bit step, so rounding the
+merged matrix erases most of the change (docs/log/2026-12-05-quantize.md).
+
 Quantized: every linear projection in the decoder blocks (q, k, v, o, gate, up, down), in groups of `group_size`
 inputs per output row with a 16-bit scale and an integer zero point per group. Embeddings, norms and the output
 head are stored in float16 (they are small beside the blocks in big models; SmolLM2's head is its embedding,
@@ -25,7 +29,7 @@ stored once).
 
 A quantized folder holds config.json and the tokenizer (as any transformers folder), quantized.safetensors (each
 matrix's codes packed `bits` to a weight, its scales and zeros, and the kept weights' positions and 16-bit values;
-every other tensor as it was) and corsa_quantized.json (the settings, the bits per weight, the size).
+with `delta_rank`, the change's two float16 factors; every other tensor as it was) and corsa_quantized.json (the settings, the bits per weight, the size).
 `load_quantized` (and `corsa ask --adapter DIR`) rebuilds the model from it; `corsa.export.quantize` is the
 whole pipeline (merge, calibrate, quantize, write). The exported model has no routing:
 like `corsa export merged`, it answers every question with the edits applied.
@@ -82,6 +86,12 @@ class QuantConfig:
     # weights that answer it there. 0 (the bare prompts) stays the default: 4 on CounterFact `val` gave edit success
     # and generality +2.0 (-2.0 to +7.0) at twice the time, short of its rule (docs/log/2026-12-05-quantize.md).
     contexts_per_edit: int = 0
+    # Each matrix's change by the adapter kept beside it as a rank-`delta_rank` product in 16 bits (the change's top
+    # singular directions, from the unmerged adapter); the matrix minus that product is what gets quantized. Why:
+    # half of an edit's weight changes are under 3 % of a 3-bit step on the default model, so rounding the merged
+    # matrix erases most of them (docs/log/2026-12-05-quantize.md). Its bits count in the budget (keep_beside_delta
+    # gives the keep that spends the same bits). 0 stays the default until a `val` rule chooses otherwise.
+    delta_rank: int = 0
     context_tokens: int = 10  # each context's length in new tokens, as training's (CorsaConfig.context_tokens)
     general_questions: int = 64  # the package pool's general questions, answered by the model itself
     batch_size: int = 8
@@ -109,6 +119,8 @@ class QuantConfig:
         if not 0 <= self.contexts_per_edit <= len(contexts.OPENINGS):
             raise ValueError(f"contexts_per_edit must be in [0, {len(contexts.OPENINGS)}], "
                              f"not {self.contexts_per_edit}")
+        if self.delta_rank < 0:
+            raise ValueError(f"delta_rank must be >= 0, not {self.delta_rank}")
         if self.context_tokens < 1:
             raise ValueError(f"context_tokens must be >= 1, not {self.context_tokens}")
         if self.batch_size < 1:
@@ -200,6 +212,26 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         w[:, b0:b1] = wb
         w[:, b1:] -= errors @ u[b0:b1, b1:]
     return codes, scales.half(), zeros.to(torch.uint8), w
+
+
+def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up [out, r], down [r, in]) whose product is the best rank-`rank` approximation of `delta` (its top singular
+    directions, Eckart-Young), r = min(rank, delta's sides); the singular values go into `up`."""
+    u, s, vh = torch.linalg.svd(delta.detach().float(), full_matrices=False)
+    r = min(rank, s.numel())
+    return (u[:, :r] * s[:r]).contiguous(), vh[:r].contiguous()
+
+
+def keep_beside_delta(shapes: list[tuple[int, int]], keep: float, rank: int) -> float:
+    """The keep percentage that, beside a rank-`rank` 16-bit copy of each [out, in] matrix's change, spends the bits
+    `keep` alone would: a kept weight costs 48 bits (its 16-bit value and 32-bit position), the copy 16 per entry of
+    its two factors. Refused when the copy alone costs more."""
+    weights = sum(o * i for o, i in shapes)
+    copy_bits = 16 * sum(min(rank, o, i) * (o + i) for o, i in shapes)
+    left = keep - 100 * copy_bits / (48 * weights)
+    if left < 0:
+        raise ValueError(f"a rank-{rank} copy of the change costs more bits than keeping {keep} % of the weights")
+    return left
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -356,13 +388,26 @@ def input_hessians(model: torch.nn.Module, formatter: Formatter, texts: list[tup
 
 
 def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, torch.Tensor] | None = None,
-                   hessians: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                   hessians: dict[str, torch.Tensor] | None = None,
+                   deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every tensor to store (the quantized matrices as codes, scales, zeros and kept weights) and the counts.
     Which weights are kept is decided on round-to-nearest's change (TaCQ's estimate); with quantizer "gptq" the
-    rest are then rounded by GPTQ, on the layers' input `hessians` (input_hessians). `model` is not changed."""
+    rest are then rounded by GPTQ, on the layers' input `hessians` (input_hessians). `deltas`: a matrix's (up,
+    down) low-rank copy of its change (low_rank), stored in 16 bits beside it; the matrix minus up @ down is what
+    is quantized and kept. `model` is not changed."""
     if cfg.quantizer == "gptq" and hessians is None:
         raise ValueError("GPTQ needs the layers' input Hessians (input_hessians)")
     modules = quantized_modules(model)
+    deltas = {name: (up.half().contiguous(), down.half().contiguous()) for name, (up, down) in (deltas or {}).items()}
+
+    def target(name: str, m: torch.nn.Linear) -> torch.Tensor:
+        """What is quantized: the weight, less its stored copy of the change (as restore will add it back)."""
+        w = m.weight.detach().float().cpu()
+        if name in deltas:
+            up, down = deltas[name]
+            w = w - up.float() @ down.float()
+        return w
 
     def saliency(name: str, w: torch.Tensor, rtn: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """`rtn`: w's round-to-nearest codes, scales and zeros when already computed."""
@@ -377,11 +422,11 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, to
     if cfg.keep > 0 and cfg.keep_scope == "model":
         total = round(sum(m.weight.numel() for m in modules.values()) * cfg.keep / 100)
         kept_per_matrix = kept_counts(
-            ((name, saliency(name, m.weight.detach().float().cpu())) for name, m in modules.items()), total)
+            ((name, saliency(name, target(name, m))) for name, m in modules.items()), total)
     tensors: dict[str, torch.Tensor] = {}
     quantized_weights, kept_total, payload_bits = 0, 0, 0
     for name, m in modules.items():
-        w = m.weight.detach().float().cpu()
+        w = target(name, m)
         # round-to-nearest's codes: the stored ones with "rtn", TaCQ's estimate of the change with "gptq"
         needs_rtn = cfg.quantizer == "rtn" or (cfg.keep > 0 and cfg.saliency != "magnitude")
         rtn = quantize_rtn(w, cfg.bits, cfg.group_size) if needs_rtn else None
@@ -404,6 +449,9 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, to
         tensors[f"{name}.weight.zeros"] = zero.contiguous()
         tensors[f"{name}.weight.kept_index"] = kept.to(torch.int32)
         tensors[f"{name}.weight.kept_value"] = value.flatten()[kept].half()
+        if name in deltas:
+            tensors[f"{name}.weight.delta_up"], tensors[f"{name}.weight.delta_down"] = deltas[name]
+            payload_bits += 16 * sum(t.numel() for t in deltas[name])
         quantized_weights += w.numel()
         kept_total += kept.numel()
         payload_bits += 8 * (packed.numel() + 2 * scale.numel() + zero.numel()) + 48 * kept.numel()
@@ -428,7 +476,7 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, to
 def restore(model: torch.nn.Module, tensors: dict[str, torch.Tensor], bits: int,
             tied: dict[str, str] | None = None) -> torch.nn.Module:
     """Put the stored tensors into `model` (built from the same config): matrices dequantized, kept weights back,
-    tied weights from the one stored copy."""
+    the change's low-rank copy added where stored, tied weights from the one stored copy."""
     tensors = {**tensors, **{alias: tensors[target] for alias, target in (tied or {}).items() if target in tensors}}
     modules = quantized_modules(model)
     state = {}
@@ -438,6 +486,8 @@ def restore(model: torch.nn.Module, tensors: dict[str, torch.Tensor], bits: int,
         w = dequantize(codes.reshape(out, columns), tensors[f"{name}.weight.scales"], tensors[f"{name}.weight.zeros"])
         index = tensors[f"{name}.weight.kept_index"].long()
         w.view(-1)[index] = tensors[f"{name}.weight.kept_value"].float()
+        if f"{name}.weight.delta_up" in tensors:  # the change's low-rank copy (QuantConfig.delta_rank)
+            w += tensors[f"{name}.weight.delta_up"].float() @ tensors[f"{name}.weight.delta_down"].float()
         state[f"{name}.weight"] = w.to(m.weight.dtype)
     for name in model.state_dict():
         if name not in state:

@@ -11,7 +11,9 @@ by round-to-nearest or by GPTQ (--quantizer):
   tacq-edits     the same with the edits as the task (their prompts, new and mined old answers, auto-built anchors;
                  never the evaluation's paraphrases or neighbours) mixed with the general questions; with
                  --calibration-contexts n > 0 each prompt also behind n model-written contexts (row
-                 tacq-edits-ctx<n>)
+                 tacq-edits-ctx<n>); with --delta-rank k > 0 the adapter's change is also kept beside each
+                 matrix at rank k in 16 bits, and --keep is lowered so the row spends the same bits (row
+                 tacq-edits-rank<k>)
 
 With --keep-scope model every rule that keeps weights keeps the top --keep % of the whole model's weights, ranked
 together, instead of each matrix's (rows <rule>-global).
@@ -41,7 +43,7 @@ from corsa.evaluate.runner import BenchConfig, check_before_work, method_overrid
 from corsa.evaluate.stats import mmlu_logprob_difference, paired_difference
 from corsa.export import edits_of_source, merged_model, quantize
 from corsa.prompts import Formatter
-from corsa.quantize import QuantConfig, load_quantized
+from corsa.quantize import QuantConfig, keep_beside_delta, load_quantized, quantized_modules
 from corsa.requests import load_benchmark_with_report
 
 # The baselines' calibration is general: it is only used by GPTQ (and TaCQ), and a baseline is never conditioned
@@ -54,18 +56,37 @@ BASELINES: dict[str, dict[str, Any]] = {
 QUANTIZERS = ("rtn", "gptq")
 # Every rule's row, as row_name writes it: the rule, with -ctx<n> (tacq-edits' context copies) and -global (one keep
 # budget for the whole model) when set, then the quantizer unless round-to-nearest, then the bits.
-RULE_ROW = re.compile(r"^((?:magnitude|tacq-general|tacq-edits(?:-ctx\d+)?)(?:-global)?)-(?:gptq-)?\d+bit$")
+RULE_ROW = re.compile(
+    r"^((?:magnitude|tacq-general|tacq-edits(?:-ctx\d+)?(?:-rank\d+)?)(?:-global)?)-(?:gptq-)?\d+bit$")
 
 
-def rules(contexts_per_edit: int = QuantConfig.contexts_per_edit,
-          keep_scope: str = QuantConfig.keep_scope) -> dict[str, dict[str, Any]]:
+def rules(contexts_per_edit: int = QuantConfig.contexts_per_edit, keep_scope: str = QuantConfig.keep_scope,
+          delta_rank: int = QuantConfig.delta_rank, keep_beside: float | None = None) -> dict[str, dict[str, Any]]:
     """The baselines and tacq-edits at these settings, each named after the settings that differ from the first
-    runs' (tacq-edits-ctx4, magnitude-global), so that rows of several settings can share one run folder."""
+    runs' (tacq-edits-ctx4, tacq-edits-rank4, magnitude-global), so that rows of several settings can share one run
+    folder. `keep_beside`: tacq-edits' keep beside its rank-`delta_rank` copy (keep_beside_delta)."""
     scope = "-global" if keep_scope == "model" else ""
-    edits = f"tacq-edits-ctx{contexts_per_edit}" if contexts_per_edit else "tacq-edits"
-    named = {**BASELINES, edits: {"contexts_per_edit": contexts_per_edit}}
+    edits = "tacq-edits" + (f"-ctx{contexts_per_edit}" if contexts_per_edit else "") + (
+        f"-rank{delta_rank}" if delta_rank else "")
+    mine: dict[str, Any] = {"contexts_per_edit": contexts_per_edit, "delta_rank": delta_rank}
+    if delta_rank:
+        if keep_beside is None:
+            raise ValueError("a tacq-edits row with delta_rank needs its keep at the same bits (keep_beside)")
+        mine["keep"] = keep_beside
+    named = {**BASELINES, edits: mine}
     return {rule if rule == "rtn" else rule + scope: {**change, "keep_scope": keep_scope}
             for rule, change in named.items()}
+
+
+def projection_shapes(model_name: str | None) -> list[tuple[int, int]]:
+    """The [out, in] shapes of the matrices `corsa quantize` quantizes, read from the model's config alone (the
+    model is built on the meta device: no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(models.resolve(model_name))))
+    return [(int(m.weight.shape[0]), int(m.weight.shape[1])) for m in quantized_modules(skeleton).values()]
 
 
 def row_name(rule: str, quantizer: str, bits: int) -> str:
@@ -89,10 +110,11 @@ def measure(model: Any, formatter: Formatter, requests: list[Any], reference: di
 
 def run_quant_bench(cfg: BenchConfig, out: str | Path, *, bits: tuple[int, ...] = (2, 3, 4), keep: float = 0.5,
                     quantizer: str = QuantConfig.quantizer, contexts_per_edit: int = QuantConfig.contexts_per_edit,
-                    keep_scope: str = QuantConfig.keep_scope, method: str = "corsa", progress: bool = True,
-                    command: str | None = None) -> Path:
+                    keep_scope: str = QuantConfig.keep_scope, delta_rank: int = QuantConfig.delta_rank,
+                    method: str = "corsa", progress: bool = True, command: str | None = None) -> Path:
     out = Path(out)
-    run_rules = rules(contexts_per_edit, keep_scope)
+    beside = keep_beside_delta(projection_shapes(cfg.model), keep, delta_rank) if delta_rank else None
+    run_rules = rules(contexts_per_edit, keep_scope, delta_rank, beside)
     for b in bits:  # every setting checked before any work
         for change in run_rules.values():
             QuantConfig(bits=b, quantizer=quantizer, **{"keep": keep, **change})  # type: ignore[arg-type]
@@ -118,7 +140,8 @@ def run_quant_bench(cfg: BenchConfig, out: str | Path, *, bits: tuple[int, ...] 
     trained = anchors.withheld(edits_of_source(run), requests)
     asked = anchors.with_mined(requests, trained)
     print(f"{cfg.bench}/{cfg.split}: {len(requests)} edits (seed {cfg.seed}), {method} adapter in {run}; "
-          f"bits {', '.join(map(str, bits))}, keep {keep} %, {quantizer}")
+          f"bits {', '.join(map(str, bits))}, keep {keep} %, {quantizer}"
+          + (f"; rank-{delta_rank} copy of the change with keep {beside:.3f} %" if beside is not None else ""))
 
     def row(name: str, make: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         path = out / name / "results.json"
