@@ -29,7 +29,8 @@ stored once).
 
 A quantized folder holds config.json and the tokenizer (as any transformers folder), quantized.safetensors (each
 matrix's codes packed `bits` to a weight, its scales and zeros, and the kept weights' positions and 16-bit values;
-with `delta_rank`, the change's two float16 factors; every other tensor as it was) and corsa_quantized.json (the settings, the bits per weight, the size).
+with `delta_rank`, the change's two float16 factors; every other tensor as it was) and corsa_quantized.json (the
+settings, the bits per weight, the size).
 `load_quantized` (and `corsa ask --adapter DIR`) rebuilds the model from it; `corsa.export.quantize` is the
 whole pipeline (merge, calibrate, quantize, write). The exported model has no routing:
 like `corsa export merged`, it answers every question with the edits applied.
