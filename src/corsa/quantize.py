@@ -57,6 +57,7 @@ from corsa.scoring import current_answers, make_shared_batch, sum_by_row, token_
 RECORD = "corsa_quantized.json"
 WEIGHTS = "quantized.safetensors"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+KEPT_WEIGHT_BITS = 48  # a kept weight's cost: its float16 value and its int32 position
 
 
 @dataclass(frozen=True)
@@ -225,11 +226,11 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
 
 def keep_beside_delta(shapes: list[tuple[int, int]], keep: float, rank: int) -> float:
     """The keep percentage that, beside a rank-`rank` 16-bit copy of each [out, in] matrix's change, spends the bits
-    `keep` alone would: a kept weight costs 48 bits (its 16-bit value and 32-bit position), the copy 16 per entry of
-    its two factors. Refused when the copy alone costs more."""
+    `keep` alone would: a kept weight costs KEPT_WEIGHT_BITS, the copy 16 per entry of its two float16 factors.
+    Refused when the copy alone costs more."""
     weights = sum(o * i for o, i in shapes)
     copy_bits = 16 * sum(min(rank, o, i) * (o + i) for o, i in shapes)
-    left = keep - 100 * copy_bits / (48 * weights)
+    left = keep - 100 * copy_bits / (KEPT_WEIGHT_BITS * weights)
     if left < 0:
         raise ValueError(f"a rank-{rank} copy of the change costs more bits than keeping {keep} % of the weights")
     return left
@@ -424,12 +425,12 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, to
         total = round(sum(m.weight.numel() for m in modules.values()) * cfg.keep / 100)
         kept_per_matrix = kept_counts(
             ((name, saliency(name, target(name, m))) for name, m in modules.items()), total)
+    # round-to-nearest's codes: the stored ones with "rtn", TaCQ's estimate of the change with "gptq"
+    needs_rtn = cfg.quantizer == "rtn" or (cfg.keep > 0 and cfg.saliency != "magnitude")
     tensors: dict[str, torch.Tensor] = {}
     quantized_weights, kept_total, payload_bits = 0, 0, 0
     for name, m in modules.items():
         w = target(name, m)
-        # round-to-nearest's codes: the stored ones with "rtn", TaCQ's estimate of the change with "gptq"
-        needs_rtn = cfg.quantizer == "rtn" or (cfg.keep > 0 and cfg.saliency != "magnitude")
         rtn = quantize_rtn(w, cfg.bits, cfg.group_size) if needs_rtn else None
         if cfg.keep == 0:
             kept = torch.zeros(0, dtype=torch.long)
@@ -455,7 +456,7 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, grads: dict[str, to
             payload_bits += 16 * sum(t.numel() for t in deltas[name])
         quantized_weights += w.numel()
         kept_total += kept.numel()
-        payload_bits += 8 * (packed.numel() + 2 * scale.numel() + zero.numel()) + 48 * kept.numel()
+        payload_bits += 8 * (packed.numel() + 2 * scale.numel() + zero.numel()) + KEPT_WEIGHT_BITS * kept.numel()
     quantized_params = {f"{name}.weight" for name in modules}
     stored: dict[int, str] = {}
     tied: dict[str, str] = {}
