@@ -179,6 +179,14 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+def finished_row(results: Path, name: str) -> bool:
+    """Whether a benchmark row's results file is already written, saying so: every bench resumes by skipping them."""
+    if results.exists():
+        print(f"{name}: done earlier, skipped")
+        return True
+    return False
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON through a temp file and a rename, so readers never see half a file."""
     path = Path(path)

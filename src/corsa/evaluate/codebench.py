@@ -306,8 +306,7 @@ def run_code_bench(cfg: CodeBenchConfig, out: str | Path, *, progress: bool = Tr
     requests: list[EditRequest] | None = None
     for row, method, seed in row_names(cfg):
         res_file = out / row / "results.json"
-        if res_file.exists():
-            print(f"{row}: done earlier, skipped")
+        if artifacts.finished_row(res_file, row):
             continue
         t = time.perf_counter()
         if base_model is None:

@@ -65,8 +65,7 @@ def run_compose(cfg: BenchConfig, out: str | Path, *, progress: bool = True, com
     everything = [r for c in cases.values() for r in c]  # no anchor is a prompt either set is evaluated with
     for spec, method, overrides in methods:
         res_file = out / spec / "results.json"
-        if res_file.exists():
-            print(f"{spec}: done earlier, skipped")
+        if artifacts.finished_row(res_file, spec):
             continue
         t = time.perf_counter()
         folders, edit_s = {}, 0.0

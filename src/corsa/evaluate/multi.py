@@ -126,8 +126,7 @@ def run_multi(cfg: BenchConfig, parts: int, out: str | Path, *, progress: bool =
           f"{', '.join(cfg.methods)}")
     base = base_record(out, header, chosen, cfg)
     for spec, method, overrides in methods:
-        if (out / routed_name(spec) / "results.json").exists():
-            print(f"{spec}: done earlier, skipped")
+        if artifacts.finished_row(out / routed_name(spec) / "results.json", spec):
             continue
         t = time.perf_counter()
         folders, trained, edit_s = [], [], 0.0

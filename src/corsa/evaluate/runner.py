@@ -240,8 +240,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
 
     for spec, method, overrides in methods:
         res_file = out / spec / "results.json"
-        if res_file.exists():
-            print(f"{spec}: done earlier, skipped")
+        if artifacts.finished_row(res_file, spec):
             continue
         t = time.perf_counter()
         # Training never sees the evaluation's paraphrases or neighbourhood prompts (anchors would use them).

@@ -281,8 +281,7 @@ def run_sequence(cfg: SequenceConfig, out: str | Path, *, progress: bool = True,
     print(f"{cfg.kind}: stages of {', '.join(str(len(s)) for s in stages)} edits; methods {', '.join(cfg.methods)}")
     for spec, method, overrides in methods:
         res_file = out / spec / "results.json"
-        if res_file.exists():
-            print(f"{spec}: done earlier, skipped")
+        if artifacts.finished_row(res_file, spec):
             continue
         t0 = time.perf_counter()
         editor = presets.editor(preset, method, method_overrides(method, overrides, cfg.overrides, cfg.data))
