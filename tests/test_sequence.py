@@ -233,10 +233,11 @@ def test_baselines_run_several_updates_on_the_tiny_model(tmp_path, tiny_dir, mon
     (tmp_path / "counterfact" / "easyedit-counterfact-train.json").write_text(json.dumps(train))
     out = tmp_path / "run"
     methods = ["flearning", "memit", "merge", "prepend"]
-    # One epoch at the paper's lr teaches the tiny model nothing; lr 1e-2 learns both edits of an update within
-    # the first epochs, and early stopping ends training there.
+    # One epoch at the paper's lr teaches the tiny model nothing; lr 5e-3 learns both edits of an update within
+    # 20 epochs, and early stopping ends training there. (At lr 1e-2 the step after the last "learned" check
+    # overshot on one machine's numerics: F-Learning's second update then answered "n0" for m2, efficacy 0.5.)
     assert main(["bench", "inject", "--data", str(tmp_path), "--out", str(out), "--n", "2", "--n2", "2",
-                 "--model", tiny_dir, "--epochs", "10", "--lr", "1e-2", "--quiet", "--max-new-tokens", "3",
+                 "--model", tiny_dir, "--epochs", "20", "--lr", "5e-3", "--quiet", "--max-new-tokens", "3",
                  "--methods", ",".join(methods)]) == 0
     stages = build_stages(SequenceConfig("inject", str(tmp_path), n=2, n2=2))
     records = {m: json.loads((out / m / "results.json").read_text()) for m in methods}
