@@ -22,7 +22,7 @@ from corsa import artifacts, models
 from corsa.methods.alphaedit import AlphaEditConfig, null_space_projector
 from corsa.methods.memit import decoder_layers, default_layers, second_moments
 
-THRESHOLDS = (1e-3, 1e-2, 2e-2, 1e-1)
+THRESHOLDS = (1e-3, 1e-2, 1e-1)  # beside the default, whose rank is the projector's own
 QUANTILES = (0.0, 0.01, 0.1, 0.5, 0.9, 1.0)
 
 
@@ -59,7 +59,7 @@ def main() -> None:
               + " | ".join(str(v) for v in r["rank_below"].values())
               + f" | {q['0']:.2e} / {q['0.5']:.2e} / {q['1']:.2e} |")
     if args.out:
-        artifacts.write_json(Path(args.out), {"model": args.model or "default", "threshold": cfg.nullspace_threshold,
+        artifacts.write_json(Path(args.out), {"model": models.canonical(args.model), "threshold": cfg.nullspace_threshold,
                                               "n_texts": cfg.mom2_n_samples, "layers": rows})
 
 
