@@ -234,8 +234,8 @@ def test_baselines_run_several_updates_on_the_tiny_model(tmp_path, tiny_dir, mon
     out = tmp_path / "run"
     methods = ["flearning", "memit", "merge", "prepend"]
     # One epoch at the paper's lr teaches the tiny model nothing; lr 5e-3 learns both edits of an update within
-    # 20 epochs, and early stopping ends training there. (At lr 1e-2 the step after the last "learned" check
-    # overshot on one machine's numerics: F-Learning's second update then answered "n0" for m2, efficacy 0.5.)
+    # 20 epochs, and early stopping ends training there. (At lr 1e-2, on one machine's numerics, F-Learning's
+    # second update stopped as learned yet answered "n0" for m2, efficacy 0.5; the cause was not traced.)
     assert main(["bench", "inject", "--data", str(tmp_path), "--out", str(out), "--n", "2", "--n2", "2",
                  "--model", tiny_dir, "--epochs", "20", "--lr", "5e-3", "--quiet", "--max-new-tokens", "3",
                  "--methods", ",".join(methods)]) == 0
